@@ -1,0 +1,204 @@
+"""The scheduler and the delivery workers: spool, policy and upstream tied together.
+
+The scheduler is an in-memory heap of (due time, queue ID), rebuilt from the spool at
+start-up; the spool on disk is always the truth and the heap only an index, so a stale or
+duplicate heap item costs at most a failed claim. `upstream.connections` workers each own
+one upstream session and take the next due entry as soon as it is due: a message handed
+over by the listener reaches a free worker at once, with no polling interval.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import logging
+import random
+import time
+from collections.abc import Callable
+
+from . import policy
+from .config import Config
+from .entry import Entry, Status
+from .errors import CorruptEntry
+from .log import log_event
+from .policy import Disposition
+from .spool import Spool
+from .upstream import UpstreamSession, make_tls_context
+
+logger = logging.getLogger("relay.delivery")
+
+
+class Scheduler:
+    """Which entry is due next. `_due` holds each ID's current due time; heap items that
+    disagree with it are stale (the entry was rescheduled) and are skipped."""
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self._clock = clock
+        self._heap: list[tuple[float, str]] = []
+        self._due: dict[str, float] = {}
+        self._wakeup = asyncio.Event()
+        self._closed = False
+
+    def __len__(self) -> int:
+        return len(self._due)
+
+    def schedule(self, entry_id: str, due: float) -> None:
+        self._due[entry_id] = due
+        heapq.heappush(self._heap, (due, entry_id))
+        self._wakeup.set()
+
+    def pop_due(self, now: float) -> str | None:
+        """The ID of the earliest entry due at `now`, removed from the schedule; else None."""
+        while self._heap:
+            due, entry_id = self._heap[0]
+            if self._due.get(entry_id) != due:
+                heapq.heappop(self._heap)
+                continue
+            if due > now:
+                return None
+            heapq.heappop(self._heap)
+            del self._due[entry_id]
+            return entry_id
+        return None
+
+    async def next_due(self) -> str | None:
+        """Wait until some entry is due and return its ID; None once the scheduler is closed."""
+        while not self._closed:
+            # Clearing before the check cannot lose a wakeup: nothing runs in between.
+            self._wakeup.clear()
+            now = self._clock()
+            entry_id = self.pop_due(now)
+            if entry_id is not None:
+                return entry_id
+            timeout = max(self._heap[0][0] - now, 0.0) if self._heap else None
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), timeout)
+            except TimeoutError:
+                pass
+        return None
+
+    def close(self) -> None:
+        """Make every waiting and future next_due() return None."""
+        self._closed = True
+        self._wakeup.set()
+
+
+class Delivery:
+    def __init__(self, spool: Spool, config: Config, clock: Callable[[], float] = time.time,
+                 rand: Callable[[], float] = random.random) -> None:
+        self.spool = spool
+        self.config = config
+        self.scheduler = Scheduler(clock)
+        self._clock = clock
+        self._rand = rand
+        self._tls_context = make_tls_context(config.upstream) if config.upstream else None
+        self._workers: list[asyncio.Task[None]] = []
+        self._sessions: list[UpstreamSession] = []
+
+    def schedule(self, entry_id: str, due: float = 0.0) -> None:
+        self.scheduler.schedule(entry_id, due)
+
+    def start(self) -> None:
+        count = self.config.upstream.connections if self.config.upstream else 1
+        for number in range(count):
+            session = self._new_session()
+            self._workers.append(asyncio.create_task(self._work(session),
+                                                     name=f"delivery-{number}"))
+
+    async def stop(self, grace: float) -> None:
+        """Stop claiming; give in-flight attempts `grace` seconds, then cancel them (their
+        entries go back to incoming/ untouched), and close the upstream sessions."""
+        self.scheduler.close()
+        if self._workers:
+            _, still_running = await asyncio.wait(self._workers, timeout=grace)
+            for task in still_running:
+                task.cancel()
+            await asyncio.gather(*self._workers, return_exceptions=True)
+        await asyncio.gather(*(s.close() for s in self._sessions), return_exceptions=True)
+
+    async def run_once(self) -> int:
+        """Burst mode: attempt every entry due now, one after another; return how many.
+        Tests use it instead of waiting for workers."""
+        session = self._new_session()
+        count = 0
+        try:
+            while (entry_id := self.scheduler.pop_due(self._clock())) is not None:
+                await self._process(entry_id, session)
+                count += 1
+        finally:
+            if session is not None:
+                await session.close()
+        return count
+
+    def _new_session(self) -> UpstreamSession | None:
+        if self.config.upstream is None:
+            return None
+        session = UpstreamSession(self.config.upstream, self._tls_context)
+        self._sessions.append(session)
+        return session
+
+    async def _work(self, session: UpstreamSession | None) -> None:
+        while (entry_id := await self.scheduler.next_due()) is not None:
+            try:
+                await self._process(entry_id, session)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                # A bug or a broken spool must not kill the worker; the entry stays on disk.
+                logger.exception("%s: delivery failed unexpectedly", entry_id)
+
+    async def _process(self, entry_id: str, session: UpstreamSession | None) -> None:
+        try:
+            entry = await asyncio.to_thread(self.spool.claim, entry_id)
+        except CorruptEntry as exc:
+            log_event(logging.ERROR, entry_id, status="corrupt", reason=exc.reason,
+                      moved_to="corrupt/")
+            return
+        if entry is None:
+            return
+        try:
+            await self._attempt(entry, session)
+        except BaseException:
+            # Cancelled (shutdown past the grace period) or failed before the outcome was
+            # recorded: hand the entry back untouched so it is tried again.
+            self.spool.unclaim(entry)
+            self.schedule(entry.id, self._clock() + self.config.delivery.retry_min)
+            raise
+
+    async def _attempt(self, entry: Entry, session: UpstreamSession | None) -> None:
+        if session is None:
+            waiting = await asyncio.to_thread(self.spool.defer, policy.await_upstream(entry))
+            log_event(logging.INFO, entry.id, status="deferred", reply=waiting.last_error)
+            return
+        content = await asyncio.to_thread(self.spool.content, entry)
+        pending = [r.address for r in entry.pending]
+        started = self._clock()
+        result = await session.deliver(entry.sender, pending, content, entry.smtputf8)
+        settled = policy.settle(entry, result, started, self._clock(), self.config.delivery,
+                                self._rand())
+        after = settled.entry
+        if settled.disposition is Disposition.DELIVERED:
+            await asyncio.to_thread(self.spool.remove, after)
+        elif settled.disposition is Disposition.DEFERRED:
+            after = await asyncio.to_thread(self.spool.defer, after)
+            assert after.next_attempt is not None
+            self.schedule(after.id, after.next_attempt)
+        else:
+            after = await asyncio.to_thread(self.spool.fail, after)
+        self._log_outcome(entry, after, settled.disposition)
+
+    def _log_outcome(self, before: Entry, after: Entry, disposition: Disposition) -> None:
+        attempt = after.attempts[-1]
+        delay = round(self._clock() - after.arrived, 2)
+        for old, new in zip(before.recipients, after.recipients):
+            if old.status is not Status.PENDING:
+                continue
+            status = "deferred" if new.status is Status.PENDING else new.status.value
+            level = logging.INFO if status == "sent" else logging.WARNING
+            log_event(level, after.id, to=new.address, relay=attempt.relay, delay=delay,
+                      attempt=len(after.attempts), status=status, reply=new.reply)
+        if disposition is Disposition.DELIVERED:
+            log_event(logging.INFO, after.id, status="removed")
+        elif disposition is Disposition.FAILED:
+            log_event(logging.WARNING, after.id, status="failed", reason=after.last_error,
+                      moved_to="failed/")

@@ -1,0 +1,84 @@
+"""The value types of a queue entry, shared by the spool, policy, delivery and the CLI.
+
+Plain frozen dataclasses with no I/O: the spool turns them into bytes and back, policy
+computes new ones from old ones, the CLI formats them.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, replace
+
+
+class Queue(enum.Enum):
+    """Spool directories an entry can live in (Postfix's queue names)."""
+
+    INCOMING = "incoming"
+    ACTIVE = "active"
+    DEFERRED = "deferred"
+    HOLD = "hold"
+    FAILED = "failed"
+
+    @property
+    def state(self) -> str:
+        """The state an operator sees (the contract's queued|deferred|held|failed)."""
+        return _STATE_OF_QUEUE[self]
+
+
+_STATE_OF_QUEUE = {
+    Queue.INCOMING: "queued",
+    Queue.ACTIVE: "active",
+    Queue.DEFERRED: "deferred",
+    Queue.HOLD: "held",
+    Queue.FAILED: "failed",
+}
+
+
+class Status(str, enum.Enum):
+    PENDING = "pending"
+    SENT = "sent"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class Recipient:
+    address: str
+    status: Status = Status.PENDING
+    reply: str | None = None  # the upstream's last word about this recipient
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One delivery attempt: when, to which relay, what came back, and how long it took."""
+
+    at: float
+    relay: str
+    reply: str
+    duration: float
+
+
+@dataclass(frozen=True)
+class Entry:
+    """Everything known about one queued message except its content."""
+
+    id: str
+    queue: Queue
+    sender: str
+    recipients: tuple[Recipient, ...]
+    arrived: float
+    size: int
+    smtputf8: bool = False
+    attempts: tuple[Attempt, ...] = ()
+    next_attempt: float | None = None
+    last_error: str | None = None
+
+    @property
+    def state(self) -> str:
+        return self.queue.state
+
+    @property
+    def pending(self) -> tuple[Recipient, ...]:
+        return tuple(r for r in self.recipients if r.status is Status.PENDING)
+
+    def with_queue(self, queue: Queue) -> Entry:
+        return replace(self, queue=queue)

@@ -1,0 +1,60 @@
+"""The relay's one exception tree.
+
+::
+
+    RelayError                    base of everything the relay raises on purpose
+    ├── ConfigError               the configuration is invalid; carries the dotted key
+    ├── SpoolError                the spool cannot be used or written
+    │   ├── SpoolFull             free space is below spool.min_free: nothing was written
+    │   ├── SpoolLocked           another `relay serve` already owns this spool
+    │   └── CorruptEntry          a spool entry cannot be parsed; carries the path
+    └── EntryNotFound             no entry with this queue ID (in the queues asked about)
+
+Expected delivery outcomes (a 4xx, a refused recipient, a lost connection) are values
+returned by `relay.upstream`, never exceptions. The command line maps these classes to
+exit statuses in exactly one place (`relay.cli`). This module imports nothing from relay.
+"""
+
+from __future__ import annotations
+
+
+class RelayError(Exception):
+    """Base class for every error the relay raises on purpose."""
+
+
+class ConfigError(RelayError):
+    """Raised while loading the configuration; `key` is the dotted key at fault ('' for the file)."""
+
+    def __init__(self, key: str, message: str) -> None:
+        self.key = key
+        self.message = message
+        super().__init__(f"{key}: {message}" if key else message)
+
+
+class SpoolError(RelayError):
+    """Raised when the spool cannot be created, read or written."""
+
+
+class SpoolFull(SpoolError):
+    """Raised by Spool.store when free space is below spool.min_free; nothing was written."""
+
+
+class SpoolLocked(SpoolError):
+    """Raised when another process holds the spool's single-instance lock."""
+
+
+class CorruptEntry(SpoolError):
+    """Raised when an entry in the spool cannot be parsed; `path` is the file at fault."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        self.path = path
+        self.reason = reason
+        super().__init__(f"{path}: {reason}")
+
+
+class EntryNotFound(RelayError):
+    """Raised when no spool entry has the given queue ID."""
+
+    def __init__(self, entry_id: str) -> None:
+        self.entry_id = entry_id
+        super().__init__(f"{entry_id}: no such message in the queue")

@@ -1,0 +1,99 @@
+"""Log events, one line each, queue ID first, in Postfix's words; as text or JSON.
+
+    3F2A...: to=<bob@example.com>, relay=smtp.mailgun.org:587, delay=0.41, attempt=1, status=sent (250 2.0.0 Ok)
+
+Values are escaped so an envelope address or an upstream reply can never start a new log
+line. Secrets never reach this module: nothing logs the config's password.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from typing import Any
+
+from .config import LogConfig
+
+logger = logging.getLogger("relay")
+_ADDRESS_FIELDS = ("from", "to")
+
+
+def log_event(level: int, queue_id: str | None, **fields: Any) -> None:
+    """Log one event. `reply` is shown after `status` in parentheses, as Postfix does."""
+    logger.log(level, "%s", _render_text(queue_id, fields),
+               extra={"queue_id": queue_id, "fields": fields})
+
+
+def setup_logging(config: LogConfig, stream: Any = None) -> None:
+    """Route the relay's (and its libraries') logs to stderr in the configured format."""
+    handler = logging.StreamHandler(stream or sys.stderr)
+    # journald stamps every line itself; a second timestamp is noise (systemd.exec(5)).
+    with_time = not os.environ.get("JOURNAL_STREAM")
+    handler.setFormatter(JsonFormatter() if config.format == "json" else TextFormatter(with_time))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(config.level.upper())
+    # aiosmtpd logs every command line at INFO (an AUTH line included) and every DATA
+    # line at DEBUG: credentials and contents must not reach the log at any level. Our
+    # own events say what an operator needs; aiosmtpd keeps its warnings.
+    logging.getLogger("mail.log").setLevel(logging.WARNING)
+
+
+class TextFormatter(logging.Formatter):
+    def __init__(self, with_time: bool) -> None:
+        super().__init__()
+        self.with_time = with_time
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = record.getMessage()
+        if record.exc_info:
+            text += " | " + _escape(self.formatException(record.exc_info))
+        prefix = f"{record.levelname.lower()}: "
+        if self.with_time:
+            stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            prefix = f"{stamp}.{int(record.msecs):03d}Z {prefix}"
+        return prefix + _escape(text)
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        data: dict[str, Any] = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+        }
+        if hasattr(record, "fields"):
+            if record.queue_id:
+                data["queue_id"] = record.queue_id
+            data.update(record.fields)
+        else:
+            data["message"] = record.getMessage()
+        if record.exc_info:
+            data["exception"] = self.formatException(record.exc_info)
+        return json.dumps(data, ensure_ascii=False, default=str)
+
+
+def _render_text(queue_id: str | None, fields: dict[str, Any]) -> str:
+    parts = []
+    for key, value in fields.items():
+        if key == "reply":
+            continue
+        if key in _ADDRESS_FIELDS:
+            parts.append(f"{key}=<{value}>")
+        elif key == "status" and fields.get("reply"):
+            parts.append(f"status={value} ({fields['reply']})")
+        else:
+            parts.append(f"{key}={value}")
+    body = ", ".join(parts)
+    return f"{queue_id}: {body}" if queue_id else body
+
+
+def _escape(text: str) -> str:
+    """Make control characters visible so one event is always one line."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)

@@ -1,0 +1,165 @@
+"""Pure delivery decisions: classify an upstream outcome, back off, expire, settle an entry.
+
+No I/O, no clock, no randomness of its own: `now` and a random number in [0, 1) are
+arguments, so every rule here is unit-tested with plain values. The one table
+(ARCHITECTURE.md, "Failure classification") lives in `classify`.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+
+from .config import DeliveryConfig
+from .entry import Attempt, Entry, Recipient, Status
+
+NO_UPSTREAM = "no upstream configured"
+JITTER = 0.2  # +-20%: spreads retries of a backlog so they do not hit the upstream in step
+
+
+class Stage(enum.Enum):
+    """Where in the SMTP dialogue an outcome happened; 5xx is permanent only for MAIL/RCPT/DATA."""
+
+    SESSION = "session"  # connect, greeting, EHLO, STARTTLS, AUTH, RSET
+    MAIL = "mail"
+    RCPT = "rcpt"
+    DATA = "data"
+
+
+class Verdict(enum.Enum):
+    SENT = "sent"
+    TEMPORARY = "temporary"
+    PERMANENT = "permanent"
+
+
+class Disposition(enum.Enum):
+    """What happens to the entry after an attempt."""
+
+    DELIVERED = "delivered"  # every recipient sent: remove from the spool
+    DEFERRED = "deferred"  # some recipient still pending: try again at next_attempt
+    FAILED = "failed"  # nothing pending and something failed, or expired
+
+
+@dataclass(frozen=True)
+class Reply:
+    """An SMTP reply, or an error that produced none (code None: refused, timeout, TLS)."""
+
+    code: int | None
+    text: str
+
+    def __str__(self) -> str:
+        return f"{self.code} {self.text}" if self.code is not None else self.text
+
+
+@dataclass(frozen=True)
+class AttemptResult:
+    """What one upstream session reported for one entry.
+
+    `recipients` maps each address that got an individual answer to it: the RCPT refusal,
+    or the final DATA reply for an accepted recipient. Addresses without an answer take
+    `error`, the reply that ended the transaction early (at `stage`).
+    """
+
+    relay: str
+    recipients: Mapping[str, Reply] = field(default_factory=dict)
+    error: Reply | None = None
+    stage: Stage = Stage.SESSION
+
+    @property
+    def summary(self) -> str:
+        if self.error is not None:
+            return str(self.error)
+        replies = list(self.recipients.values())
+        return str(replies[-1]) if replies else "no recipients tried"
+
+
+@dataclass(frozen=True)
+class Settlement:
+    entry: Entry
+    disposition: Disposition
+
+
+def classify(reply: Reply, stage: Stage) -> Verdict:
+    """2xx sent; 5xx to MAIL, RCPT or DATA permanent; everything else temporary.
+
+    A 5xx at the greeting, EHLO, STARTTLS or AUTH says nothing about the message: it is our
+    side's trouble (wrong port, credentials, TLS), so it is retried (Postfix's
+    smtp_sasl_auth_soft_bounce); as is any error without an SMTP reply.
+    """
+    if reply.code is None:
+        return Verdict.TEMPORARY
+    if 200 <= reply.code < 300:
+        return Verdict.SENT
+    if 500 <= reply.code < 600 and stage is not Stage.SESSION:
+        return Verdict.PERMANENT
+    return Verdict.TEMPORARY
+
+
+def backoff(attempts: int, config: DeliveryConfig, rand: float) -> float:
+    """Seconds until the next attempt after `attempts` failed ones: doubling from retry_min,
+    capped at retry_max, with +-20% jitter, and never outside [retry_min, retry_max]."""
+    exponent = min(max(attempts - 1, 0), 64)  # 2**64 * any retry_min is past any cap
+    base = min(config.retry_max, config.retry_min * 2.0**exponent)
+    jittered = base * (1.0 + JITTER * (2.0 * rand - 1.0))
+    return min(config.retry_max, max(config.retry_min, jittered))
+
+
+def is_expired(entry: Entry, now: float, config: DeliveryConfig) -> bool:
+    """Too old (max_age since arrival) or out of attempts (max_attempts, when set)."""
+    if now - entry.arrived >= config.max_age:
+        return True
+    return config.max_attempts is not None and len(entry.attempts) >= config.max_attempts
+
+
+def settle(entry: Entry, result: AttemptResult, started: float, now: float,
+           config: DeliveryConfig, rand: float) -> Settlement:
+    """Apply one attempt's result to the entry's recipients and decide what happens next."""
+    recipients = tuple(_settle_recipient(r, result) for r in entry.recipients)
+    attempt = Attempt(at=started, relay=result.relay, reply=result.summary,
+                      duration=round(max(now - started, 0.0), 3))
+    pending = [r for r in recipients if r.status is Status.PENDING]
+    failed = [r for r in recipients if r.status is Status.FAILED]
+    last_error = _last_error(recipients, result)
+    updated = replace(entry, recipients=recipients, attempts=entry.attempts + (attempt,),
+                      last_error=last_error, next_attempt=None)
+    if not pending:
+        return Settlement(updated, Disposition.FAILED if failed else Disposition.DELIVERED)
+    if is_expired(updated, now, config):
+        why = f"expired after {len(updated.attempts)} attempts: "
+        recipients = tuple(
+            replace(r, status=Status.FAILED, reply=why + (r.reply or result.summary))
+            if r.status is Status.PENDING else r
+            for r in recipients
+        )
+        expired = replace(updated, recipients=recipients, last_error=why + (last_error or ""))
+        return Settlement(expired, Disposition.FAILED)
+    next_attempt = now + backoff(len(updated.attempts), config, rand)
+    return Settlement(replace(updated, next_attempt=next_attempt), Disposition.DEFERRED)
+
+
+def await_upstream(entry: Entry) -> Entry:
+    """The entry as kept while no upstream is configured: not an attempt, no retry time."""
+    return replace(entry, last_error=NO_UPSTREAM, next_attempt=None)
+
+
+def _settle_recipient(recipient: Recipient, result: AttemptResult) -> Recipient:
+    if recipient.status is not Status.PENDING:
+        return recipient
+    if recipient.address in result.recipients:
+        reply, stage = result.recipients[recipient.address], Stage.RCPT
+    elif result.error is not None:
+        reply, stage = result.error, result.stage
+    else:
+        return recipient
+    verdict = classify(reply, stage)
+    status = {Verdict.SENT: Status.SENT, Verdict.PERMANENT: Status.FAILED,
+              Verdict.TEMPORARY: Status.PENDING}[verdict]
+    return replace(recipient, status=status, reply=str(reply))
+
+
+def _last_error(recipients: tuple[Recipient, ...], result: AttemptResult) -> str | None:
+    if result.error is not None:
+        return str(result.error)
+    troubled = [r.reply for r in recipients if r.status is not Status.SENT and r.reply]
+    return troubled[-1] if troubled else None

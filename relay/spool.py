@@ -1,0 +1,371 @@
+"""The spool: the only code that touches queue files.
+
+Layout (Postfix's queue names, Maildir's publishing rule)::
+
+    spool/
+      lock        flock()ed by the one `relay serve` that owns the spool
+      tmp/        entries and state records being written; debris after a crash
+      incoming/   complete, never attempted: due now
+      active/     claimed by a delivery worker (returned to incoming/ by recover())
+      deferred/   waiting; the file's mtime is the next attempt time (as in Postfix)
+      hold/       never attempted until released
+      failed/     permanent failure or expired; kept until deleted
+      corrupt/    entries that could not be parsed, moved aside for the operator
+      state/      one JSON record per entry that has been attempted (recipient status,
+                  attempt history, last error), replaced atomically; it stays put while
+                  the message file moves between queues, like Postfix's defer/ logs
+
+A message file is immutable once published: a magic line, one line of JSON envelope, then
+the content. Whoever renames a file into active/ owns the entry until it renames it out;
+every other writer finds the file gone and backs off. This module knows nothing of SMTP,
+asyncio or policy; its methods block and are called from worker threads.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import re
+import secrets
+import time
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from .entry import Attempt, Entry, Queue, Recipient, Status
+from .errors import CorruptEntry, EntryNotFound, SpoolError, SpoolFull, SpoolLocked
+
+MAGIC = b"RELAY-ENTRY 1\n"
+MAX_HEADER_BYTES = 64 * 1024 * 1024  # 100,000 recipients of 320 bytes fit with room to spare
+ID_PATTERN = re.compile(r"^[0-9A-F]{21}$")
+QUEUE_DIRS = tuple(q.value for q in Queue)
+ALL_DIRS = ("tmp", *QUEUE_DIRS, "corrupt", "state")
+OPEN_NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def is_valid_id(entry_id: str) -> bool:
+    """Queue IDs from outside (the command line) must match before they touch a path."""
+    return bool(ID_PATTERN.match(entry_id))
+
+
+def new_id(now: float) -> str:
+    """An ID that sorts by arrival and is never reused: microseconds, then 32 random bits."""
+    return f"{int(now * 1_000_000):013X}{secrets.token_hex(4).upper()}"
+
+
+class Spool:
+    def __init__(self, path: Path, min_free: int = 0) -> None:
+        self.path = Path(path)
+        self.min_free = min_free
+        self._lock_fd: int | None = None
+
+    # --- set-up -------------------------------------------------------------------------
+
+    def open(self) -> None:
+        """Create the directories (0700) or check them; refuse symlinks anywhere in the layout."""
+        for directory in (self.path, *(self.path / name for name in ALL_DIRS)):
+            if directory.is_symlink():
+                raise SpoolError(f"{directory} is a symbolic link; refusing to use it as spool")
+            try:
+                directory.mkdir(mode=0o700, exist_ok=True)
+                if directory.stat().st_mode & 0o077:
+                    directory.chmod(0o700)
+            except OSError as exc:
+                raise SpoolError(f"cannot use spool directory {directory}: {exc.strerror}") from None
+            if not os.access(directory, os.R_OK | os.W_OK | os.X_OK):
+                raise SpoolError(f"spool directory {directory} is not writable")
+
+    def lock(self) -> None:
+        """Take the single-instance lock; the kernel releases it when the process dies."""
+        path = self.path / "lock"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise SpoolLocked(f"another relay is serving the spool {self.path}") from None
+        self._lock_fd = fd
+
+    def unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    # --- ingest -------------------------------------------------------------------------
+
+    def check_room(self, size: int) -> None:
+        """Raise SpoolFull unless `size` more bytes leave at least min_free on the disk."""
+        try:
+            stat = os.statvfs(self.path)
+        except OSError as exc:
+            raise SpoolError(f"cannot stat spool filesystem: {exc.strerror}") from None
+        if stat.f_bavail * stat.f_frsize - size < self.min_free:
+            raise SpoolFull("insufficient free space in the spool")
+
+    def store(self, entry_id: str, sender: str, recipients: list[str], parts: list[bytes],
+              arrived: float, smtputf8: bool) -> Entry:
+        """Publish a new entry durably and return it; only then may the client hear 250.
+
+        The order is what makes it crash-safe: the complete file is written and fsynced
+        under tmp/, then renamed into incoming/, then incoming/ itself is fsynced so the
+        new name survives a power cut. A crash before the rename leaves only tmp/ debris,
+        which recover() sweeps; after the directory fsync the entry exists for good.
+        Two fsyncs per message, and nothing proportional to the size of the queue.
+        """
+        size = sum(len(p) for p in parts)
+        self.check_room(size)
+        header = {"id": entry_id, "sender": sender, "recipients": recipients,
+                  "arrived": arrived, "size": size, "smtputf8": smtputf8}
+        head = MAGIC + json.dumps(header, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
+        tmp = self.path / "tmp" / entry_id
+        try:
+            _write_durably(tmp, [head, *parts])
+            os.rename(tmp, self._file(Queue.INCOMING, entry_id))
+            self._sync_dir(Queue.INCOMING.value)
+        except OSError as exc:
+            _unlink_quietly(tmp)
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise SpoolFull(f"spool write failed: {exc.strerror}") from None
+            raise SpoolError(f"spool write failed: {exc.strerror}") from None
+        return Entry(id=entry_id, queue=Queue.INCOMING, sender=sender,
+                     recipients=tuple(Recipient(a) for a in recipients), arrived=arrived,
+                     size=size, smtputf8=smtputf8)
+
+    # --- start-up -----------------------------------------------------------------------
+
+    def recover(self) -> list[tuple[str, float]]:
+        """Clean up after a crash and return every deliverable entry as (id, due time).
+
+        tmp/ holds only unpublished writes: nobody was told 250 for them, so they go.
+        active/ entries were being delivered when the process died: back to incoming/.
+        State records without a message are left over from a removal and go too.
+        Deferred entries are due at their file's mtime; nothing is read but directories.
+        """
+        for name in os.listdir(self.path / "tmp"):
+            _unlink_quietly(self.path / "tmp" / name)
+        for name in os.listdir(self.path / Queue.ACTIVE.value):
+            os.rename(self._file(Queue.ACTIVE, name), self._file(Queue.INCOMING, name))
+        due: list[tuple[str, float]] = []
+        with os.scandir(self.path / Queue.INCOMING.value) as it:
+            due.extend((e.name, 0.0) for e in it)
+        with os.scandir(self.path / Queue.DEFERRED.value) as it:
+            due.extend((e.name, e.stat().st_mtime) for e in it)
+        existing = {name for d in (*QUEUE_DIRS, "corrupt") for name in os.listdir(self.path / d)}
+        for name in os.listdir(self.path / "state"):
+            if name not in existing:
+                _unlink_quietly(self.path / "state" / name)
+        return due
+
+    # --- delivery -----------------------------------------------------------------------
+
+    def claim(self, entry_id: str) -> Entry | None:
+        """Move a due entry into active/ and return it; None if someone else has it now.
+
+        Raises CorruptEntry after moving an unparsable entry to corrupt/.
+        """
+        for queue in (Queue.INCOMING, Queue.DEFERRED):
+            try:
+                os.rename(self._file(queue, entry_id), self._file(Queue.ACTIVE, entry_id))
+            except FileNotFoundError:
+                continue
+            return self._load_or_quarantine(Queue.ACTIVE, entry_id)
+        return None
+
+    def content(self, entry: Entry) -> bytes:
+        """The message bytes (with our Received: header) of an entry."""
+        path = self._file(entry.queue, entry.id)
+        try:
+            with open(path, "rb") as f:
+                _read_header(f, str(path))
+                return f.read()
+        except OSError as exc:
+            raise SpoolError(f"cannot read {path}: {exc.strerror}") from None
+
+    def defer(self, entry: Entry) -> Entry:
+        """Record the attempt, then move active/ -> deferred/ due at entry.next_attempt."""
+        self._save_state(entry)
+        path = self._file(Queue.ACTIVE, entry.id)
+        due = entry.next_attempt if entry.next_attempt is not None else time.time()
+        os.utime(path, (due, due))
+        return self._move(entry, Queue.DEFERRED)
+
+    def fail(self, entry: Entry) -> Entry:
+        """Record the final state, then move active/ -> failed/."""
+        self._save_state(entry)
+        return self._move(entry, Queue.FAILED)
+
+    def remove(self, entry: Entry) -> None:
+        """Delete a delivered (or operator-deleted) entry and its state record, durably."""
+        os.unlink(self._file(entry.queue, entry.id))
+        _unlink_quietly(self.path / "state" / entry.id)
+        self._sync_dir(entry.queue.value)
+
+    def unclaim(self, entry: Entry) -> None:
+        """Give an active entry back to incoming/ if it is still there (an attempt that was
+        cancelled, or failed before its outcome was recorded)."""
+        try:
+            self._move(entry.with_queue(Queue.ACTIVE), Queue.INCOMING)
+        except FileNotFoundError:
+            pass
+
+    # --- reading ------------------------------------------------------------------------
+
+    def entries(self, queues: tuple[Queue, ...] = tuple(Queue)) -> Iterator[Entry | CorruptEntry]:
+        """Every entry in the given queues, oldest first; unparsable ones as CorruptEntry."""
+        names = sorted((name, queue) for queue in queues
+                       for name in os.listdir(self.path / queue.value))
+        for name, queue in names:
+            try:
+                yield self.load(queue, name)
+            except FileNotFoundError:
+                continue  # moved on by the daemon while we listed
+            except CorruptEntry as exc:
+                yield exc
+
+    def find(self, entry_id: str) -> Entry:
+        """The entry with this ID, wherever it is; EntryNotFound if none."""
+        for queue in Queue:
+            try:
+                return self.load(queue, entry_id)
+            except FileNotFoundError:
+                continue
+        raise EntryNotFound(entry_id)
+
+    def load(self, queue: Queue, entry_id: str) -> Entry:
+        path = self._file(queue, entry_id)
+        with open(path, "rb") as f:
+            header = _read_header(f, str(path))
+        entry = _entry_from_header(header, queue, str(path))
+        state_path = self.path / "state" / entry_id
+        try:
+            state = json.loads(state_path.read_bytes())
+        except FileNotFoundError:
+            return entry
+        except (OSError, ValueError) as exc:
+            raise CorruptEntry(str(state_path), f"unreadable state record: {exc}") from None
+        return _apply_state(entry, state, str(state_path))
+
+    # --- internals ----------------------------------------------------------------------
+
+    def _file(self, queue: Queue, entry_id: str) -> Path:
+        return self.path / queue.value / entry_id
+
+    def _move(self, entry: Entry, queue: Queue) -> Entry:
+        os.rename(self._file(entry.queue, entry.id), self._file(queue, entry.id))
+        return entry.with_queue(queue)
+
+    def _load_or_quarantine(self, queue: Queue, entry_id: str) -> Entry:
+        try:
+            return self.load(queue, entry_id)
+        except CorruptEntry:
+            os.rename(self._file(queue, entry_id), self.path / "corrupt" / entry_id)
+            raise
+
+    def _save_state(self, entry: Entry) -> None:
+        """Replace the entry's state record: write-temp, fsync, rename, fsync directory."""
+        record = {
+            "recipients": [{"status": r.status.value, "reply": r.reply} for r in entry.recipients],
+            "attempts": [{"at": a.at, "relay": a.relay, "reply": a.reply, "duration": a.duration}
+                         for a in entry.attempts],
+            "next_attempt": entry.next_attempt,
+            "last_error": entry.last_error,
+        }
+        data = json.dumps(record, ensure_ascii=False, separators=(",", ":")).encode()
+        tmp = self.path / "tmp" / f"{entry.id}.state.{secrets.token_hex(4)}"
+        try:
+            _write_durably(tmp, [data])
+            os.replace(tmp, self.path / "state" / entry.id)
+            self._sync_dir("state")
+        except OSError as exc:
+            _unlink_quietly(tmp)
+            raise SpoolError(f"cannot write state of {entry.id}: {exc.strerror}") from None
+
+    def _sync_dir(self, name: str) -> None:
+        fd = os.open(self.path / name, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _write_durably(path: Path, parts: list[bytes]) -> None:
+    """Create `path` (never through a symlink, never over an existing file), write, fsync."""
+    fd = os.open(path, OPEN_NEW, 0o600)
+    try:
+        view_parts = [memoryview(p) for p in parts if p]
+        while view_parts:
+            written = os.writev(fd, view_parts)
+            while view_parts and written >= len(view_parts[0]):
+                written -= len(view_parts[0])
+                view_parts.pop(0)
+            if view_parts:
+                view_parts[0] = view_parts[0][written:]
+        # An fsync error means the data may be gone: the caller discards the file and
+        # never retries fsync on this descriptor (PostgreSQL's "fsyncgate" lesson).
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _unlink_quietly(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def _read_header(f: Any, where: str) -> dict[str, Any]:
+    if f.readline(len(MAGIC) + 1) != MAGIC:
+        raise CorruptEntry(where, "not a relay spool entry (bad or missing magic line)")
+    line = f.readline(MAX_HEADER_BYTES)
+    if not line.endswith(b"\n"):
+        raise CorruptEntry(where, "truncated envelope")
+    try:
+        header = json.loads(line)
+    except ValueError as exc:
+        raise CorruptEntry(where, f"unreadable envelope: {exc}") from None
+    if not isinstance(header, dict):
+        raise CorruptEntry(where, "envelope is not a JSON object")
+    body_bytes = os.fstat(f.fileno()).st_size - f.tell()
+    if header.get("size") != body_bytes:
+        raise CorruptEntry(where, f"content is {body_bytes} bytes, envelope says {header.get('size')}")
+    return header
+
+
+def _entry_from_header(header: dict[str, Any], queue: Queue, where: str) -> Entry:
+    try:
+        entry_id, sender, recipients = header["id"], header["sender"], header["recipients"]
+        arrived, size, smtputf8 = header["arrived"], header["size"], header["smtputf8"]
+    except KeyError as exc:
+        raise CorruptEntry(where, f"envelope lacks {exc}") from None
+    if not (isinstance(entry_id, str) and is_valid_id(entry_id) and where.endswith(entry_id)):
+        raise CorruptEntry(where, "envelope ID does not match the file name")
+    if not isinstance(sender, str) or not isinstance(recipients, list) or not recipients \
+            or not all(isinstance(r, str) and r for r in recipients):
+        raise CorruptEntry(where, "envelope sender or recipients malformed")
+    if not isinstance(arrived, (int, float)) or not isinstance(smtputf8, bool):
+        raise CorruptEntry(where, "envelope arrival time or flags malformed")
+    return Entry(id=entry_id, queue=queue, sender=sender,
+                 recipients=tuple(Recipient(a) for a in recipients),
+                 arrived=float(arrived), size=size, smtputf8=smtputf8)
+
+
+def _apply_state(entry: Entry, state: Any, where: str) -> Entry:
+    try:
+        statuses = state["recipients"]
+        if len(statuses) != len(entry.recipients):
+            raise CorruptEntry(where, "state lists a different number of recipients")
+        recipients = tuple(replace(r, status=Status(s["status"]), reply=s["reply"])
+                           for r, s in zip(entry.recipients, statuses))
+        attempts = tuple(Attempt(at=float(a["at"]), relay=str(a["relay"]), reply=str(a["reply"]),
+                                 duration=float(a["duration"])) for a in state["attempts"])
+        next_attempt = state["next_attempt"]
+        last_error = state["last_error"]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CorruptEntry(where, f"malformed state record: {exc!r}") from None
+    return replace(entry, recipients=recipients, attempts=attempts,
+                   next_attempt=None if next_attempt is None else float(next_attempt),
+                   last_error=None if last_error is None else str(last_error))

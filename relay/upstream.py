@@ -1,0 +1,177 @@
+"""One upstream SMTP session (aiosmtplib): connect, TLS, AUTH, send one envelope at a time.
+
+Every failure comes back as a value (`policy.AttemptResult`), never as an exception: the
+caller asks `policy` what it means. The session is reused for consecutive messages (RSET
+between them) while it is fresh, and dropped after any error that may have left it in an
+unknown state. Knows nothing of the spool.
+"""
+
+from __future__ import annotations
+
+import socket
+import ssl
+import time
+
+import aiosmtplib
+
+from .config import UpstreamConfig
+from .policy import AttemptResult, Reply, Stage
+
+# Postfix reuses a cached connection for 2 s (smtp_connection_cache_time_limit); a little
+# longer suits bursts from one application, and a server that dropped an idle connection
+# is noticed by the RSET that precedes reuse.
+REUSE_IDLE_SECONDS = 10.0
+
+
+def make_tls_context(config: UpstreamConfig) -> ssl.SSLContext | None:
+    """The client TLS context: system CAs plus ca_file; verification off only if asked."""
+    if config.tls == "none":
+        return None
+    context = ssl.create_default_context()
+    if config.ca_file is not None:
+        context.load_verify_locations(cafile=str(config.ca_file))
+    if not config.verify:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+class SessionError(Exception):
+    """Internal to this module: a step of the session failed with `reply`."""
+
+    def __init__(self, reply: Reply) -> None:
+        super().__init__(str(reply))
+        self.reply = reply
+
+
+class UpstreamSession:
+    def __init__(self, config: UpstreamConfig, tls_context: ssl.SSLContext | None,
+                 local_hostname: str | None = None) -> None:
+        self.config = config
+        self._tls_context = tls_context
+        self._local_hostname = local_hostname or socket.getfqdn()
+        self._smtp: aiosmtplib.SMTP | None = None
+        self._last_used = 0.0
+
+    async def deliver(self, sender: str, recipients: list[str], content: bytes,
+                      smtputf8: bool) -> AttemptResult:
+        """Send one envelope to the still-pending recipients; report per-recipient replies."""
+        relay = self.config.name
+        try:
+            smtp = await self._ready_session()
+        except SessionError as exc:
+            return AttemptResult(relay=relay, error=exc.reply, stage=Stage.SESSION)
+        try:
+            return await self._transaction(smtp, sender, recipients, content, smtputf8)
+        except SessionError as exc:
+            await self.close()
+            return AttemptResult(relay=relay, error=exc.reply, stage=Stage.SESSION)
+        finally:
+            self._last_used = time.monotonic()
+
+    async def close(self) -> None:
+        smtp, self._smtp = self._smtp, None
+        if smtp is None or not smtp.is_connected:
+            return
+        try:
+            await smtp.quit(timeout=5)
+        except (aiosmtplib.SMTPException, OSError):
+            smtp.close()
+
+    async def _ready_session(self) -> aiosmtplib.SMTP:
+        if self._smtp is not None and self._smtp.is_connected:
+            if time.monotonic() - self._last_used < REUSE_IDLE_SECONDS:
+                try:
+                    await self._smtp.rset()
+                    return self._smtp
+                except (aiosmtplib.SMTPException, OSError):
+                    pass
+            await self.close()
+        self._smtp = await self.open()
+        return self._smtp
+
+    async def open(self) -> aiosmtplib.SMTP:
+        """Connect, force TLS as configured, and log in. Raises SessionError."""
+        config = self.config
+        smtp = aiosmtplib.SMTP(
+            hostname=config.host, port=config.port, timeout=config.timeout,
+            local_hostname=self._local_hostname,
+            use_tls=config.tls == "implicit",
+            # True, not None: None would be opportunistic and let a stripped STARTTLS
+            # through to AUTH and mail in clear (RFC 3207 section 6).
+            start_tls=config.tls == "starttls",
+            tls_context=self._tls_context,
+        )
+        try:
+            await smtp.connect()
+            if config.tls != "none" and smtp.get_transport_info("sslcontext") is None:
+                raise SessionError(Reply(None, "TLS is not in effect; refusing to continue"))
+            if config.username is not None and config.password is not None:
+                await smtp.login(config.username, config.password)
+        except BaseException as exc:
+            smtp.close()
+            if isinstance(exc, SessionError):
+                raise
+            if isinstance(exc, (aiosmtplib.SMTPException, OSError, ssl.SSLError)):
+                raise SessionError(reply_of(exc)) from None
+            raise
+        return smtp
+
+    async def _transaction(self, smtp: aiosmtplib.SMTP, sender: str, recipients: list[str],
+                           content: bytes, smtputf8: bool) -> AttemptResult:
+        relay = self.config.name
+        options: list[str] = []
+        encoding = "ascii"
+        if smtputf8 and smtp.supports_extension("smtputf8"):
+            options.append("SMTPUTF8")
+            encoding = "utf-8"
+        elif not all(a.isascii() for a in (sender, *recipients)):
+            reply = Reply(550, "5.6.7 upstream does not offer SMTPUTF8, needed for these addresses")
+            return AttemptResult(relay=relay, error=reply, stage=Stage.MAIL)
+        if not content.isascii() and smtp.supports_extension("8bitmime"):
+            options.append("BODY=8BITMIME")
+        try:
+            await smtp.mail(sender, options=options, encoding=encoding)
+        except aiosmtplib.SMTPResponseException as exc:
+            return AttemptResult(relay=relay, error=reply_of(exc), stage=Stage.MAIL)
+        except (aiosmtplib.SMTPException, OSError) as exc:
+            raise SessionError(reply_of(exc)) from None
+        replies: dict[str, Reply] = {}
+        accepted: list[str] = []
+        for recipient in recipients:
+            try:
+                await smtp.rcpt(recipient, encoding=encoding)
+                accepted.append(recipient)
+            except aiosmtplib.SMTPResponseException as exc:
+                replies[recipient] = reply_of(exc)
+            except (aiosmtplib.SMTPException, OSError) as exc:
+                raise SessionError(reply_of(exc)) from None
+        if not accepted:
+            return AttemptResult(relay=relay, recipients=replies)
+        try:
+            response = await smtp.data(content)
+        except aiosmtplib.SMTPResponseException as exc:
+            return AttemptResult(relay=relay, recipients=replies, error=reply_of(exc),
+                                 stage=Stage.DATA)
+        except (aiosmtplib.SMTPException, OSError) as exc:
+            raise SessionError(reply_of(exc)) from None
+        done = Reply(response.code, _one_line(response.message))
+        replies.update((r, done) for r in accepted)
+        return AttemptResult(relay=relay, recipients=replies)
+
+
+def reply_of(exc: BaseException) -> Reply:
+    """The SMTP reply an exception carries, or a description of the failure without one."""
+    if isinstance(exc, aiosmtplib.SMTPResponseException):
+        return Reply(exc.code, _one_line(exc.message))
+    if isinstance(exc, (aiosmtplib.SMTPTimeoutError, TimeoutError)):
+        return Reply(None, f"timed out: {_one_line(str(exc)) or 'no reply'}")
+    if isinstance(exc, ssl.SSLError) or isinstance(exc.__cause__, ssl.SSLError):
+        return Reply(None, f"TLS failure: {_one_line(str(exc.__cause__ or exc))}")
+    if isinstance(exc, (aiosmtplib.SMTPConnectError, aiosmtplib.SMTPServerDisconnected, OSError)):
+        return Reply(None, f"connection failed: {_one_line(str(exc))}")
+    return Reply(None, _one_line(str(exc)))
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
