@@ -1,0 +1,183 @@
+"""Fixtures: a throwaway CA, real upstreams, real `relay serve` processes, a deadline wait."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import smtplib
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trustme
+import yaml
+
+from upstream import PASSWORD, USERNAME, Upstream
+
+PASSWORD_ENV = "RELAY_TEST_UPSTREAM_PASSWORD"
+
+
+def wait_for(condition: Callable[[], Any], timeout: float = 15.0, what: str = "condition") -> Any:
+    """Poll `condition` until it returns something truthy; fail the test at the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.02)
+
+
+@pytest.fixture(scope="session")
+def ca() -> trustme.CA:
+    return trustme.CA()
+
+
+@pytest.fixture(scope="session")
+def ca_file(ca: trustme.CA, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("ca") / "ca.pem"
+    ca.cert_pem.write_to_path(str(path))
+    return path
+
+
+@pytest.fixture
+def make_upstream(ca: trustme.CA) -> Iterator[Callable[..., Upstream]]:
+    """Factory for started upstreams with STARTTLS (a cert for 127.0.0.1 from the test CA)."""
+    started: list[Upstream] = []
+
+    def make(**kwargs: Any) -> Upstream:
+        import ssl
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ca.issue_cert("127.0.0.1", "localhost").configure_cert(context)
+        upstream = Upstream(context, **kwargs).start()
+        started.append(upstream)
+        return upstream
+
+    yield make
+    for upstream in started:
+        upstream.close()
+
+
+@pytest.fixture
+def upstream(make_upstream: Callable[..., Upstream]) -> Upstream:
+    return make_upstream()
+
+
+class RelayProcess:
+    """`python -m relay serve` in a subprocess, with its config written to a temp dir."""
+
+    def __init__(self, workdir: Path, config: dict[str, Any]) -> None:
+        self.workdir = workdir
+        self.config = config
+        self.config_path = workdir / "relay.yaml"
+        self.config_path.write_text(yaml.safe_dump(config))
+        self.spool = Path(config["spool"]["path"])
+        self.lines: list[str] = []
+        self.port = 0
+        self.process: subprocess.Popen[str] | None = None
+
+    def start(self) -> RelayProcess:
+        env = {**os.environ, PASSWORD_ENV: PASSWORD}
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "relay", "serve", "--config", str(self.config_path)],
+            cwd=self.workdir, env=env, stderr=subprocess.PIPE, text=True)
+        seen = len(self.lines)
+        threading.Thread(target=self._read_stderr, args=(self.process,), daemon=True).start()
+
+        def listening() -> int:
+            for line in self.lines[seen:]:
+                match = re.search(r"listening=[^ ,]+:(\d+)", line)
+                if match:
+                    return int(match.group(1))
+            assert self.process is not None and self.process.poll() is None, \
+                f"relay exited early:\n{self.log()}"
+            return 0
+        self.port = wait_for(listening, what="the relay to listen")
+        return self
+
+    def _read_stderr(self, process: subprocess.Popen[str]) -> None:
+        assert process.stderr is not None
+        for line in process.stderr:
+            self.lines.append(line.rstrip("\n"))
+
+    def log(self) -> str:
+        return "\n".join(self.lines)
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        assert self.process is not None
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+        return self.process.wait(timeout=30)
+
+    def kill(self) -> None:
+        self.stop(signal.SIGKILL)
+
+    def client(self) -> smtplib.SMTP:
+        return smtplib.SMTP("127.0.0.1", self.port, timeout=10)
+
+    def send(self, sender: str, recipients: list[str], body: bytes) -> str:
+        """Submit one message; return the queue ID from the 250 reply."""
+        with self.client() as smtp:
+            code, reply = smtp.ehlo()
+            assert code == 250
+            smtp.mail(sender)
+            for rcpt in recipients:
+                code, reply = smtp.rcpt(rcpt)
+                assert code == 250, reply
+            code, reply = smtp.data(body)
+        assert code == 250, reply
+        match = re.search(rb"queued as ([0-9A-F]+)", reply)
+        assert match, reply
+        return match.group(1).decode()
+
+    def files(self, queue: str) -> list[str]:
+        return sorted(os.listdir(self.spool / queue))
+
+
+def relay_config(tmp_path: Path, upstream: Upstream | None, ca_file: Path | None,
+                 **overrides: Any) -> dict[str, Any]:
+    """A test config: ephemeral port, fast retries, the test upstream over STARTTLS + AUTH."""
+    config: dict[str, Any] = {
+        "listen": {"address": "127.0.0.1", "port": 0, "timeout": "30s"},
+        "spool": {"path": str(tmp_path / "spool"), "min_free": 0},
+        "delivery": {"retry_min": "200ms", "retry_max": "1s"},
+        "log": {"level": "debug"},
+    }
+    if upstream is not None:
+        config["upstream"] = {
+            "host": "127.0.0.1", "port": upstream.port, "tls": "starttls",
+            "ca_file": str(ca_file), "username": USERNAME, "password_env": PASSWORD_ENV,
+            "connections": 2, "timeout": "5s",
+        }
+    for section, values in overrides.items():
+        config.setdefault(section, {}).update(values)
+    return config
+
+
+@pytest.fixture
+def make_relay(tmp_path: Path) -> Iterator[Callable[[dict[str, Any]], RelayProcess]]:
+    started: list[RelayProcess] = []
+
+    def make(config: dict[str, Any]) -> RelayProcess:
+        relay = RelayProcess(tmp_path, config).start()
+        started.append(relay)
+        return relay
+
+    yield make
+    for relay in started:
+        if relay.process is not None and relay.process.poll() is None:
+            relay.kill()
+
+
+@pytest.fixture
+def relay(make_relay: Callable[[dict[str, Any]], RelayProcess], upstream: Upstream,
+          ca_file: Path, tmp_path: Path) -> RelayProcess:
+    """A relay delivering to the standard test upstream."""
+    return make_relay(relay_config(tmp_path, upstream, ca_file))

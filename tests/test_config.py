@@ -1,0 +1,148 @@
+"""Configuration: defaults, lookup order, units, and errors that name the key."""
+
+from __future__ import annotations
+
+import ipaddress
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from relay.config import Config, find_config_file, load_config, parse_config, parse_duration, \
+    parse_size
+from relay.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def error_for(text: str, environ: dict[str, str] | None = None) -> ConfigError:
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, environ or {})
+    return info.value
+
+
+def test_builtin_defaults_are_safe_for_development(tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """No file found: loopback 127.0.0.1:2525, ./spool, no upstream."""
+    monkeypatch.setattr("relay.config.SEARCH_PATH", (tmp_path / "relay.yaml",))
+    config = load_config(None, environ={})
+    assert config == Config()
+    assert (config.listen.address, config.listen.port) == ("127.0.0.1", 2525)
+    assert config.spool.path == Path("spool")
+    assert config.upstream is None
+    assert ipaddress.ip_address("127.0.0.1") in config.listen.allow[0]
+
+
+def test_lookup_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--config beats $RELAY_CONFIG beats ./relay.yaml."""
+    monkeypatch.chdir(tmp_path)
+    assert find_config_file(None, {}) in (None, Path("/etc/relay/relay.yaml"))
+    (tmp_path / "relay.yaml").write_text("{}")
+    assert find_config_file(None, {}) == Path("relay.yaml")
+    assert find_config_file(None, {"RELAY_CONFIG": "/x.yaml"}) == Path("/x.yaml")
+    assert find_config_file("/y.yaml", {"RELAY_CONFIG": "/x.yaml"}) == Path("/y.yaml")
+
+
+@pytest.mark.parametrize("text, seconds", [
+    (30, 30.0), ("30s", 30.0), ("5m", 300.0), ("1h", 3600.0), ("5d", 432000.0),
+    ("200ms", 0.2), ("1.5h", 5400.0)])
+def test_durations(text: object, seconds: float) -> None:
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text, size", [
+    (1000, 1000), ("512KiB", 524288), ("25MiB", 26214400), ("1GiB", 2**30), ("10MB", 10**7)])
+def test_sizes(text: object, size: int) -> None:
+    assert parse_size(text) == size
+
+
+@pytest.mark.parametrize("text, key, fragment", [
+    ("listen: {port: 587x}", "listen.port", "expected an integer 0-65535"),
+    ("listen: {prot: 25}", "listen.prot", "did you mean 'port'"),
+    ("lisen: {}", "lisen", "did you mean 'listen'"),
+    ("listen: {timeout: soon}", "listen.timeout", "expected a duration"),
+    ("listen: {max_message_size: big}", "listen.max_message_size", "expected a size"),
+    ("listen: {address: 0.0.0.0}", "listen.address", "add listen.allow"),
+    ("listen: {allow: [not-a-net]}", "listen.allow", "not an IP network"),
+    ("upstream: {port: 587}", "upstream.host", "required"),
+    ("upstream: {host: smtp.mailgun.org, tls: maybe}", "upstream.tls", "starttls | implicit"),
+    ("upstream: {host: smtp.mailgun.org, tls: none}", "upstream.tls", "loopback"),
+    ("upstream: {host: h.example, password: x}", "upstream.password", "never go in the config"),
+    ("upstream: {host: h.example, username: u, password_env: NOPE}", "upstream.password_env",
+     "NOPE is not set"),
+    ("upstream: {host: h.example, username: u}", "upstream.username", "password_env"),
+    ("upstream: {host: h.example, verify: yes please}", "upstream.verify", "true or false"),
+    ("delivery: {retry_min: 1h, retry_max: 1m}", "delivery.retry_max", "retry_min"),
+    ("log: {level: loud}", "log.level", "debug | info"),
+    ("listen: [1, 2]", "listen", "expected a mapping"),
+])
+def test_bad_values_name_the_key(text: str, key: str, fragment: str) -> None:
+    """Every bad key or value is reported with its dotted key and a hint."""
+    error = error_for(text)
+    assert error.key == key
+    assert fragment in error.message
+
+
+def test_port_error_message_shows_the_bad_value() -> None:
+    error = error_for('upstream: {host: h.example, port: "587x"}')
+    assert str(error) == "upstream.port: expected an integer 1-65535, got '587x'"
+
+
+def test_yaml_tags_never_construct_objects() -> None:
+    """safe_load only: a python/object tag is a YAML error, not code execution."""
+    error = error_for("listen: !!python/object/apply:os.system ['true']")
+    assert "invalid YAML" in error.message
+
+
+def test_password_comes_from_env_or_file_and_stays_out_of_repr(tmp_path: Path) -> None:
+    """password_env and password_file both work; the password is never in a repr."""
+    from_env = parse_config("upstream: {host: h.example, username: u, password_env: P}",
+                            {"P": "hunter2-secret"})
+    assert from_env.upstream is not None and from_env.upstream.password == "hunter2-secret"
+    assert "hunter2" not in repr(from_env)
+    secret = tmp_path / "password"
+    secret.write_text("file-secret\n")
+    from_file = parse_config(f"upstream: {{host: h.example, username: u, "
+                             f"password_file: {secret}}}", {})
+    assert from_file.upstream is not None and from_file.upstream.password == "file-secret"
+
+
+def test_example_config_loads_with_every_key() -> None:
+    """relay.example.yaml is valid, and sets every key of the contract."""
+    secret = {"RELAY_UPSTREAM_PASSWORD": "example"}
+    text = (ROOT / "relay.example.yaml").read_text()
+    config = parse_config(text, secret)
+    assert config.upstream is not None
+    assert (config.upstream.host, config.upstream.port) == ("smtp.mailgun.org", 587)
+    assert config.upstream.tls == "starttls" and config.upstream.verify
+    for key in ("address", "port", "max_message_size", "max_recipients", "max_connections",
+                "timeout", "allow", "path", "min_free", "host", "tls", "verify", "ca_file",
+                "username", "password_env", "connections", "retry_min", "retry_max", "max_age",
+                "max_attempts", "level", "format"):
+        assert f"{key}:" in text, key
+
+
+def test_bad_config_exits_78_before_opening_a_port(tmp_path: Path) -> None:
+    """`relay serve` with a bad config exits 78 naming the key, and never listens."""
+    bad = tmp_path / "relay.yaml"
+    bad.write_text("listen: {port: 2525, colour: blue}\n")
+    result = subprocess.run([sys.executable, "-m", "relay", "serve", "--config", str(bad)],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 78
+    assert "listen.colour: unknown key" in result.stderr
+    assert "listening" not in result.stderr
+
+
+def test_missing_config_file_exits_78(tmp_path: Path) -> None:
+    result = subprocess.run([sys.executable, "-m", "relay", "serve", "--config",
+                             str(tmp_path / "nope.yaml")], capture_output=True, text=True,
+                            timeout=30)
+    assert result.returncode == 78
+    assert "cannot read config file" in result.stderr
+
+
+def test_unknown_command_is_a_usage_error() -> None:
+    result = subprocess.run([sys.executable, "-m", "relay", "frobnicate"],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 64

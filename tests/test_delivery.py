@@ -1,0 +1,225 @@
+"""End to end: a real relay process delivering to a real STARTTLS + AUTH upstream."""
+
+from __future__ import annotations
+
+import json
+import smtplib
+from pathlib import Path
+
+from conftest import RelayProcess, relay_config, wait_for
+from upstream import Upstream
+
+BODY = (b"From: app@example.com\r\nTo: user@example.com\r\nSubject: hello\r\n"
+        b"Message-ID: <m1@example.com>\r\n\r\nHello there.\r\n")
+
+
+def strip_received(data: bytes) -> tuple[bytes, bytes]:
+    """Split our prepended Received: header (with its folded lines) from the rest."""
+    assert data.startswith(b"Received: ")
+    lines = data.split(b"\r\n")
+    end = 1
+    while lines[end].startswith((b"\t", b" ")):
+        end += 1
+    return b"\r\n".join(lines[:end]) + b"\r\n", b"\r\n".join(lines[end:])
+
+
+def state_of(relay: RelayProcess, entry_id: str) -> dict:
+    return json.loads((relay.spool / "state" / entry_id).read_text())
+
+
+def test_message_is_relayed_byte_for_byte_over_starttls_with_auth(relay: RelayProcess,
+                                                                   upstream: Upstream) -> None:
+    """The upstream gets the exact bytes sent, after one prepended Received: header."""
+    entry_id = relay.send("app@example.com", ["user@example.com"], BODY)
+    [got] = wait_for(lambda: upstream.delivered_to("user@example.com"), what="delivery")
+    received, rest = strip_received(got.data)
+    assert rest == BODY
+    assert entry_id.encode() in received
+    assert got.sender == "app@example.com"
+    assert got.tls and got.authenticated
+    wait_for(lambda: not relay.files("active") and not relay.files("incoming"),
+             what="the entry to leave the queue")
+    assert f"{entry_id}: to=<user@example.com>, relay=127.0.0.1:{upstream.port}" in relay.log()
+    assert "status=sent (250 2.0.0 Ok: queued upstream)" in relay.log()
+
+
+def test_8bit_body_utf8_addresses_and_leading_dots_survive(relay: RelayProcess,
+                                                           upstream: Upstream) -> None:
+    """8-bit content, SMTPUTF8 addresses and lines starting with a dot arrive unchanged."""
+    body = ("Subject: caf\u00e9\r\n\r\n.\r\n..two dots\r\n.leading dot\r\n"
+            "na\u00efve \u2603\r\n").encode()
+    with relay.client() as smtp:
+        smtp.ehlo()
+        smtp.mail("exp\u00e9diteur@example.com", options=["SMTPUTF8", "BODY=8BITMIME"])
+        code, _ = smtp.rcpt("j\u00fcrgen@b\u00fccher.example")
+        assert code == 250
+        code, reply = smtp.data(body)
+    assert code == 250, reply
+    [got] = wait_for(lambda: upstream.delivered_to("j\u00fcrgen@b\u00fccher.example"),
+                     what="delivery")
+    assert strip_received(got.data)[1] == body
+    assert got.sender == "exp\u00e9diteur@example.com"
+    assert "SMTPUTF8" in got.mail_options and "BODY=8BITMIME" in got.mail_options
+
+
+def test_null_sender_is_relayed_as_null_sender(relay: RelayProcess, upstream: Upstream) -> None:
+    """MAIL FROM:<> (bounces, auto-replies) is accepted and relayed as <>."""
+    relay.send("<>", ["user@example.com"], BODY)
+    [got] = wait_for(lambda: upstream.delivered_to("user@example.com"), what="delivery")
+    assert got.sender == ""
+
+
+def test_rejected_recipient_fails_alone_and_the_other_is_delivered_once(
+        relay: RelayProcess, upstream: Upstream) -> None:
+    """550 to one RCPT fails that recipient; the other is delivered exactly once."""
+    entry_id = relay.send("app@example.com", ["reject@example.com", "ok@example.com"], BODY)
+    wait_for(lambda: relay.files("failed"), what="the entry to fail")
+    assert relay.files("failed") == [entry_id]
+    assert len(upstream.delivered_to("ok@example.com")) == 1
+    assert upstream.delivered_to("reject@example.com") == []
+    state = state_of(relay, entry_id)
+    assert [r["status"] for r in state["recipients"]] == ["failed", "sent"]
+    assert state["recipients"][0]["reply"] == "550 5.1.1 No such user"
+    assert len(state["attempts"]) == 1
+
+
+def test_temporary_recipient_is_retried_without_resending_to_the_accepted_one(
+        relay: RelayProcess, upstream: Upstream) -> None:
+    """A 451 recipient stays pending; retries never send again to the accepted one."""
+    entry_id = relay.send("app@example.com", ["tempfail@example.com", "ok@example.com"], BODY)
+    wait_for(lambda: len(state_of_if_any(relay, entry_id).get("attempts", [])) >= 3,
+             what="three attempts")
+    assert len(upstream.delivered_to("ok@example.com")) == 1
+    assert relay.files("deferred") == [entry_id] or relay.files("active") == [entry_id]
+
+
+def state_of_if_any(relay: RelayProcess, entry_id: str) -> dict:
+    try:
+        return state_of(relay, entry_id)
+    except (FileNotFoundError, ValueError):
+        return {}
+
+
+def test_two_451_replies_then_delivered(relay: RelayProcess, upstream: Upstream) -> None:
+    """DATA answered 451 twice is retried with backoff and then delivered once."""
+    upstream.data_replies = ["451 4.3.0 Try again later", "451 4.3.0 Try again later"]
+    entry_id = relay.send("app@example.com", ["user@example.com"], BODY)
+    [got] = wait_for(lambda: upstream.delivered_to("user@example.com"), what="delivery")
+    assert strip_received(got.data)[1] == BODY
+    assert relay.log().count(f"{entry_id}: to=<user@example.com>") == 3
+    assert "status=deferred (451 4.3.0 Try again later)" in relay.log()
+    wait_for(lambda: not (relay.spool / "state" / entry_id).exists(), what="state removal")
+
+
+def test_upstream_down_at_submit_then_back(tmp_path: Path, make_relay, make_upstream,
+                                           ca_file: Path) -> None:
+    """With the upstream down the client still gets 250 at once; delivery follows recovery."""
+    upstream = make_upstream()
+    upstream.stop()
+    relay = make_relay(relay_config(tmp_path, upstream, ca_file))
+    entry_id = relay.send("app@example.com", ["user@example.com"], BODY)
+    wait_for(lambda: state_of_if_any(relay, entry_id).get("last_error"), what="a deferral")
+    assert "connection failed" in state_of(relay, entry_id)["last_error"]
+    upstream.start()
+    [got] = wait_for(lambda: upstream.delivered_to("user@example.com"), what="delivery")
+    assert strip_received(got.data)[1] == BODY
+
+
+def test_rejected_credentials_defer_and_never_fail(tmp_path: Path, make_relay, make_upstream,
+                                                   ca_file: Path) -> None:
+    """AUTH rejected is our side's problem: the entry is deferred, not failed."""
+    upstream = make_upstream()
+    upstream.password = "not-what-the-relay-has"
+    relay = make_relay(relay_config(tmp_path, upstream, ca_file))
+    entry_id = relay.send("app@example.com", ["user@example.com"], BODY)
+    wait_for(lambda: len(state_of_if_any(relay, entry_id).get("attempts", [])) >= 2,
+             what="two attempts")
+    assert relay.files("failed") == []
+    assert state_of(relay, entry_id)["last_error"].startswith("535")
+    assert upstream.messages() == [] and upstream.mail_commands == 0
+
+
+def test_upstream_without_starttls_gets_no_auth_and_no_mail(tmp_path: Path, make_relay,
+                                                            make_upstream, ca_file: Path) -> None:
+    """tls: starttls never falls back to clear text: no AUTH, no MAIL, entry deferred."""
+    upstream = make_upstream(offer_starttls=False)
+    relay = make_relay(relay_config(tmp_path, upstream, ca_file))
+    entry_id = relay.send("app@example.com", ["user@example.com"], BODY)
+    wait_for(lambda: state_of_if_any(relay, entry_id).get("last_error"), what="a deferral")
+    assert "STARTTLS" in state_of(relay, entry_id)["last_error"]
+    assert upstream.auth_attempts == 0 and upstream.mail_commands == 0
+    assert relay.files("failed") == []
+
+
+def test_untrusted_certificate_gets_no_auth(tmp_path: Path, make_relay, upstream: Upstream) -> None:
+    """A certificate from a CA the relay does not trust ends the session before AUTH."""
+    config = relay_config(tmp_path, upstream, None)
+    del config["upstream"]["ca_file"]
+    relay = make_relay(config)
+    entry_id = relay.send("app@example.com", ["user@example.com"], BODY)
+    wait_for(lambda: state_of_if_any(relay, entry_id).get("last_error"), what="a deferral")
+    assert "certificate" in state_of(relay, entry_id)["last_error"].lower()
+    assert upstream.auth_attempts == 0 and upstream.mail_commands == 0
+
+
+def test_entry_expires_after_max_age(tmp_path: Path, make_relay, upstream: Upstream,
+                                     ca_file: Path) -> None:
+    """Still undelivered after max_age: failed, with the last upstream reply kept."""
+    upstream.data_replies = ["451 4.3.0 Still busy"] * 100
+    relay = make_relay(relay_config(tmp_path, upstream, ca_file,
+                                    delivery={"max_age": "1s", "retry_min": "100ms",
+                                              "retry_max": "300ms"}))
+    entry_id = relay.send("app@example.com", ["user@example.com"], BODY)
+    wait_for(lambda: relay.files("failed"), what="expiry")
+    state = state_of(relay, entry_id)
+    assert state["recipients"][0]["status"] == "failed"
+    assert "expired after" in state["last_error"] and "451 4.3.0 Still busy" in state["last_error"]
+    assert f"{entry_id}: status=failed" in relay.log()
+
+
+def test_max_attempts_fails_the_entry(tmp_path: Path, make_relay, upstream: Upstream,
+                                      ca_file: Path) -> None:
+    """delivery.max_attempts caps the attempts, then the entry is failed."""
+    upstream.data_replies = ["451 4.3.0 Still busy"] * 100
+    relay = make_relay(relay_config(tmp_path, upstream, ca_file,
+                                    delivery={"max_attempts": 2, "retry_min": "50ms"}))
+    entry_id = relay.send("app@example.com", ["user@example.com"], BODY)
+    wait_for(lambda: relay.files("failed"), what="failure")
+    assert len(state_of(relay, entry_id)["attempts"]) == 2
+
+
+def test_no_upstream_keeps_mail_until_one_is_configured(tmp_path: Path, make_relay,
+                                                        upstream: Upstream, ca_file: Path) -> None:
+    """Built-in defaults hold mail as deferred ('no upstream configured'); it flows later."""
+    relay = make_relay(relay_config(tmp_path, None, None))
+    entry_id = relay.send("app@example.com", ["user@example.com"], BODY)
+    wait_for(lambda: relay.files("deferred") == [entry_id], what="deferral")
+    assert state_of(relay, entry_id)["last_error"] == "no upstream configured"
+    assert state_of(relay, entry_id)["attempts"] == []
+    assert relay.stop() == 0
+    make_relay(relay_config(tmp_path, upstream, ca_file))
+    wait_for(lambda: upstream.delivered_to("user@example.com"), what="delivery")
+
+
+def test_session_is_reused_for_consecutive_messages(relay: RelayProcess,
+                                                    upstream: Upstream) -> None:
+    """Consecutive messages share upstream sessions: fewer logins than messages."""
+    for n in range(6):
+        relay.send("app@example.com", [f"user{n}@example.com"], BODY)
+    wait_for(lambda: len(upstream.messages()) == 6, what="six deliveries")
+    assert upstream.auth_attempts < 6
+
+
+def test_sigterm_exits_zero_and_keeps_undelivered_mail(tmp_path: Path, make_relay,
+                                                       upstream: Upstream, ca_file: Path) -> None:
+    """SIGTERM drains and exits 0; what could not be delivered stays in the spool."""
+    upstream.stop()
+    relay = make_relay(relay_config(tmp_path, upstream, ca_file))
+    entry_id = relay.send("app@example.com", ["user@example.com"], BODY)
+    assert relay.stop() == 0
+    assert entry_id in relay.files("deferred") + relay.files("incoming")
+    try:
+        relay.client()
+        raise AssertionError("the listener still accepts connections")
+    except (ConnectionRefusedError, smtplib.SMTPConnectError):
+        pass

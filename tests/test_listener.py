@@ -1,0 +1,254 @@
+"""The SMTP listener of a real relay process: extensions, limits, validation, refusals."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import smtplib
+import socket
+from pathlib import Path
+
+import pytest
+
+from conftest import RelayProcess, relay_config, wait_for
+
+BODY = b"Subject: t\r\n\r\nbody\r\n"
+
+
+@pytest.fixture
+def holding_relay(make_relay, tmp_path: Path) -> RelayProcess:
+    """A relay without upstream: whatever it accepts stays in its spool for inspection."""
+    return make_relay(relay_config(tmp_path, None, None))
+
+
+def queued(relay: RelayProcess) -> list[str]:
+    return relay.files("incoming") + relay.files("deferred") + relay.files("active")
+
+
+def raw_session(relay: RelayProcess, payload: bytes, replies: int) -> list[bytes]:
+    """Send raw bytes at once (pipelined) and read `replies` reply lines (final lines only)."""
+    with socket.create_connection(("127.0.0.1", relay.port), timeout=10) as sock:
+        reader = sock.makefile("rb")
+        greeting = reader.readline()
+        assert greeting.startswith(b"220 ")
+        sock.sendall(payload)
+        lines: list[bytes] = []
+        while len(lines) < replies:
+            line = reader.readline()
+            assert line, f"connection closed after {lines}"
+            if line[3:4] == b" ":
+                lines.append(line.rstrip(b"\r\n"))
+        return lines
+
+
+def test_ehlo_advertises_the_contracts_extensions(holding_relay: RelayProcess) -> None:
+    """SIZE, 8BITMIME, SMTPUTF8, PIPELINING, ENHANCEDSTATUSCODES; no version in the banner."""
+    with holding_relay.client() as smtp:
+        code, banner = smtp.connect("127.0.0.1", holding_relay.port)
+        assert b"aiosmtpd" not in banner and b"Python" not in banner
+        smtp.ehlo()
+        for extension in ("size", "8bitmime", "smtputf8", "pipelining", "enhancedstatuscodes"):
+            assert smtp.has_extn(extension), extension
+        assert smtp.esmtp_features["size"] == str(25 * 1024 * 1024)
+
+
+def test_listens_on_loopback_only_by_default(holding_relay: RelayProcess) -> None:
+    """The built-in listen address is 127.0.0.1."""
+    assert "listening=127.0.0.1:" in holding_relay.log()
+
+
+@pytest.mark.parametrize("sender, fragment", [
+    ("bad", "bad sender address syntax"),
+    ("a@b@c.example", "malformed address"),  # refused by aiosmtpd's parser first
+    ("x" * 65 + "@example.com", "local part longer than 64"),
+    ("a\rb@x.example", "bad sender address syntax"),
+])
+def test_invalid_sender_gets_553_5_1_3_with_the_reason(holding_relay: RelayProcess,
+                                                       sender: str, fragment: str) -> None:
+    with socket.create_connection(("127.0.0.1", holding_relay.port), timeout=10) as sock:
+        reader = sock.makefile("rb")
+        reader.readline()
+        sock.sendall(b"EHLO client.example\r\n")
+        while reader.readline()[3:4] != b" ":
+            pass
+        sock.sendall(f"MAIL FROM:<{sender}>\r\n".encode())
+        reply = reader.readline().decode()
+    assert reply.startswith("553 5.1.3 "), reply
+    assert fragment in reply
+
+
+def test_invalid_recipient_gets_553_and_valid_ones_still_queue(holding_relay: RelayProcess) -> None:
+    """A bad RCPT is refused alone; the transaction goes on with the good recipients."""
+    with holding_relay.client() as smtp:
+        smtp.ehlo()
+        smtp.mail("app@example.com")
+        code, reply = smtp.rcpt("not an address")
+        assert code == 553 and reply.startswith(b"5.1.3 Error: bad recipient address syntax")
+        code, reply = smtp.rcpt("root@localhost")
+        assert code == 553
+        assert smtp.rcpt("ok@example.com")[0] == 250
+        assert smtp.data(BODY)[0] == 250
+    wait_for(lambda: len(queued(holding_relay)) == 1, what="one queued entry")
+
+
+def test_internationalized_address_needs_smtputf8(holding_relay: RelayProcess) -> None:
+    """A non-ASCII address is refused without SMTPUTF8 and accepted with it."""
+    replies = raw_session(holding_relay, "EHLO c.example\r\nMAIL FROM:<app@example.com>\r\n"
+                          "RCPT TO:<j\u00fcrgen@example.com>\r\nRSET\r\n"
+                          "MAIL FROM:<app@example.com> SMTPUTF8\r\n"
+                          "RCPT TO:<j\u00fcrgen@example.com>\r\n".encode(), 6)
+    assert replies[2].startswith(b"553 5.1.3") and b"SMTPUTF8" in replies[2]
+    assert replies[5].startswith(b"250 ")
+
+
+def test_declared_size_above_the_limit_is_refused_at_mail(make_relay, tmp_path: Path) -> None:
+    """MAIL ... SIZE= above max_message_size: 552 5.3.4 before any data is sent."""
+    relay = make_relay(relay_config(tmp_path, None, None, listen={"max_message_size": "10KiB"}))
+    replies = raw_session(relay, b"EHLO c.example\r\nMAIL FROM:<a@example.com> SIZE=20000\r\n", 2)
+    assert replies[1].startswith(b"552 5.3.4 ")
+
+
+def test_oversized_data_is_refused_and_nothing_spooled(make_relay, tmp_path: Path) -> None:
+    """More data than max_message_size: 552 5.3.4 after the dot, nothing spooled."""
+    relay = make_relay(relay_config(tmp_path, None, None, listen={"max_message_size": "10KiB"}))
+    with relay.client() as smtp:
+        smtp.ehlo()
+        smtp.mail("app@example.com")
+        smtp.rcpt("user@example.com")
+        code, reply = smtp.data(b"Subject: big\r\n\r\n" + b"x" * 70 + b"\r\n" * 1 +
+                                (b"y" * 78 + b"\r\n") * 200)
+    assert (code, reply[:5]) == (552, b"5.3.4")
+    assert queued(relay) == [] and relay.files("tmp") == []
+
+
+def test_recipient_limit_gets_452_4_5_3_and_the_rest_are_queued(make_relay,
+                                                                tmp_path: Path) -> None:
+    """RCPT beyond max_recipients: 452 4.5.3; the accepted recipients are all queued."""
+    relay = make_relay(relay_config(tmp_path, None, None, listen={"max_recipients": 3}))
+    with relay.client() as smtp:
+        smtp.ehlo()
+        smtp.mail("app@example.com")
+        codes = [smtp.rcpt(f"u{n}@example.com") for n in range(4)]
+        assert [c for c, _ in codes] == [250, 250, 250, 452]
+        assert codes[3][1].startswith(b"4.5.3")
+        assert smtp.data(BODY)[0] == 250
+    [entry_id] = wait_for(lambda: relay.files("deferred"), what="the deferred entry")
+    header = (relay.spool / "deferred" / entry_id).read_bytes().split(b"\n")[1]
+    assert b'"recipients":["u0@example.com","u1@example.com","u2@example.com"]' in header
+
+
+def test_connection_limit_answers_421_and_frees_up(make_relay, tmp_path: Path) -> None:
+    """Beyond max_connections: 421 4.7.0 and close; a freed slot is usable again."""
+    relay = make_relay(relay_config(tmp_path, None, None, listen={"max_connections": 2}))
+    first, second = relay.client(), relay.client()
+    with socket.create_connection(("127.0.0.1", relay.port), timeout=10) as third:
+        assert third.makefile("rb").readline().startswith(b"421 4.7.0 ")
+    first.quit()
+
+    def admitted() -> bool:
+        with socket.create_connection(("127.0.0.1", relay.port), timeout=10) as sock:
+            return sock.makefile("rb").readline().startswith(b"220 ")
+    wait_for(admitted, what="a freed connection slot")
+    second.quit()
+
+
+def test_client_outside_allow_networks_gets_554(make_relay, tmp_path: Path) -> None:
+    """A client whose address is not in listen.allow: 554 5.7.1 at connect."""
+    relay = make_relay(relay_config(tmp_path, None, None, listen={"allow": ["10.0.0.0/8"]}))
+    with socket.create_connection(("127.0.0.1", relay.port), timeout=10) as sock:
+        assert sock.makefile("rb").readline().startswith(b"554 5.7.1 ")
+
+
+def test_idle_client_gets_421_and_is_closed(make_relay, tmp_path: Path) -> None:
+    """A client silent for listen.timeout gets 421 4.4.2 and the connection closes."""
+    relay = make_relay(relay_config(tmp_path, None, None, listen={"timeout": "1s"}))
+    with socket.create_connection(("127.0.0.1", relay.port), timeout=10) as sock:
+        reader = sock.makefile("rb")
+        assert reader.readline().startswith(b"220 ")
+        assert reader.readline().startswith(b"421 4.4.2 ")
+        assert reader.readline() == b""
+
+
+def test_low_disk_space_gets_452_4_3_1(make_relay, tmp_path: Path) -> None:
+    """Free space below spool.min_free: 452 4.3.1 and nothing written."""
+    relay = make_relay(relay_config(tmp_path, None, None, spool={"min_free": "1000000GiB"}))
+    with relay.client() as smtp:
+        smtp.ehlo()
+        code, reply = smtp.mail("app@example.com")
+    assert (code, reply[:5]) == (452, b"4.3.1")
+    assert queued(relay) == []
+
+
+def test_spool_write_failure_gets_451_and_the_listener_keeps_serving(
+        holding_relay: RelayProcess) -> None:
+    """The spool cannot publish (incoming/ unusable): 451 4.3.0, no debris; then recovers."""
+    incoming = holding_relay.spool / "incoming"
+    shutil.rmtree(incoming)
+    incoming.write_text("not a directory")
+    with holding_relay.client() as smtp:
+        smtp.ehlo()
+        smtp.mail("app@example.com")
+        smtp.rcpt("user@example.com")
+        code, reply = smtp.data(BODY)
+    assert (code, reply[:5]) == (451, b"4.3.0")
+    assert holding_relay.files("tmp") == []
+    incoming.unlink()
+    incoming.mkdir(mode=0o700)
+    assert holding_relay.send("app@example.com", ["user@example.com"], BODY)
+
+
+def test_helo_with_control_characters_cannot_inject_headers(holding_relay: RelayProcess) -> None:
+    """EHLO 'evil\\rBcc: ...' is sanitized in Received:; no Bcc header appears."""
+    replies = raw_session(holding_relay, b"EHLO evil\rBcc: victim@example.com\r\n"
+                          b"MAIL FROM:<a@example.com>\r\nRCPT TO:<u@example.com>\r\nDATA\r\n"
+                          b"Subject: t\r\n\r\nbody\r\n.\r\nQUIT\r\n", 6)
+    assert replies[4].startswith(b"250 2.0.0 Ok: queued as ")
+    [entry_id] = wait_for(lambda: holding_relay.files("deferred"), what="the deferred entry")
+    data = (holding_relay.spool / "deferred" / entry_id).read_bytes()
+    message = data.split(b"\n", 2)[2]
+    assert b"\rBcc" not in message and b"\nBcc" not in message
+    assert message.startswith(b"Received: from evil?Bcc:?victim@example.com ([127.0.0.1])\r\n")
+
+
+def test_pipelined_transactions_with_rset_queue_independently(holding_relay: RelayProcess) -> None:
+    """Three pipelined transactions, one reset midway: exactly two entries queued."""
+    payload = (b"EHLO c.example\r\n"
+               b"MAIL FROM:<a@example.com>\r\nRCPT TO:<u1@example.com>\r\nDATA\r\n"
+               b"Subject: 1\r\n\r\none\r\n.\r\n"
+               b"MAIL FROM:<a@example.com>\r\nRCPT TO:<u2@example.com>\r\nRSET\r\n"
+               b"MAIL FROM:<a@example.com>\r\nRCPT TO:<u3@example.com>\r\nDATA\r\n"
+               b"Subject: 3\r\n\r\nthree\r\n.\r\nQUIT\r\n")
+    replies = raw_session(holding_relay, payload, 13)
+    assert sum(r.startswith(b"250 2.0.0 Ok: queued") for r in replies) == 2
+    wait_for(lambda: len(queued(holding_relay)) == 2, what="two entries")
+
+
+def test_spool_files_are_private(holding_relay: RelayProcess) -> None:
+    """Entries 0600, spool directories 0700."""
+    entry_id = holding_relay.send("app@example.com", ["user@example.com"], BODY)
+    wait_for(lambda: holding_relay.files("deferred"), what="deferral")
+    assert os.stat(holding_relay.spool / "deferred" / entry_id).st_mode & 0o777 == 0o600
+    assert os.stat(holding_relay.spool / "deferred").st_mode & 0o777 == 0o700
+
+
+def test_second_relay_on_the_same_spool_is_refused(holding_relay: RelayProcess,
+                                                   tmp_path: Path) -> None:
+    """The spool lock keeps a second `relay serve` out (exit 69, clear message)."""
+    import subprocess
+    import sys
+    result = subprocess.run([sys.executable, "-m", "relay", "serve", "--config",
+                             str(holding_relay.config_path)], capture_output=True, text=True,
+                            timeout=30, cwd=tmp_path)
+    assert result.returncode == 69
+    assert "another relay is serving the spool" in result.stderr
+
+
+def test_smtplib_sendmail_round_trip_is_fast(holding_relay: RelayProcess) -> None:
+    """The answer is 250 with a queue ID; the message is on disk when the client hears it."""
+    with holding_relay.client() as smtp:
+        refused = smtp.sendmail("app@example.com", ["user@example.com"], BODY)
+    assert refused == {}
+    assert queued(holding_relay)  # on disk the moment 250 was heard
+    with pytest.raises(smtplib.SMTPRecipientsRefused):
+        with holding_relay.client() as smtp:
+            smtp.sendmail("app@example.com", ["bad address"], BODY)

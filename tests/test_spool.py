@@ -1,0 +1,197 @@
+"""The spool on a real filesystem: durability order, recovery, corruption, permissions."""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from relay.entry import Queue, Status
+from relay.errors import CorruptEntry, SpoolError, SpoolFull, SpoolLocked
+from relay.spool import Spool, new_id
+
+CONTENT = b"Subject: test\r\n\r\nbody\r\n"
+
+
+@pytest.fixture
+def spool(tmp_path: Path) -> Spool:
+    spool = Spool(tmp_path / "spool")
+    spool.open()
+    return spool
+
+
+def store(spool: Spool, recipients: tuple[str, ...] = ("a@example.com",)) -> str:
+    entry_id = new_id(time.time())
+    spool.store(entry_id, "s@example.com", list(recipients), [b"Received: x\r\n", CONTENT],
+                time.time(), False)
+    return entry_id
+
+
+def test_store_publishes_a_private_file_with_envelope_and_content(spool: Spool) -> None:
+    """A stored entry is in incoming/, mode 0600, in 0700 directories, content intact."""
+    entry_id = store(spool)
+    path = spool.path / "incoming" / entry_id
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    for directory in ("", "tmp", "incoming", "state", "failed"):
+        assert stat.S_IMODE((spool.path / directory).stat().st_mode) == 0o700
+    entry = spool.find(entry_id)
+    assert entry.sender == "s@example.com" and entry.queue is Queue.INCOMING
+    assert spool.content(entry) == b"Received: x\r\n" + CONTENT
+    assert os.listdir(spool.path / "tmp") == []
+
+
+def test_store_fsyncs_file_then_renames_then_fsyncs_directory(
+        spool: Spool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """write -> fsync(file) -> rename -> fsync(dir): two fsyncs per message, in that order."""
+    calls: list[str] = []
+    real_fsync, real_rename = os.fsync, os.rename
+
+    def fsync(fd: int) -> None:
+        calls.append("fsync(dir)" if stat.S_ISDIR(os.fstat(fd).st_mode) else "fsync(file)")
+        real_fsync(fd)
+
+    def rename(src: object, dst: object) -> None:
+        calls.append("rename")
+        real_rename(src, dst)
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "rename", rename)
+    store(spool)
+    assert calls == ["fsync(file)", "rename", "fsync(dir)"]
+
+
+@pytest.mark.parametrize("error, expected", [(errno.EIO, SpoolError), (errno.ENOSPC, SpoolFull)])
+def test_failed_fsync_or_full_disk_leaves_nothing_behind(
+        spool: Spool, monkeypatch: pytest.MonkeyPatch, error: int, expected: type) -> None:
+    """An fsync error or ENOSPC refuses the message and leaves no file anywhere."""
+    def failing_fsync(fd: int) -> None:
+        raise OSError(error, os.strerror(error))
+    monkeypatch.setattr(os, "fsync", failing_fsync)
+    with pytest.raises(expected):
+        store(spool)
+    assert os.listdir(spool.path / "tmp") == [] and os.listdir(spool.path / "incoming") == []
+
+
+def test_min_free_refuses_before_writing(tmp_path: Path) -> None:
+    """Free space below spool.min_free: SpoolFull, nothing written."""
+    spool = Spool(tmp_path / "spool", min_free=1 << 62)
+    spool.open()
+    with pytest.raises(SpoolFull):
+        store(spool)
+    assert os.listdir(spool.path / "incoming") == []
+
+
+def test_symlink_at_the_temporary_name_is_not_followed(spool: Spool, tmp_path: Path) -> None:
+    """A symlink planted where the temp file goes is refused; its target is untouched."""
+    target = tmp_path / "victim"
+    target.write_text("precious")
+    entry_id = new_id(time.time())
+    os.symlink(target, spool.path / "tmp" / entry_id)
+    with pytest.raises(SpoolError):
+        spool.store(entry_id, "s@example.com", ["a@example.com"], [CONTENT], time.time(), False)
+    assert target.read_text() == "precious"
+
+
+def test_symlinked_spool_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "real").mkdir()
+    os.symlink(tmp_path / "real", tmp_path / "spool")
+    with pytest.raises(SpoolError, match="symbolic link"):
+        Spool(tmp_path / "spool").open()
+
+
+def test_second_lock_is_refused(spool: Spool) -> None:
+    """Only one relay may serve a spool."""
+    spool.lock()
+    other = Spool(spool.path)
+    with pytest.raises(SpoolLocked):
+        other.lock()
+    spool.unlock()
+    other.lock()
+    other.unlock()
+
+
+def test_claim_defer_and_recover_keep_per_recipient_state(spool: Spool) -> None:
+    """Recipient status and attempts survive defer and recovery; a second claim gets None."""
+    from relay.entry import Attempt
+    entry_id = store(spool, ("a@example.com", "b@example.com"))
+    entry = spool.claim(entry_id)
+    assert entry is not None and entry.queue is Queue.ACTIVE
+    assert spool.claim(entry_id) is None
+    sent_one = replace(
+        entry,
+        recipients=(replace(entry.recipients[0], status=Status.SENT, reply="250 ok"),
+                    replace(entry.recipients[1], reply="451 later")),
+        attempts=(Attempt(1.0, "up:587", "451 later", 0.2),),
+        next_attempt=time.time() + 100, last_error="451 later")
+    spool.defer(sent_one)
+    due = dict(spool.recover())
+    assert abs(due[entry_id] - sent_one.next_attempt) < 1
+    again = spool.find(entry_id)
+    assert again.queue is Queue.DEFERRED
+    assert [r.status for r in again.recipients] == [Status.SENT, Status.PENDING]
+    assert again.attempts == sent_one.attempts and again.last_error == "451 later"
+
+
+def test_recover_sweeps_tmp_and_returns_active_to_incoming(spool: Spool) -> None:
+    """After a crash: tmp/ debris goes, active/ entries are due again, orphan state goes."""
+    entry_id = store(spool)
+    assert spool.claim(entry_id) is not None
+    (spool.path / "tmp" / "debris").write_bytes(b"half a message")
+    (spool.path / "state" / "0000000000000DEADBEEF").write_text("{}")
+    due = spool.recover()
+    assert due == [(entry_id, 0.0)]
+    assert os.listdir(spool.path / "tmp") == []
+    assert os.listdir(spool.path / "state") == []
+    assert os.listdir(spool.path / "incoming") == [entry_id]
+
+
+def test_remove_deletes_entry_and_state(spool: Spool) -> None:
+    entry_id = store(spool)
+    entry = spool.claim(entry_id)
+    assert entry is not None
+    spool.defer(replace(entry, next_attempt=time.time()))
+    entry = spool.claim(entry_id)
+    assert entry is not None
+    spool.remove(entry)
+    assert os.listdir(spool.path / "active") == [] and os.listdir(spool.path / "state") == []
+
+
+@pytest.mark.parametrize("name, data", [
+    ("garbage", b"\x00\xffnot an entry at all"),
+    ("empty", b""),
+    ("truncated-envelope", b"RELAY-ENTRY 1\n{\"id\": \"x\""),
+    ("bad-json", b"RELAY-ENTRY 1\n{nope}\nbody"),
+    ("size-mismatch", None),
+    ("missing-keys", b"RELAY-ENTRY 1\n{}\n"),
+])
+def test_corrupt_entry_is_moved_aside_on_claim(spool: Spool, name: str, data: bytes | None) -> None:
+    """An unparsable entry raises CorruptEntry and lands in corrupt/, never crashing."""
+    entry_id = store(spool)
+    path = spool.path / "incoming" / entry_id
+    if data is None:
+        data = path.read_bytes()[:-5]  # cut off the end of the content
+    path.write_bytes(data)
+    with pytest.raises(CorruptEntry):
+        spool.claim(entry_id)
+    assert os.listdir(spool.path / "corrupt") == [entry_id]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=300))
+def test_any_bytes_parse_or_raise_corrupt_entry(tmp_path_factory: pytest.TempPathFactory,
+                                                data: bytes) -> None:
+    """Fuzz: whatever bytes are in a queue file, load() parses them or raises CorruptEntry."""
+    spool = Spool(tmp_path_factory.mktemp("fuzz") / "spool")
+    spool.open()
+    entry_id = new_id(time.time())
+    (spool.path / "incoming" / entry_id).write_bytes(b"RELAY-ENTRY 1\n" + data)
+    try:
+        spool.load(Queue.INCOMING, entry_id)
+    except CorruptEntry:
+        pass

@@ -1,0 +1,158 @@
+"""A real upstream for tests: aiosmtpd on 127.0.0.1, ephemeral port, STARTTLS and AUTH.
+
+It records every transaction and what the relay did on the wire (TLS in effect, AUTH
+seen). Replies are scripted by recipient (`tempfail@...` gets 451 at RCPT, `reject@...`
+550) and by attempt (`data_replies`: the next DATA answers, e.g. two 451s then 250).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+import threading
+from dataclasses import dataclass
+
+from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
+
+USERNAME = "postmaster@mg.example.com"
+PASSWORD = "s3cret-Upstream-Pa55"
+
+
+@dataclass(frozen=True)
+class Transaction:
+    sender: str
+    recipients: tuple[str, ...]
+    data: bytes
+    tls: bool
+    authenticated: bool
+    mail_options: tuple[str, ...]
+
+
+class Upstream:
+    def __init__(self, tls_context: ssl.SSLContext | None, *, require_auth: bool = True,
+                 offer_starttls: bool = True) -> None:
+        self.tls_context = tls_context if offer_starttls else None
+        self.require_auth = require_auth
+        self.transactions: list[Transaction] = []
+        self.data_replies: list[str] = []
+        self.auth_attempts = 0
+        self.mail_commands = 0
+        self.password = PASSWORD
+        self.port = 0
+        self._lock = threading.Lock()
+        self._loop = asyncio.new_event_loop()
+        self._server: asyncio.Server | None = None
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._thread.start()
+
+    # --- control from the test thread --------------------------------------------------
+
+    def start(self) -> Upstream:
+        future = asyncio.run_coroutine_threadsafe(self._start(), self._loop)
+        self.port = future.result(timeout=10)
+        return self
+
+    def stop(self) -> None:
+        """Close the listening socket and every session: the port now refuses connections."""
+        asyncio.run_coroutine_threadsafe(self._stop(), self._loop).result(timeout=10)
+
+    def close(self) -> None:
+        asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop).result(timeout=10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
+
+    def messages(self) -> list[Transaction]:
+        with self._lock:
+            return list(self.transactions)
+
+    def delivered_to(self, address: str) -> list[Transaction]:
+        return [t for t in self.messages() if address in t.recipients]
+
+    # --- the server --------------------------------------------------------------------
+
+    async def _start(self) -> int:
+        self._protocols: set[SMTP] = set()
+        self._server = await self._loop.create_server(
+            self._protocol, host="127.0.0.1", port=self.port, reuse_address=True)
+        return self._server.sockets[0].getsockname()[1]
+
+    async def _stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+        for protocol in list(self._protocols):
+            if protocol.transport is not None:
+                protocol.transport.close()
+
+    async def _shutdown(self) -> None:
+        await self._stop()
+        sessions = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for task in sessions:
+            task.cancel()
+        await asyncio.gather(*sessions, return_exceptions=True)
+
+    def _protocol(self) -> SMTP:
+        protocol = _RecordingSMTP(
+            self, self,
+            hostname="localhost",
+            tls_context=self.tls_context,
+            require_starttls=self.tls_context is not None,
+            auth_required=self.require_auth,
+            auth_require_tls=self.tls_context is not None,
+            authenticator=self._authenticate,
+            enable_SMTPUTF8=True,
+            decode_data=False,
+        )
+        self._protocols.add(protocol)
+        return protocol
+
+    def _authenticate(self, server: SMTP, session: Session, envelope: Envelope,
+                      mechanism: str, auth_data: LoginPassword) -> AuthResult:
+        self.auth_attempts += 1
+        ok = auth_data.login.decode() == USERNAME and auth_data.password.decode() == self.password
+        return AuthResult(success=ok, handled=False)
+
+    # --- aiosmtpd hooks ----------------------------------------------------------------
+
+    async def handle_MAIL(self, server: SMTP, session: Session, envelope: Envelope,
+                          address: str, mail_options: list[str]) -> str:
+        self.mail_commands += 1
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return "250 2.1.0 Ok"
+
+    async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope,
+                          address: str, rcpt_options: list[str]) -> str:
+        local = address.split("@")[0]
+        if local.startswith("tempfail"):
+            return "451 4.2.0 Mailbox busy, try later"
+        if local.startswith("reject"):
+            return "550 5.1.1 No such user"
+        envelope.rcpt_tos.append(address)
+        return "250 2.1.5 Ok"
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        with self._lock:
+            if self.data_replies:
+                reply = self.data_replies.pop(0)
+                if not reply.startswith("2"):
+                    return reply
+            self.transactions.append(Transaction(
+                sender="" if envelope.mail_from == "<>" else str(envelope.mail_from),
+                recipients=tuple(envelope.rcpt_tos),
+                data=bytes(envelope.original_content or b""),
+                tls=session.ssl is not None,
+                authenticated=session.authenticated,
+                mail_options=tuple(envelope.mail_options),
+            ))
+        return "250 2.0.0 Ok: queued upstream"
+
+
+class _RecordingSMTP(SMTP):
+    def __init__(self, upstream: Upstream, handler: Upstream, **kwargs: object) -> None:
+        super().__init__(handler, **kwargs)  # type: ignore[arg-type]
+        self._upstream = upstream
+
+    def connection_lost(self, error: Exception | None) -> None:
+        self._upstream._protocols.discard(self)
+        super().connection_lost(error)
