@@ -93,7 +93,7 @@ class RelayProcess:
 
         def listening() -> int:
             for line in self.lines[seen:]:
-                match = re.search(r"listening=[^ ,]+:(\d+)", line)
+                match = re.search(r"listening(?:=|\": \")[^ ,\"]+:(\d+)", line)
                 if match:
                     return int(match.group(1))
             assert self.process is not None and self.process.poll() is None, \

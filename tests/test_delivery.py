@@ -223,3 +223,48 @@ def test_sigterm_exits_zero_and_keeps_undelivered_mail(tmp_path: Path, make_rela
         raise AssertionError("the listener still accepts connections")
     except (ConnectionRefusedError, smtplib.SMTPConnectError):
         pass
+
+
+def test_implicit_tls_upstream_on_its_own_port(tmp_path: Path, make_relay, make_upstream,
+                                               ca_file: Path) -> None:
+    """tls: implicit (port 465 style) delivers over TLS from the first byte, with AUTH."""
+    upstream = make_upstream(implicit_tls=True)
+    config = relay_config(tmp_path, upstream, ca_file)
+    config["upstream"]["tls"] = "implicit"
+    relay = make_relay(config)
+    relay.send("app@example.com", ["user@example.com"], BODY)
+    [got] = wait_for(lambda: upstream.delivered_to("user@example.com"), what="delivery")
+    assert got.tls and got.authenticated
+
+
+def test_password_never_appears_in_debug_logs(relay: RelayProcess, upstream: Upstream) -> None:
+    """At log level debug, neither the password nor its AUTH encodings are logged."""
+    import base64
+    from upstream import PASSWORD, USERNAME
+    relay.send("app@example.com", ["user@example.com"], BODY)
+    wait_for(lambda: upstream.delivered_to("user@example.com"), what="delivery")
+    assert upstream.auth_attempts >= 1
+    log = relay.log()
+    assert "level" in relay.config["log"] and relay.config["log"]["level"] == "debug"
+    for secret in (PASSWORD, base64.b64encode(PASSWORD.encode()).decode(),
+                   base64.b64encode(f"\0{USERNAME}\0{PASSWORD}".encode()).decode()):
+        assert secret not in log
+
+
+def test_json_log_format_has_the_same_fields(tmp_path: Path, make_relay, upstream: Upstream,
+                                             ca_file: Path) -> None:
+    """log.format json: one JSON object per line with queue_id, to, relay, status, reply."""
+    relay = make_relay(relay_config(tmp_path, upstream, ca_file, log={"format": "json"}))
+    entry_id = relay.send("app@example.com", ["user@example.com"], BODY)
+
+    def sent_event() -> dict | None:
+        for line in relay.lines:
+            event = json.loads(line)
+            if event.get("queue_id") == entry_id and event.get("status") == "sent":
+                return event
+        return None
+    event = wait_for(sent_event, what="the sent event")
+    assert event["to"] == "user@example.com"
+    assert event["relay"] == f"127.0.0.1:{upstream.port}"
+    assert event["reply"].startswith("250 ")
+    assert event["attempt"] == 1

@@ -30,8 +30,10 @@ class Transaction:
 
 class Upstream:
     def __init__(self, tls_context: ssl.SSLContext | None, *, require_auth: bool = True,
-                 offer_starttls: bool = True) -> None:
-        self.tls_context = tls_context if offer_starttls else None
+                 offer_starttls: bool = True, implicit_tls: bool = False) -> None:
+        # Implicit TLS (port 465) wraps the whole connection; STARTTLS is then not offered.
+        self.implicit_context = tls_context if implicit_tls else None
+        self.tls_context = tls_context if offer_starttls and not implicit_tls else None
         self.require_auth = require_auth
         self.transactions: list[Transaction] = []
         self.data_replies: list[str] = []
@@ -73,7 +75,8 @@ class Upstream:
     async def _start(self) -> int:
         self._protocols: set[SMTP] = set()
         self._server = await self._loop.create_server(
-            self._protocol, host="127.0.0.1", port=self.port, reuse_address=True)
+            self._protocol, host="127.0.0.1", port=self.port, reuse_address=True,
+            ssl=self.implicit_context)
         return self._server.sockets[0].getsockname()[1]
 
     async def _stop(self) -> None:
@@ -98,7 +101,7 @@ class Upstream:
             tls_context=self.tls_context,
             require_starttls=self.tls_context is not None,
             auth_required=self.require_auth,
-            auth_require_tls=self.tls_context is not None,
+            auth_require_tls=self.tls_context is not None and self.implicit_context is None,
             authenticator=self._authenticate,
             enable_SMTPUTF8=True,
             decode_data=False,
@@ -141,7 +144,7 @@ class Upstream:
                 sender="" if envelope.mail_from == "<>" else str(envelope.mail_from),
                 recipients=tuple(envelope.rcpt_tos),
                 data=bytes(envelope.original_content or b""),
-                tls=session.ssl is not None,
+                tls=session.ssl is not None or self.implicit_context is not None,
                 authenticated=session.authenticated,
                 mail_options=tuple(envelope.mail_options),
             ))
