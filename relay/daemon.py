@@ -33,6 +33,7 @@ class Daemon:
         self.spool = Spool(config.spool.path, config.spool.min_free)
         self.delivery = Delivery(self.spool, config)
         self._server: asyncio.Server | None = None
+        self._watcher: asyncio.Task[None] | None = None
         self._stop = asyncio.Event()
 
     @property
@@ -55,6 +56,7 @@ class Daemon:
         self._server = await loop.create_server(make_server_factory(handler, listen),
                                                 host=listen.address, port=listen.port)
         self.delivery.start()
+        self._watcher = asyncio.create_task(self.delivery.watch_incoming())
         upstream = self.config.upstream
         where = ", ".join(f"{host}:{port}" for host, port in self.addresses)
         log_event(logging.INFO, None, event="start", listening=where,
@@ -76,6 +78,8 @@ class Daemon:
         notify("STOPPING=1")
         if self._server is not None:
             self._server.close()
+        if self._watcher is not None:
+            self._watcher.cancel()
         await self.delivery.stop(DRAIN_SECONDS)
         self.spool.unlock()
         log_event(logging.INFO, None, event="stop", status="stopped")

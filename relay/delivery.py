@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 from . import policy
 from .config import Config
-from .entry import Entry, Status
+from .entry import Entry, Queue, Status
 from .errors import CorruptEntry
 from .log import log_event
 from .policy import Disposition
@@ -98,6 +98,22 @@ class Delivery:
     def schedule(self, entry_id: str, due: float = 0.0) -> None:
         self.scheduler.schedule(entry_id, due)
 
+    async def watch_incoming(self, interval: float = 1.0) -> None:
+        """Schedule whatever operators put into incoming/ (flush, release, requeue).
+
+        The relay queue commands work on the spool directly, with or without a daemon; the
+        daemon notices their effect here within `interval`, by the directory's mtime.
+        """
+        seen = self.spool.incoming_version()
+        while True:
+            await asyncio.sleep(interval)
+            version = await asyncio.to_thread(self.spool.incoming_version)
+            if version == seen:
+                continue
+            seen = version
+            for entry_id in await asyncio.to_thread(self.spool.queue_ids, Queue.INCOMING):
+                self.scheduler.schedule(entry_id, 0.0)
+
     def start(self) -> None:
         count = self.config.upstream.connections if self.config.upstream else 1
         for number in range(count):
@@ -149,7 +165,7 @@ class Delivery:
 
     async def _process(self, entry_id: str, session: UpstreamSession | None) -> None:
         try:
-            entry = await asyncio.to_thread(self.spool.claim, entry_id)
+            entry = await asyncio.to_thread(self.spool.claim, entry_id, self._clock())
         except CorruptEntry as exc:
             log_event(logging.ERROR, entry_id, status="corrupt", reason=exc.reason,
                       moved_to="corrupt/")

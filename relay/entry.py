@@ -71,6 +71,11 @@ class Entry:
     attempts: tuple[Attempt, ...] = ()
     next_attempt: float | None = None
     last_error: str | None = None
+    requeued: float | None = None  # when an operator requeued it: the age for expiry restarts
+
+    @property
+    def age_from(self) -> float:
+        return self.requeued if self.requeued is not None else self.arrived
 
     @property
     def state(self) -> str:

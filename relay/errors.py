@@ -8,7 +8,11 @@
     │   ├── SpoolFull             free space is below spool.min_free: nothing was written
     │   ├── SpoolLocked           another `relay serve` already owns this spool
     │   └── CorruptEntry          a spool entry cannot be parsed; carries the path
-    └── EntryNotFound             no entry with this queue ID (in the queues asked about)
+    ├── EntryNotFound             no entry with this queue ID
+    ├── EntryBusy                 the entry is being delivered right now (in active/)
+    ├── UsageError                a command line that cannot be honoured
+    └── SubmissionFailed          `relay sendmail` could not hand the message over;
+                                  `permanent` tells refused (bad data) from try-again
 
 Expected delivery outcomes (a 4xx, a refused recipient, a lost connection) are values
 returned by `relay.upstream`, never exceptions. The command line maps these classes to
@@ -58,3 +62,23 @@ class EntryNotFound(RelayError):
     def __init__(self, entry_id: str) -> None:
         self.entry_id = entry_id
         super().__init__(f"{entry_id}: no such message in the queue")
+
+
+class UsageError(RelayError):
+    """Raised for a command line that cannot be honoured (unknown option, no recipients)."""
+
+
+class SubmissionFailed(RelayError):
+    """Raised by `relay sendmail` when the listener did not take the message."""
+
+    def __init__(self, message: str, permanent: bool) -> None:
+        self.permanent = permanent
+        super().__init__(message)
+
+
+class EntryBusy(RelayError):
+    """Raised when an operator action finds the entry in active/: a delivery owns it."""
+
+    def __init__(self, entry_id: str) -> None:
+        self.entry_id = entry_id
+        super().__init__(f"{entry_id}: being delivered right now; try again in a moment")

@@ -106,8 +106,8 @@ def backoff(attempts: int, config: DeliveryConfig, rand: float) -> float:
 
 
 def is_expired(entry: Entry, now: float, config: DeliveryConfig) -> bool:
-    """Too old (max_age since arrival) or out of attempts (max_attempts, when set)."""
-    if now - entry.arrived >= config.max_age:
+    """Too old (max_age since arrival or requeue) or out of attempts (max_attempts, when set)."""
+    if now - entry.age_from >= config.max_age:
         return True
     return config.max_attempts is not None and len(entry.attempts) >= config.max_attempts
 

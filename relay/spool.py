@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from .entry import Attempt, Entry, Queue, Recipient, Status
-from .errors import CorruptEntry, EntryNotFound, SpoolError, SpoolFull, SpoolLocked
+from .errors import CorruptEntry, EntryBusy, EntryNotFound, SpoolError, SpoolFull, SpoolLocked
 
 MAGIC = b"RELAY-ENTRY 1\n"
 MAX_HEADER_BYTES = 64 * 1024 * 1024  # 100,000 recipients of 320 bytes fit with room to spare
@@ -161,13 +161,17 @@ class Spool:
 
     # --- delivery -----------------------------------------------------------------------
 
-    def claim(self, entry_id: str) -> Entry | None:
-        """Move a due entry into active/ and return it; None if someone else has it now.
+    def claim(self, entry_id: str, now: float) -> Entry | None:
+        """Move a due entry into active/ and return it; None if it is not due or not there
+        (held, deleted, or taken by someone else). A deferred entry is due once its mtime
+        has passed, as in Postfix's qmgr, so a stale schedule never retries early.
 
         Raises CorruptEntry after moving an unparsable entry to corrupt/.
         """
         for queue in (Queue.INCOMING, Queue.DEFERRED):
             try:
+                if queue is Queue.DEFERRED and os.stat(self._file(queue, entry_id)).st_mtime > now:
+                    return None
                 os.rename(self._file(queue, entry_id), self._file(Queue.ACTIVE, entry_id))
             except FileNotFoundError:
                 continue
@@ -210,6 +214,75 @@ class Spool:
             self._move(entry.with_queue(Queue.ACTIVE), Queue.INCOMING)
         except FileNotFoundError:
             pass
+
+    # --- operator actions ---------------------------------------------------------------
+
+    def move(self, entry_id: str, sources: tuple[Queue, ...], target: Queue) -> Entry | None:
+        """Rename the entry from the first of `sources` holding it into `target`.
+
+        Returns the moved entry, or None if it exists but in none of `sources`.
+        Raises EntryBusy if a delivery owns it, EntryNotFound if it is nowhere.
+        """
+        for source in sources:
+            try:
+                os.rename(self._file(source, entry_id), self._file(target, entry_id))
+            except FileNotFoundError:
+                continue
+            return self._load_or_quarantine(target, entry_id)
+        self._locate(entry_id)
+        return None
+
+    def requeue(self, entry_id: str, now: float) -> Entry | None:
+        """failed/ -> incoming/ with failed recipients pending again and attempts reset;
+        recipients already sent stay sent. None if the entry is not failed."""
+        try:
+            entry = self.load(Queue.FAILED, entry_id)
+        except FileNotFoundError:
+            self._locate(entry_id)
+            return None
+        fresh = replace(entry, recipients=tuple(
+            r if r.status is Status.SENT else replace(r, status=Status.PENDING)
+            for r in entry.recipients), attempts=(), next_attempt=None, last_error=None,
+            requeued=now)
+        self._save_state(fresh)
+        return self._move(fresh, Queue.INCOMING)
+
+    def delete(self, entry_id: str) -> Queue | None:
+        """Remove an entry from any queue but active/ (or from corrupt/, returning None)."""
+        for queue in (Queue.INCOMING, Queue.DEFERRED, Queue.HOLD, Queue.FAILED):
+            try:
+                os.unlink(self._file(queue, entry_id))
+            except FileNotFoundError:
+                continue
+            _unlink_quietly(self.path / "state" / entry_id)
+            self._sync_dir(queue.value)
+            return queue
+        try:
+            os.unlink(self.path / "corrupt" / entry_id)
+        except FileNotFoundError:
+            self._locate(entry_id)
+            raise EntryNotFound(entry_id) from None
+        _unlink_quietly(self.path / "state" / entry_id)
+        return None
+
+    def queue_ids(self, queue: Queue) -> list[str]:
+        return sorted(os.listdir(self.path / queue.value))
+
+    def corrupt_ids(self) -> list[str]:
+        return sorted(os.listdir(self.path / "corrupt"))
+
+    def incoming_version(self) -> int:
+        """Changes whenever an entry is added to or leaves incoming/ (directory mtime)."""
+        return os.stat(self.path / Queue.INCOMING.value).st_mtime_ns
+
+    def _locate(self, entry_id: str) -> Queue:
+        """Where the entry is; EntryBusy if in active/, EntryNotFound if nowhere."""
+        for queue in Queue:
+            if self._file(queue, entry_id).exists():
+                if queue is Queue.ACTIVE:
+                    raise EntryBusy(entry_id)
+                return queue
+        raise EntryNotFound(entry_id)
 
     # --- reading ------------------------------------------------------------------------
 
@@ -272,6 +345,7 @@ class Spool:
                          for a in entry.attempts],
             "next_attempt": entry.next_attempt,
             "last_error": entry.last_error,
+            "requeued": entry.requeued,
         }
         data = json.dumps(record, ensure_ascii=False, separators=(",", ":")).encode()
         tmp = self.path / "tmp" / f"{entry.id}.state.{secrets.token_hex(4)}"
@@ -364,8 +438,10 @@ def _apply_state(entry: Entry, state: Any, where: str) -> Entry:
                                  duration=float(a["duration"])) for a in state["attempts"])
         next_attempt = state["next_attempt"]
         last_error = state["last_error"]
+        requeued = state.get("requeued")
     except (KeyError, TypeError, ValueError) as exc:
         raise CorruptEntry(where, f"malformed state record: {exc!r}") from None
     return replace(entry, recipients=recipients, attempts=attempts,
                    next_attempt=None if next_attempt is None else float(next_attempt),
-                   last_error=None if last_error is None else str(last_error))
+                   last_error=None if last_error is None else str(last_error),
+                   requeued=None if requeued is None else float(requeued))

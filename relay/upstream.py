@@ -11,6 +11,7 @@ from __future__ import annotations
 import socket
 import ssl
 import time
+from collections.abc import Callable
 
 import aiosmtplib
 
@@ -37,11 +38,16 @@ def make_tls_context(config: UpstreamConfig) -> ssl.SSLContext | None:
 
 
 class SessionError(Exception):
-    """Internal to this module: a step of the session failed with `reply`."""
+    """A step of opening the session (connect, starttls, auth) failed with `reply`."""
 
-    def __init__(self, reply: Reply) -> None:
+    def __init__(self, reply: Reply, step: str = "session") -> None:
         super().__init__(str(reply))
         self.reply = reply
+        self.step = step
+
+
+def _ignore(step: str, detail: str) -> None:
+    """The default step reporter of UpstreamSession.open: delivery does not narrate."""
 
 
 class UpstreamSession:
@@ -90,30 +96,44 @@ class UpstreamSession:
         self._smtp = await self.open()
         return self._smtp
 
-    async def open(self) -> aiosmtplib.SMTP:
-        """Connect, force TLS as configured, and log in. Raises SessionError."""
+    async def open(self, report: Callable[[str, str], None] = _ignore) -> aiosmtplib.SMTP:
+        """Connect, force TLS as configured, and log in; `report(step, detail)` hears each
+        step that succeeded. Raises SessionError naming the step that failed."""
         config = self.config
         smtp = aiosmtplib.SMTP(
             hostname=config.host, port=config.port, timeout=config.timeout,
-            local_hostname=self._local_hostname,
-            use_tls=config.tls == "implicit",
-            # True, not None: None would be opportunistic and let a stripped STARTTLS
-            # through to AUTH and mail in clear (RFC 3207 section 6).
-            start_tls=config.tls == "starttls",
-            tls_context=self._tls_context,
+            local_hostname=self._local_hostname, use_tls=config.tls == "implicit",
+            # STARTTLS is issued explicitly below, never opportunistically: aiosmtplib's
+            # default (None) would let a stripped STARTTLS through to AUTH and mail in
+            # clear (RFC 3207 section 6).
+            start_tls=False, tls_context=self._tls_context,
         )
+        step = "connect"
         try:
-            await smtp.connect()
-            if config.tls != "none" and smtp.get_transport_info("sslcontext") is None:
-                raise SessionError(Reply(None, "TLS is not in effect; refusing to continue"))
+            response = await smtp.connect()
+            report(step, f"{response.code} {_one_line(response.message)}")
+            if config.tls == "starttls":
+                step = "starttls"
+                response = await smtp.starttls()
+                report(step, f"{response.code} {_one_line(response.message)}")
+            if config.tls != "none":
+                step = "tls"
+                ssl_object = smtp.get_transport_info("ssl_object")
+                if ssl_object is None:
+                    raise SessionError(Reply(None, "TLS is not in effect; refusing to continue"),
+                                       step)
+                verified = "certificate verified" if config.verify else "certificate NOT verified"
+                report(step, f"{ssl_object.version()}, {verified} for {config.host}")
             if config.username is not None and config.password is not None:
-                await smtp.login(config.username, config.password)
+                step = "auth"
+                response = await smtp.login(config.username, config.password)
+                report(step, f"{response.code} {_one_line(response.message)}")
         except BaseException as exc:
             smtp.close()
             if isinstance(exc, SessionError):
                 raise
             if isinstance(exc, (aiosmtplib.SMTPException, OSError, ssl.SSLError)):
-                raise SessionError(reply_of(exc)) from None
+                raise SessionError(reply_of(exc), step) from None
             raise
         return smtp
 
@@ -158,6 +178,34 @@ class UpstreamSession:
         done = Reply(response.code, _one_line(response.message))
         replies.update((r, done) for r in accepted)
         return AttemptResult(relay=relay, recipients=replies)
+
+
+def likely_cause(error: SessionError, config: UpstreamConfig) -> str:
+    """A hint for `relay check`: what usually makes this step fail."""
+    text = error.reply.text.lower()
+    if error.step == "auth":
+        if error.reply.code is not None and 500 <= error.reply.code < 600:
+            return ("credentials rejected: check upstream.username and the password "
+                    "(for Mailgun, the SMTP credentials of the sending domain)")
+        return "the server did not accept AUTH; check the port and TLS mode"
+    if error.step == "starttls":
+        if "not supported" in text:
+            return ("the server does not offer STARTTLS: wrong port for tls: starttls "
+                    "(Mailgun: 587 with starttls, 465 with implicit), or something strips it")
+        if "certificate" in text:
+            return ("certificate not trusted or not for this host name; set upstream.ca_file "
+                    "for a private CA, and check upstream.host")
+        return "the TLS handshake failed; check the port and TLS mode"
+    if "certificate" in text:
+        return ("certificate not trusted or not for this host name; set upstream.ca_file "
+                "for a private CA, and check upstream.host")
+    if config.tls == "implicit" and ("wrong version" in text or "tls failure" in text):
+        return "the server does not speak TLS from the start: use tls: starttls (port 587)"
+    if config.tls == "starttls" and "timed out" in text:
+        return ("no greeting: a port that expects TLS from the start (465) needs "
+                "tls: implicit")
+    return (f"cannot reach {config.host}:{config.port}: check upstream.host and upstream.port, "
+            "and that outbound connections to it are allowed")
 
 
 def reply_of(exc: BaseException) -> Reply:

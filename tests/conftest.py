@@ -78,6 +78,7 @@ class RelayProcess:
         self.config = config
         self.config_path = workdir / "relay.yaml"
         self.config_path.write_text(yaml.safe_dump(config))
+        self.client_config_path = workdir / "relay.client.yaml"
         self.spool = Path(config["spool"]["path"])
         self.lines: list[str] = []
         self.port = 0
@@ -100,6 +101,9 @@ class RelayProcess:
                 f"relay exited early:\n{self.log()}"
             return 0
         self.port = wait_for(listening, what="the relay to listen")
+        # Commands (sendmail above all) need the real port, not the 0 the relay was given.
+        client = {**self.config, "listen": {**self.config["listen"], "port": self.port}}
+        self.client_config_path.write_text(yaml.safe_dump(client))
         return self
 
     def _read_stderr(self, process: subprocess.Popen[str]) -> None:
@@ -139,6 +143,18 @@ class RelayProcess:
 
     def files(self, queue: str) -> list[str]:
         return sorted(os.listdir(self.spool / queue))
+
+    def cli(self, *args: str, stdin: bytes = b"") -> subprocess.CompletedProcess[str]:
+        """Run `relay ARGS --config <this relay's config>` and capture its output."""
+        return run_cli(self.client_config_path, *args, stdin=stdin)
+
+
+def run_cli(config_path: Path, *args: str, stdin: bytes = b"") -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, PASSWORD_ENV: PASSWORD}
+    result = subprocess.run([sys.executable, "-m", "relay", *args, "--config", str(config_path)],
+                            input=stdin, capture_output=True, env=env, timeout=60)
+    return subprocess.CompletedProcess(result.args, result.returncode,
+                                       result.stdout.decode(), result.stderr.decode())
 
 
 def relay_config(tmp_path: Path, upstream: Upstream | None, ca_file: Path | None,

@@ -120,9 +120,9 @@ def test_claim_defer_and_recover_keep_per_recipient_state(spool: Spool) -> None:
     """Recipient status and attempts survive defer and recovery; a second claim gets None."""
     from relay.entry import Attempt
     entry_id = store(spool, ("a@example.com", "b@example.com"))
-    entry = spool.claim(entry_id)
+    entry = spool.claim(entry_id, time.time())
     assert entry is not None and entry.queue is Queue.ACTIVE
-    assert spool.claim(entry_id) is None
+    assert spool.claim(entry_id, time.time()) is None
     sent_one = replace(
         entry,
         recipients=(replace(entry.recipients[0], status=Status.SENT, reply="250 ok"),
@@ -138,10 +138,20 @@ def test_claim_defer_and_recover_keep_per_recipient_state(spool: Spool) -> None:
     assert again.attempts == sent_one.attempts and again.last_error == "451 later"
 
 
+def test_deferred_entry_is_not_claimed_before_it_is_due(spool: Spool) -> None:
+    """A deferred entry whose next attempt is in the future cannot be claimed yet."""
+    entry_id = store(spool)
+    entry = spool.claim(entry_id, time.time())
+    assert entry is not None
+    spool.defer(replace(entry, next_attempt=time.time() + 3600))
+    assert spool.claim(entry_id, time.time()) is None
+    assert spool.claim(entry_id, time.time() + 3601) is not None
+
+
 def test_recover_sweeps_tmp_and_returns_active_to_incoming(spool: Spool) -> None:
     """After a crash: tmp/ debris goes, active/ entries are due again, orphan state goes."""
     entry_id = store(spool)
-    assert spool.claim(entry_id) is not None
+    assert spool.claim(entry_id, time.time()) is not None
     (spool.path / "tmp" / "debris").write_bytes(b"half a message")
     (spool.path / "state" / "0000000000000DEADBEEF").write_text("{}")
     due = spool.recover()
@@ -153,10 +163,10 @@ def test_recover_sweeps_tmp_and_returns_active_to_incoming(spool: Spool) -> None
 
 def test_remove_deletes_entry_and_state(spool: Spool) -> None:
     entry_id = store(spool)
-    entry = spool.claim(entry_id)
+    entry = spool.claim(entry_id, time.time())
     assert entry is not None
     spool.defer(replace(entry, next_attempt=time.time()))
-    entry = spool.claim(entry_id)
+    entry = spool.claim(entry_id, time.time())
     assert entry is not None
     spool.remove(entry)
     assert os.listdir(spool.path / "active") == [] and os.listdir(spool.path / "state") == []
@@ -178,7 +188,7 @@ def test_corrupt_entry_is_moved_aside_on_claim(spool: Spool, name: str, data: by
         data = path.read_bytes()[:-5]  # cut off the end of the content
     path.write_bytes(data)
     with pytest.raises(CorruptEntry):
-        spool.claim(entry_id)
+        spool.claim(entry_id, time.time())
     assert os.listdir(spool.path / "corrupt") == [entry_id]
 
 

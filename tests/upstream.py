@@ -40,6 +40,7 @@ class Upstream:
         self.auth_attempts = 0
         self.mail_commands = 0
         self.password = PASSWORD
+        self.data_delay = 0.0  # seconds before answering the final dot: a slow provider
         self.port = 0
         self._lock = threading.Lock()
         self._loop = asyncio.new_event_loop()
@@ -135,6 +136,8 @@ class Upstream:
         return "250 2.1.5 Ok"
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        if self.data_delay:
+            await asyncio.sleep(self.data_delay)
         with self._lock:
             if self.data_replies:
                 reply = self.data_replies.pop(0)

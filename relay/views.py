@@ -1,0 +1,154 @@
+"""How queue entries look to people (mailq-style table, `show`) and to machines (JSON).
+
+Pure formatting of `Entry` values; every string from the outside (addresses, headers,
+replies) is escaped so a control character can never act on the operator's terminal.
+"""
+
+from __future__ import annotations
+
+import datetime
+import email.parser
+import email.policy
+from collections import Counter
+from typing import Any
+
+from .entry import Entry, Queue
+
+STATES = tuple(q.state for q in Queue)
+_COLUMNS = (("ID", 21), ("SIZE", 6), ("ARRIVED", 20), ("STATE", 8), ("ATT", 3),
+            ("NEXT ATTEMPT", 20), ("SENDER", 24), ("RECIPIENTS", 28), ("LAST ERROR", 0))
+LAST_ERROR_WIDTH = 60
+
+
+def iso(timestamp: float | None) -> str | None:
+    if timestamp is None:
+        return None
+    moment = datetime.datetime.fromtimestamp(timestamp, datetime.UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def entry_json(entry: Entry) -> dict[str, Any]:
+    """The contract's JSON fields of a queued message."""
+    return {
+        "id": entry.id,
+        "size": entry.size,
+        "arrived": iso(entry.arrived),
+        "state": entry.state,
+        "attempts": len(entry.attempts),
+        "next_attempt": iso(entry.next_attempt) if entry.queue is Queue.DEFERRED else None,
+        "sender": entry.sender,
+        "recipients": [{"address": r.address, "status": r.status.value, "reply": r.reply}
+                       for r in entry.recipients],
+        "last_error": entry.last_error,
+    }
+
+
+def detail_json(entry: Entry, content: bytes, with_body: bool) -> dict[str, Any]:
+    """`relay queue show --json`: the listing fields plus headers and every attempt."""
+    headers, body = split_message(content)
+    data = entry_json(entry)
+    data["headers"] = [{"name": name, "value": value} for name, value in headers]
+    data["attempt_history"] = [{"at": iso(a.at), "relay": a.relay, "reply": a.reply,
+                                "duration": a.duration} for a in entry.attempts]
+    if with_body:
+        data["body"] = body.decode("utf-8", errors="replace")
+    return data
+
+
+def table(entries: list[Entry], corrupt: int) -> str:
+    """The mailq-style listing with a summary line last."""
+    if not entries:
+        tail = f" ({corrupt} corrupt entries in spool/corrupt/)" if corrupt else ""
+        return f"Mail queue is empty{tail}"
+    lines = [_row([name for name, _ in _COLUMNS])]
+    for entry in entries:
+        recipients = entry.recipients[0].address + (
+            f" +{len(entry.recipients) - 1}" if len(entry.recipients) > 1 else "")
+        lines.append(_row([
+            entry.id, human_size(entry.size), iso(entry.arrived) or "", entry.state,
+            str(len(entry.attempts)),
+            (iso(entry.next_attempt) or "") if entry.queue is Queue.DEFERRED else "",
+            f"<{entry.sender}>", recipients,
+            _shorten(entry.last_error or "", LAST_ERROR_WIDTH),
+        ]))
+    lines.append(summary(entries, corrupt))
+    return "\n".join(lines)
+
+
+def summary(entries: list[Entry], corrupt: int) -> str:
+    counts = Counter(e.state for e in entries)
+    total = sum(e.size for e in entries)
+    per_state = ", ".join(f"{counts[s]} {s}" for s in STATES)
+    noun = "message" if len(entries) == 1 else "messages"
+    line = f"-- {len(entries)} {noun}, {human_size(total)}: {per_state}"
+    return line + (f"; {corrupt} corrupt" if corrupt else "")
+
+
+def show(entry: Entry, content: bytes, with_body: bool) -> str:
+    """`relay queue show`: envelope, per-recipient status, attempts, headers (and body)."""
+    headers, body = split_message(content)
+    lines = [
+        f"ID:           {entry.id}",
+        f"State:        {entry.state}",
+        f"Arrived:      {iso(entry.arrived)}",
+        f"Size:         {entry.size} bytes",
+        f"Sender:       <{escape(entry.sender)}>",
+    ]
+    if entry.queue is Queue.DEFERRED and entry.next_attempt is not None:
+        lines.append(f"Next attempt: {iso(entry.next_attempt)}")
+    if entry.last_error:
+        lines.append(f"Last error:   {escape(entry.last_error)}")
+    width = max(len(escape(r.address)) for r in entry.recipients)
+    lines.append("Recipients:")
+    lines += [f"  {escape(r.address):<{width}}  {r.status.value:<7}  {escape(r.reply or '')}"
+              .rstrip() for r in entry.recipients]
+    lines.append(f"Attempts:     {len(entry.attempts)}")
+    lines += [f"  {iso(a.at)}  {escape(a.relay)}  {a.duration:.2f}s  {escape(a.reply)}"
+              for a in entry.attempts]
+    lines.append("Headers:")
+    lines += [f"  {escape(name)}: {escape(value)}" for name, value in headers]
+    if with_body:
+        lines += ["", escape(body.decode("utf-8", errors="replace"), keep_newlines=True)]
+    return "\n".join(lines)
+
+
+def split_message(content: bytes) -> tuple[list[tuple[str, str]], bytes]:
+    """Header fields (unfolded) and the body of a message."""
+    end = content.find(b"\r\n\r\n")
+    head, body = (content, b"") if end < 0 else (content[:end + 2], content[end + 4:])
+    parsed = email.parser.BytesHeaderParser(policy=email.policy.compat32).parsebytes(head)
+    return [(name, " ".join(str(value).split())) for name, value in parsed.items()], body
+
+
+def human_size(size: int) -> str:
+    if size < 1024:
+        return f"{size}B"
+    for unit, scale in (("K", 1 << 10), ("M", 1 << 20)):
+        if size < scale << 10:
+            return f"{size / scale:.1f}{unit}"
+    return f"{size / (1 << 30):.1f}G"
+
+
+def escape(text: str, keep_newlines: bool = False) -> str:
+    """Control characters shown as \\x1b and the like, so output cannot drive a terminal."""
+    allowed = "\n\t" if keep_newlines else ""
+    if keep_newlines:
+        text = text.replace("\r\n", "\n")
+    return "".join(c if c.isprintable() or c in allowed else repr(c)[1:-1] for c in text)
+
+
+def _row(cells: list[str]) -> str:
+    parts = []
+    for (name, width), cell in zip(_COLUMNS, cells):
+        if name in ("SIZE", "ATT"):
+            parts.append(cell.rjust(width))
+        elif width:
+            parts.append(_shorten(cell, width).ljust(width))
+        else:
+            parts.append(escape(cell))
+    return "  ".join(parts).rstrip()
+
+
+def _shorten(text: str, width: int) -> str:
+    text = escape(text)
+    return text if len(text) <= width else text[:width - 1] + "…"

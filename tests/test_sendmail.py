@@ -1,0 +1,112 @@
+"""`relay sendmail`: sendmail's command line, submitted to a real relay's listener."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import RelayProcess, relay_config, run_cli, wait_for
+from relay.errors import UsageError
+from relay.sendmail import Options, parse_args, prepare, read_message
+
+
+@pytest.fixture
+def holding_relay(make_relay, tmp_path: Path) -> RelayProcess:
+    return make_relay(relay_config(tmp_path, None, None))
+
+
+def stored(relay: RelayProcess, entry_id: str) -> tuple[dict, bytes]:
+    wait_for(lambda: entry_id in relay.files("deferred"), what="the entry")
+    data = (relay.spool / "deferred" / entry_id).read_bytes()
+    _, header, content = data.split(b"\n", 2)
+    return json.loads(header), content
+
+
+def test_dash_t_takes_to_cc_bcc_and_removes_bcc(holding_relay: RelayProcess) -> None:
+    """-t: recipients from To, Cc and Bcc; the Bcc header never leaves; -v prints the ID."""
+    message = (b"From: cron@example.com\nTo: a@example.com\nCc: b@example.com\n"
+               b"Bcc: hidden@example.com,\n  hidden2@example.com\nSubject: report\n\nall good\n")
+    result = holding_relay.cli("sendmail", "-t", "-v", "-oi", stdin=message)
+    assert result.returncode == 0, result.stderr
+    entry_id = result.stdout.split()[-1]
+    header, content = stored(holding_relay, entry_id)
+    assert header["recipients"] == ["a@example.com", "b@example.com", "hidden@example.com",
+                                    "hidden2@example.com"]
+    assert b"Bcc" not in content and b"hidden" not in content
+    assert b"\r\nTo: a@example.com\r\nCc: b@example.com\r\nSubject: report\r\n" in content
+    assert content.endswith(b"\r\n\r\nall good\r\n")
+
+
+def test_arguments_sender_name_and_added_headers(holding_relay: RelayProcess) -> None:
+    """Recipients as arguments, -f sender, -F name; From, Date, Message-ID added if missing."""
+    result = holding_relay.cli("sendmail", "-v", "-f", "app@example.com", "-FThe App",
+                               "-odb", "-oem", "-U", "x@example.com, y@example.com",
+                               stdin=b"Subject: hi\n\nbody\n")
+    assert result.returncode == 0, result.stderr
+    header, content = stored(holding_relay, result.stdout.split()[-1])
+    assert header["sender"] == "app@example.com"
+    assert header["recipients"] == ["x@example.com", "y@example.com"]
+    assert b"From: The App <app@example.com>\r\n" in content
+    assert b"\r\nDate: " in content and b"\r\nMessage-ID: <" in content
+
+
+def test_listener_unreachable_exits_75_and_says_so(tmp_path: Path) -> None:
+    """Nothing listening: exit 75 with a clear message; the caller keeps the message."""
+    import yaml
+    config = relay_config(tmp_path, None, None, listen={"port": 1})
+    path = tmp_path / "relay.yaml"
+    path.write_text(yaml.safe_dump(config))
+    result = run_cli(path, "sendmail", "user@example.com", stdin=b"Subject: x\n\nbody\n")
+    assert result.returncode == 75
+    assert "cannot hand the message to the relay" in result.stderr
+    assert "not sent" in result.stderr
+
+
+def test_malformed_address_exits_65(holding_relay: RelayProcess) -> None:
+    result = holding_relay.cli("sendmail", "bad@@address", stdin=b"Subject: x\n\nbody\n")
+    assert result.returncode == 65
+    assert "553 5.1.3" in result.stderr
+    assert holding_relay.files("incoming") + holding_relay.files("deferred") == []
+
+
+def test_no_recipients_is_a_usage_error(holding_relay: RelayProcess) -> None:
+    result = holding_relay.cli("sendmail", "-t", stdin=b"Subject: x\n\nbody\n")
+    assert result.returncode == 64
+    assert "no recipients" in result.stderr
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["-t", "-i"], Options(extract_recipients=True, dot_ends_input=False)),
+    (["-oi", "-fme@x.example", "a@x.example"],
+     Options(sender="me@x.example", recipients=["a@x.example"], dot_ends_input=False)),
+    (["-r", "me@x.example", "-F", "Me", "--", "-odd@x.example"],
+     Options(sender="me@x.example", full_name="Me", recipients=["-odd@x.example"])),
+    (["-odb", "-oem", "-B", "8BITMIME", "-N", "never", "-bm", "-v", "a@x.example"],
+     Options(recipients=["a@x.example"], verbose=True)),
+])
+def test_option_parsing(argv: list[str], expected: Options) -> None:
+    """sendmail's flags as Postfix accepts them; harmless ones are ignored."""
+    assert parse_args(argv) == expected
+
+
+@pytest.mark.parametrize("argv", [["-bs"], ["-f"], ["-Z"]])
+def test_unsupported_options_are_usage_errors(argv: list[str]) -> None:
+    with pytest.raises(UsageError):
+        parse_args(argv)
+
+
+def test_lone_dot_ends_input_unless_dash_i() -> None:
+    assert read_message(b"a\n.\nb\n", dot_ends_input=True) == b"a\r\n"
+    assert read_message(b"a\n.\nb\n", dot_ends_input=False) == b"a\r\n.\r\nb\r\n"
+
+
+def test_message_without_headers_gets_them_before_its_body() -> None:
+    """A bare text on stdin (echo hi | sendmail x) is body; headers are added above it."""
+    sender, recipients, message = prepare(b"just a line\r\n", Options(recipients=["a@x.example"]),
+                                          "root@host.example", "host.example")
+    assert (sender, recipients) == ("root@host.example", ["a@x.example"])
+    head, body = message.split(b"\r\n\r\n", 1)
+    assert head.startswith(b"From: root@host.example\r\nDate: ")
+    assert body == b"just a line\r\n"
