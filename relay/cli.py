@@ -116,7 +116,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help(sys.stderr)
         return EX_USAGE
-    return _guard(lambda: _dispatch(args, load_config(args.config)))
+    # Only serve and check talk to the upstream; the rest must work without its password.
+    secrets = args.command in ("serve", "check")
+    return _guard(lambda: _dispatch(args, load_config(args.config, secrets=secrets)))
 
 
 def _guard(run: Callable[[], int]) -> int:
@@ -227,7 +229,7 @@ async def _check(config: Config) -> int:
 
 def _sendmail(argv: list[str]) -> int:
     options = sendmail.parse_args(argv)
-    config = load_config(options.config)
+    config = load_config(options.config, secrets=False)
     message = sendmail.read_message(sys.stdin.buffer.read(), options.dot_ends_input)
     sender, recipients, prepared = sendmail.prepare(
         message, options, sendmail.default_sender(), socket.gethostname())

@@ -106,8 +106,13 @@ def find_config_file(explicit: str | None, environ: Mapping[str, str]) -> Path |
     return None
 
 
-def load_config(explicit: str | None = None, environ: Mapping[str, str] | None = None) -> Config:
-    """Find, read and validate the configuration. Raises ConfigError naming the key."""
+def load_config(explicit: str | None = None, environ: Mapping[str, str] | None = None,
+                secrets: bool = True) -> Config:
+    """Find, read and validate the configuration. Raises ConfigError naming the key.
+
+    With secrets=False the upstream password is not read (left None): commands that never
+    talk to the upstream (`relay queue`, `relay sendmail`) work without the credential.
+    """
     environ = os.environ if environ is None else environ
     path = find_config_file(explicit, environ)
     if path is None:
@@ -119,10 +124,12 @@ def load_config(explicit: str | None = None, environ: Mapping[str, str] | None =
         raise ConfigError("", f"cannot read config file {path}: {exc.strerror}") from None
     if len(raw) > MAX_CONFIG_BYTES:
         raise ConfigError("", f"config file {path} is larger than {MAX_CONFIG_BYTES} bytes")
-    return parse_config(raw.decode("utf-8", errors="replace"), environ, source=path)
+    return parse_config(raw.decode("utf-8", errors="replace"), environ, source=path,
+                        secrets=secrets)
 
 
-def parse_config(text: str, environ: Mapping[str, str], source: Path | None = None) -> Config:
+def parse_config(text: str, environ: Mapping[str, str], source: Path | None = None,
+                 secrets: bool = True) -> Config:
     """Validate YAML text into a Config. Only safe_load: YAML tags never construct objects."""
     try:
         data = yaml.safe_load(text)
@@ -136,7 +143,7 @@ def parse_config(text: str, environ: Mapping[str, str], source: Path | None = No
     config = Config(
         listen=_listen(section.child("listen")),
         spool=_spool(section.child("spool")),
-        upstream=_upstream(section.child("upstream", optional=True), environ),
+        upstream=_upstream(section.child("upstream", optional=True), environ, secrets),
         delivery=_delivery(section.child("delivery")),
         log=_log(section.child("log")),
         source=source,
@@ -182,7 +189,8 @@ def _spool(s: _Section) -> SpoolConfig:
     return config
 
 
-def _upstream(s: _Section | None, environ: Mapping[str, str]) -> UpstreamConfig | None:
+def _upstream(s: _Section | None, environ: Mapping[str, str],
+              secrets: bool) -> UpstreamConfig | None:
     if s is None:
         return None
     host = s.get("host", _hostname, None)
@@ -196,10 +204,11 @@ def _upstream(s: _Section | None, environ: Mapping[str, str]) -> UpstreamConfig 
         )
     default_port = 465 if tls == "implicit" else 587
     username = s.get("username", _nonempty_text, None)
-    password = _password(s, environ)
-    if username is not None and password is None:
+    password = _password(s, environ, secrets)
+    has_password = "password_env" in s.data or "password_file" in s.data
+    if username is not None and not has_password:
         raise ConfigError(s.key("username"), "needs password_env or password_file as well")
-    if password is not None and username is None:
+    if has_password and username is None:
         raise ConfigError(s.key("username"), "required with password_env or password_file")
     config = UpstreamConfig(
         host=host,
@@ -216,7 +225,7 @@ def _upstream(s: _Section | None, environ: Mapping[str, str]) -> UpstreamConfig 
     return config
 
 
-def _password(s: _Section, environ: Mapping[str, str]) -> str | None:
+def _password(s: _Section, environ: Mapping[str, str], secrets: bool) -> str | None:
     if "password" in s.data:
         raise ConfigError(s.key("password"), "passwords never go in the config file; use "
                           "password_env (an environment variable) or password_file")
@@ -224,6 +233,8 @@ def _password(s: _Section, environ: Mapping[str, str]) -> str | None:
     file_name = s.get("password_file", _nonempty_text, None)
     if env_name is not None and file_name is not None:
         raise ConfigError(s.key("password_file"), "give password_env or password_file, not both")
+    if not secrets:
+        return None
     if env_name is not None:
         value = environ.get(env_name)
         if not value:

@@ -68,10 +68,19 @@ class AttemptResult:
 
     @property
     def summary(self) -> str:
+        """One line for the attempt history: the trouble first, if there was any."""
         if self.error is not None:
             return str(self.error)
         replies = list(self.recipients.values())
-        return str(replies[-1]) if replies else "no recipients tried"
+        if not replies:
+            return "no recipients tried"
+        sent = sum(r.code is not None and 200 <= r.code < 300 for r in replies)
+        trouble = [r for r in replies if r.code is None or not 200 <= r.code < 300]
+        if not trouble:
+            return str(replies[-1])
+        if not sent:
+            return str(trouble[0])
+        return f"{sent} of {len(replies)} recipients sent; {trouble[0]}"
 
 
 @dataclass(frozen=True)

@@ -108,6 +108,13 @@ def test_password_comes_from_env_or_file_and_stays_out_of_repr(tmp_path: Path) -
     assert from_file.upstream is not None and from_file.upstream.password == "file-secret"
 
 
+def test_queue_commands_need_no_password() -> None:
+    """secrets=False validates the keys but leaves the password unread."""
+    text = "upstream: {host: h.example, username: u, password_env: UNSET_VARIABLE}"
+    assert parse_config(text, {}, secrets=False).upstream.password is None  # type: ignore[union-attr]
+    assert error_for(text).key == "upstream.password_env"
+
+
 def test_example_config_loads_with_every_key() -> None:
     """relay.example.yaml is valid, and sets every key of the contract."""
     secret = {"RELAY_UPSTREAM_PASSWORD": "example"}

@@ -97,6 +97,7 @@ def test_partial_acceptance_defers_only_the_pending_recipient() -> None:
     assert [r.status for r in settled.entry.recipients] == [Status.SENT, Status.PENDING]
     assert settled.entry.next_attempt == T0 + 60
     assert settled.entry.last_error == "451 4.2.0 busy"
+    assert settled.entry.attempts[-1].reply == "1 of 2 recipients sent; 451 4.2.0 busy"
 
 
 def test_recipient_rejected_and_other_sent_is_failed_for_inspection() -> None:
