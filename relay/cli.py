@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import socket
 import sys
 from collections.abc import Callable, Sequence
@@ -135,6 +136,7 @@ def _dispatch(args: argparse.Namespace, config: Config) -> int:
     if args.command == "check":
         return asyncio.run(_check(config))
     spool = Spool(config.spool.path)
+    _become_spool_owner(spool.path)
     if args.action is None:
         return _list(spool, args)
     if args.action == "show":
@@ -148,6 +150,17 @@ def _dispatch(args: argparse.Namespace, config: Config) -> int:
     elif "ALL" in ids:
         raise UsageError("ALL stands alone: give either IDs or ALL")
     return _act(spool, action, ids)
+
+
+def _become_spool_owner(path: Path) -> None:
+    """Run by root, act as the user owning the spool (like Postfix's postsuper), so
+    files the command writes stay readable by the service's own unprivileged user."""
+    if os.geteuid() != 0:
+        return
+    owner = os.stat(path)
+    if owner.st_uid != 0:
+        os.setgid(owner.st_gid)
+        os.setuid(owner.st_uid)
 
 
 def _serve(config: Config) -> int:

@@ -14,7 +14,7 @@ import ipaddress
 import os
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -89,6 +89,25 @@ class Config:
     delivery: DeliveryConfig = DeliveryConfig()
     log: LogConfig = LogConfig()
     source: Path | None = None  # the file it was read from; None for built-in defaults
+
+
+def restart_required(old: Config, new: Config) -> list[str]:
+    """Keys whose new value a running relay cannot take without a restart."""
+    changed = []
+    if new.listen.address != old.listen.address:
+        changed.append("listen.address")
+    if new.listen.port != old.listen.port:
+        changed.append("listen.port")
+    if new.spool.path != old.spool.path:
+        changed.append("spool.path")
+    return changed
+
+
+def keep_restart_only(old: Config, new: Config) -> Config:
+    """`new` with the values that need a restart taken from `old`."""
+    return replace(new, listen=replace(new.listen, address=old.listen.address,
+                                       port=old.listen.port),
+                   spool=replace(new.spool, path=old.spool.path))
 
 
 # --- lookup ---------------------------------------------------------------------------

@@ -2,8 +2,8 @@
 
 Lifecycle like uvicorn's Server: start-up (spool lock, crash recovery, bind, workers,
 READY=1), run until SIGTERM or SIGINT, shutdown (close the listener, stop claiming, give
-in-flight deliveries DRAIN_SECONDS, then cancel them: their entries stay queued).
-No business logic lives here.
+in-flight deliveries DRAIN_SECONDS, then cancel them: their entries stay queued). SIGHUP
+reloads the config. No business logic lives here.
 """
 
 from __future__ import annotations
@@ -12,19 +12,19 @@ import asyncio
 import logging
 import os
 import signal
-import socket
 
-from .config import Config
+from .config import Config, keep_restart_only, load_config, restart_required
 from .delivery import Delivery
 from .entry import Entry
-from .listener import Handler, local_hostname, make_server_factory
-from .log import log_event
+from .errors import ConfigError
+from .listener import Handler, ServerFactory, local_hostname
+from .log import log_event, setup_logging
 from .spool import Spool
-
-logger = logging.getLogger("relay.daemon")
+from .systemd import notify, watchdog_interval
 
 # How long SIGTERM waits for deliveries in flight; systemd's TimeoutStopSec must exceed it.
 DRAIN_SECONDS = 10.0
+STATUS_SECONDS = 10.0  # how often systemd's STATUS= line is refreshed
 
 
 class Daemon:
@@ -32,8 +32,9 @@ class Daemon:
         self.config = config
         self.spool = Spool(config.spool.path, config.spool.min_free)
         self.delivery = Delivery(self.spool, config)
+        self._factory: ServerFactory | None = None
         self._server: asyncio.Server | None = None
-        self._watcher: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
         self._stop = asyncio.Event()
 
     @property
@@ -51,22 +52,26 @@ class Daemon:
         for entry_id, when in due:
             self.delivery.schedule(entry_id, when)
         listen = self.config.listen
-        handler = Handler(self.spool, listen, self._stored, local_hostname())
+        self._factory = ServerFactory(Handler(self.spool, listen, self._stored, local_hostname()))
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(make_server_factory(handler, listen),
-                                                host=listen.address, port=listen.port)
+        self._server = await loop.create_server(self._factory, host=listen.address,
+                                                port=listen.port)
         self.delivery.start()
-        self._watcher = asyncio.create_task(self.delivery.watch_incoming())
-        upstream = self.config.upstream
+        self._tasks = [asyncio.create_task(self.delivery.watch_incoming()),
+                       asyncio.create_task(self._housekeeping())]
         where = ", ".join(f"{host}:{port}" for host, port in self.addresses)
         log_event(logging.INFO, None, event="start", listening=where,
-                  spool=str(self.spool.path), queued=len(due),
-                  upstream=f"{upstream.name} ({upstream.tls})" if upstream else
-                  "none (mail is kept in the queue until one is configured)")
+                  spool=str(self.spool.path), queued=len(due), upstream=self._upstream_text())
         notify("READY=1")
 
     def _stored(self, entry: Entry) -> None:
         self.delivery.schedule(entry.id)
+
+    def _upstream_text(self) -> str:
+        upstream = self.config.upstream
+        if upstream is None:
+            return "none (mail is kept in the queue until one is configured)"
+        return f"{upstream.name} ({upstream.tls})"
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -74,12 +79,54 @@ class Daemon:
     async def wait_stopped(self) -> None:
         await self._stop.wait()
 
+    async def reload(self) -> None:
+        """Re-read the config (SIGHUP). Upstream, credentials, retry policy, limits and
+        logging take effect; what needs a restart is logged and kept; an invalid config is
+        logged and the running one kept. Connections and queued mail are untouched."""
+        if self._factory is None:
+            return  # SIGHUP during start-up: the config being started is already fresh
+        notify("RELOADING=1")
+        source = str(self.config.source) if self.config.source else None
+        try:
+            new = await asyncio.to_thread(load_config, source)
+        except ConfigError as exc:
+            log_event(logging.ERROR, None, event="reload", status="rejected", reason=str(exc),
+                      kept="the running configuration")
+            notify("READY=1")
+            return
+        for key in restart_required(self.config, new):
+            log_event(logging.WARNING, None, event="reload", key=key,
+                      status="needs a restart", kept="the running value")
+        new = keep_restart_only(self.config, new)
+        self.config = new
+        setup_logging(new.log)
+        self._factory.reconfigure(new.listen)
+        self.spool.min_free = new.spool.min_free
+        self.delivery.reconfigure(new)
+        log_event(logging.INFO, None, event="reload", status="reloaded",
+                  upstream=self._upstream_text())
+        notify("READY=1")
+
+    async def _housekeeping(self) -> None:
+        """Tell systemd we are alive (WATCHDOG=1, from the event loop itself, so a frozen
+        loop stops the pings) and what the queue holds (STATUS=)."""
+        if not os.environ.get("NOTIFY_SOCKET"):
+            return
+        ping = watchdog_interval()
+        period = min(ping, STATUS_SECONDS) if ping else STATUS_SECONDS
+        while True:
+            if ping:
+                notify("WATCHDOG=1")
+            counts = await asyncio.to_thread(self.spool.counts)
+            notify("STATUS=" + ", ".join(f"{n} {state}" for state, n in counts.items()))
+            await asyncio.sleep(period)
+
     async def stop(self) -> None:
         notify("STOPPING=1")
         if self._server is not None:
             self._server.close()
-        if self._watcher is not None:
-            self._watcher.cancel()
+        for task in self._tasks:
+            task.cancel()
         await self.delivery.stop(DRAIN_SECONDS)
         self.spool.unlock()
         log_event(logging.INFO, None, event="stop", status="stopped")
@@ -91,23 +138,15 @@ async def serve(config: Config) -> None:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, daemon.request_stop)
+    reloads: set[asyncio.Task[None]] = set()
+
+    def reload() -> None:
+        task = loop.create_task(daemon.reload())
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+    loop.add_signal_handler(signal.SIGHUP, reload)
     try:
         await daemon.start()
         await daemon.wait_stopped()
     finally:
         await daemon.stop()
-
-
-def notify(message: str) -> None:
-    """Tell systemd (sd_notify protocol, a datagram to $NOTIFY_SOCKET); no-op without it."""
-    address = os.environ.get("NOTIFY_SOCKET")
-    if not address:
-        return
-    if address.startswith("@"):  # abstract namespace socket
-        address = "\0" + address[1:]
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
-            sock.connect(address)
-            sock.sendall(message.encode())
-    except OSError as exc:
-        logger.warning("cannot notify systemd at %s: %s", address, exc.strerror)

@@ -92,8 +92,9 @@ class Delivery:
         self._clock = clock
         self._rand = rand
         self._tls_context = make_tls_context(config.upstream) if config.upstream else None
-        self._workers: list[asyncio.Task[None]] = []
-        self._sessions: list[UpstreamSession] = []
+        # Bumped when the upstream config changes: workers then replace their sessions.
+        self._generation = 0
+        self._workers: dict[int, asyncio.Task[None]] = {}
 
     def schedule(self, entry_id: str, due: float = 0.0) -> None:
         self.scheduler.schedule(entry_id, due)
@@ -114,54 +115,68 @@ class Delivery:
             for entry_id in await asyncio.to_thread(self.spool.queue_ids, Queue.INCOMING):
                 self.scheduler.schedule(entry_id, 0.0)
 
+    @property
+    def wanted_workers(self) -> int:
+        return self.config.upstream.connections if self.config.upstream else 1
+
     def start(self) -> None:
-        count = self.config.upstream.connections if self.config.upstream else 1
-        for number in range(count):
-            session = self._new_session()
-            self._workers.append(asyncio.create_task(self._work(session),
-                                                     name=f"delivery-{number}"))
+        """Start workers up to the wanted count; those numbered beyond it retire."""
+        for number in range(self.wanted_workers):
+            if number not in self._workers or self._workers[number].done():
+                self._workers[number] = asyncio.create_task(self._work(number),
+                                                            name=f"delivery-{number}")
+
+    def reconfigure(self, config: Config) -> None:
+        """Take a reloaded config: policy at once, upstream settings and credentials with
+        each worker's next message, the number of workers now."""
+        upstream_changed = config.upstream != self.config.upstream
+        self.config = config
+        if upstream_changed:
+            self._tls_context = make_tls_context(config.upstream) if config.upstream else None
+            self._generation += 1
+            # Entries kept for want of an upstream (or for a broken one) may flow now.
+            for entry_id, due in self.spool.due_times():
+                self.schedule(entry_id, due)
+        self.start()
 
     async def stop(self, grace: float) -> None:
         """Stop claiming; give in-flight attempts `grace` seconds, then cancel them (their
-        entries go back to incoming/ untouched), and close the upstream sessions."""
+        entries go back to incoming/ untouched); each worker closes its session."""
         self.scheduler.close()
-        if self._workers:
-            _, still_running = await asyncio.wait(self._workers, timeout=grace)
+        workers = list(self._workers.values())
+        if workers:
+            _, still_running = await asyncio.wait(workers, timeout=grace)
             for task in still_running:
                 task.cancel()
-            await asyncio.gather(*self._workers, return_exceptions=True)
-        await asyncio.gather(*(s.close() for s in self._sessions), return_exceptions=True)
-
-    async def run_once(self) -> int:
-        """Burst mode: attempt every entry due now, one after another; return how many.
-        Tests use it instead of waiting for workers."""
-        session = self._new_session()
-        count = 0
-        try:
-            while (entry_id := self.scheduler.pop_due(self._clock())) is not None:
-                await self._process(entry_id, session)
-                count += 1
-        finally:
-            if session is not None:
-                await session.close()
-        return count
+            await asyncio.gather(*workers, return_exceptions=True)
 
     def _new_session(self) -> UpstreamSession | None:
         if self.config.upstream is None:
             return None
-        session = UpstreamSession(self.config.upstream, self._tls_context)
-        self._sessions.append(session)
-        return session
+        return UpstreamSession(self.config.upstream, self._tls_context)
 
-    async def _work(self, session: UpstreamSession | None) -> None:
-        while (entry_id := await self.scheduler.next_due()) is not None:
-            try:
-                await self._process(entry_id, session)
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                # A bug or a broken spool must not kill the worker; the entry stays on disk.
-                logger.exception("%s: delivery failed unexpectedly", entry_id)
+    async def _work(self, number: int) -> None:
+        session: UpstreamSession | None = None
+        generation = -1
+        try:
+            while number < self.wanted_workers:
+                entry_id = await self.scheduler.next_due()
+                if entry_id is None:
+                    return
+                if generation != self._generation:
+                    if session is not None:
+                        await session.close()
+                    session, generation = self._new_session(), self._generation
+                try:
+                    await self._process(entry_id, session)
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    # A bug or a broken spool must not kill the worker; the entry stays on disk.
+                    logger.exception("%s: delivery failed unexpectedly", entry_id)
+        finally:
+            if session is not None:
+                await session.close()
 
     async def _process(self, entry_id: str, session: UpstreamSession | None) -> None:
         try:

@@ -226,14 +226,24 @@ class Handler:
         return header.encode("utf-8")
 
 
-def make_server_factory(handler: Handler, config: ListenConfig) -> Callable[[], RelaySMTP]:
-    gate = Gate(config.allow, config.max_connections)
+class ServerFactory:
+    """Makes one protocol per connection from the current listen config, so a reload's new
+    limits apply to every connection made after it (sessions in progress keep theirs)."""
 
-    def factory() -> RelaySMTP:
-        return RelaySMTP(handler, gate, data_size_limit=config.max_message_size,
-                         enable_SMTPUTF8=True, decode_data=False, hostname=handler.hostname,
-                         ident="ESMTP", timeout=config.timeout)
-    return factory
+    def __init__(self, handler: Handler) -> None:
+        self.handler = handler
+        self.gate = Gate(handler.config.allow, handler.config.max_connections)
+
+    def reconfigure(self, config: ListenConfig) -> None:
+        self.handler.config = config
+        self.gate.allow = config.allow
+        self.gate.max_connections = config.max_connections
+
+    def __call__(self) -> RelaySMTP:
+        config = self.handler.config
+        return RelaySMTP(self.handler, self.gate, data_size_limit=config.max_message_size,
+                         enable_SMTPUTF8=True, decode_data=False,
+                         hostname=self.handler.hostname, ident="ESMTP", timeout=config.timeout)
 
 
 def local_hostname() -> str:

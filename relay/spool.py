@@ -148,16 +148,26 @@ class Spool:
             _unlink_quietly(self.path / "tmp" / name)
         for name in os.listdir(self.path / Queue.ACTIVE.value):
             os.rename(self._file(Queue.ACTIVE, name), self._file(Queue.INCOMING, name))
-        due: list[tuple[str, float]] = []
-        with os.scandir(self.path / Queue.INCOMING.value) as it:
-            due.extend((e.name, 0.0) for e in it)
-        with os.scandir(self.path / Queue.DEFERRED.value) as it:
-            due.extend((e.name, e.stat().st_mtime) for e in it)
+        due = self.due_times()
         existing = {name for d in (*QUEUE_DIRS, "corrupt") for name in os.listdir(self.path / d)}
         for name in os.listdir(self.path / "state"):
             if name not in existing:
                 _unlink_quietly(self.path / "state" / name)
         return due
+
+    def due_times(self) -> list[tuple[str, float]]:
+        """(id, due time) of every entry that may be attempted: incoming now, deferred at
+        its mtime. Reads directories only, never an entry."""
+        due: list[tuple[str, float]] = []
+        with os.scandir(self.path / Queue.INCOMING.value) as it:
+            due.extend((e.name, 0.0) for e in it)
+        with os.scandir(self.path / Queue.DEFERRED.value) as it:
+            due.extend((e.name, e.stat().st_mtime) for e in it)
+        return due
+
+    def counts(self) -> dict[str, int]:
+        """How many entries each queue holds, by the state an operator sees."""
+        return {queue.state: len(os.listdir(self.path / queue.value)) for queue in Queue}
 
     # --- delivery -----------------------------------------------------------------------
 

@@ -73,8 +73,10 @@ def upstream(make_upstream: Callable[..., Upstream]) -> Upstream:
 class RelayProcess:
     """`python -m relay serve` in a subprocess, with its config written to a temp dir."""
 
-    def __init__(self, workdir: Path, config: dict[str, Any]) -> None:
+    def __init__(self, workdir: Path, config: dict[str, Any],
+                 env: dict[str, str] | None = None) -> None:
         self.workdir = workdir
+        self.env = env or {}
         self.config = config
         self.config_path = workdir / "relay.yaml"
         self.config_path.write_text(yaml.safe_dump(config))
@@ -85,7 +87,7 @@ class RelayProcess:
         self.process: subprocess.Popen[str] | None = None
 
     def start(self) -> RelayProcess:
-        env = {**os.environ, PASSWORD_ENV: PASSWORD}
+        env = {**os.environ, PASSWORD_ENV: PASSWORD, **self.env}
         self.process = subprocess.Popen(
             [sys.executable, "-m", "relay", "serve", "--config", str(self.config_path)],
             cwd=self.workdir, env=env, stderr=subprocess.PIPE, text=True)
@@ -113,6 +115,15 @@ class RelayProcess:
 
     def log(self) -> str:
         return "\n".join(self.lines)
+
+    def reload(self, config: dict[str, Any]) -> None:
+        """Rewrite the config file, send SIGHUP, and wait for the reload's outcome line."""
+        assert self.process is not None
+        self.config_path.write_text(yaml.safe_dump(config))
+        seen = len(self.lines)
+        self.process.send_signal(signal.SIGHUP)
+        wait_for(lambda: any("event=reload" in line and "status=needs a restart" not in line
+                             for line in self.lines[seen:]), what="the reload")
 
     def stop(self, sig: int = signal.SIGTERM) -> int:
         assert self.process is not None
@@ -178,11 +189,11 @@ def relay_config(tmp_path: Path, upstream: Upstream | None, ca_file: Path | None
 
 
 @pytest.fixture
-def make_relay(tmp_path: Path) -> Iterator[Callable[[dict[str, Any]], RelayProcess]]:
+def make_relay(tmp_path: Path) -> Iterator[Callable[..., RelayProcess]]:
     started: list[RelayProcess] = []
 
-    def make(config: dict[str, Any]) -> RelayProcess:
-        relay = RelayProcess(tmp_path, config).start()
+    def make(config: dict[str, Any], env: dict[str, str] | None = None) -> RelayProcess:
+        relay = RelayProcess(tmp_path, config, env).start()
         started.append(relay)
         return relay
 
