@@ -129,7 +129,8 @@ class Daemon:
             task.cancel()
         await self.delivery.stop(DRAIN_SECONDS)
         self.spool.unlock()
-        log_event(logging.INFO, None, event="stop", status="stopped")
+        if self._server is not None:
+            log_event(logging.INFO, None, event="stop", status="stopped")
 
 
 async def serve(config: Config) -> None:

@@ -108,6 +108,16 @@ def test_password_comes_from_env_or_file_and_stays_out_of_repr(tmp_path: Path) -
     assert from_file.upstream is not None and from_file.upstream.password == "file-secret"
 
 
+def test_password_file_expands_the_systemd_credentials_directory(tmp_path: Path,
+                                                                 monkeypatch) -> None:
+    """password_file: ${CREDENTIALS_DIRECTORY}/name reads systemd's LoadCredential= file."""
+    (tmp_path / "relay-password").write_text("from-systemd")
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path))
+    config = parse_config("upstream: {host: h.example, username: u, "
+                          "password_file: '${CREDENTIALS_DIRECTORY}/relay-password'}", {})
+    assert config.upstream is not None and config.upstream.password == "from-systemd"
+
+
 def test_queue_commands_need_no_password() -> None:
     """secrets=False validates the keys but leaves the password unread."""
     text = "upstream: {host: h.example, username: u, password_env: UNSET_VARIABLE}"

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import yaml
 
 from conftest import RelayProcess, relay_config, wait_for
 from upstream import Upstream
@@ -142,14 +143,30 @@ def test_reload_applies_new_credentials_without_dropping_mail(
         assert idle_client.noop()[0] == 250
 
 
-def test_reload_applies_new_limits_to_new_connections(tmp_path: Path, make_relay) -> None:
+def test_reload_applies_new_limits_and_log_level(tmp_path: Path, make_relay) -> None:
+    """A raised recipient limit applies to the next connection; log.level warning hides
+    the info lines from then on."""
     config = relay_config(tmp_path, None, None, listen={"max_recipients": 1})
     relay = make_relay(config)
     config["listen"]["max_recipients"] = 3
-    relay.reload(config)
-    entry_id = relay.send("app@example.com", ["a@example.com", "b@example.com",
-                                              "c@example.com"], BODY)
-    assert entry_id
+    config["log"]["level"] = "warning"
+    relay.config_path.write_text(yaml.safe_dump(config))
+    seen = len(relay.lines)
+    assert relay.process is not None
+    relay.process.send_signal(signal.SIGHUP)  # its own "reloaded" line is info: not shown
+
+    def three_recipients_accepted() -> bool:
+        """Queue a message only if all three recipients are taken (nothing otherwise)."""
+        with relay.client() as smtp:
+            smtp.ehlo()
+            smtp.mail("app@example.com")
+            if any(smtp.rcpt(f"{name}@example.com")[0] != 250 for name in "abc"):
+                smtp.rset()
+                return False
+            return smtp.data(BODY)[0] == 250
+    wait_for(three_recipients_accepted, what="the new recipient limit")
+    wait_for(lambda: relay.files("deferred"), what="deferral")
+    assert not any("status=queued" in line for line in relay.lines[seen:])
 
 
 def test_invalid_config_on_reload_keeps_the_running_one(tmp_path: Path, make_relay) -> None:
