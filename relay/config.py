@@ -378,22 +378,21 @@ def parse_size(value: Any) -> int:
     return size
 
 
-def _duration(minimum: float) -> Callable[[Any], float]:
-    def convert(value: Any) -> float:
-        seconds = parse_duration(value)
-        if seconds < minimum:
-            raise ValueError(f"must be at least {minimum:g}s, got {value}")
-        return seconds
+def _at_least(parse: Callable[[Any], Any], minimum: float, unit: str) -> Callable[[Any], Any]:
+    def convert(value: Any) -> Any:
+        parsed = parse(value)
+        if parsed < minimum:
+            raise ValueError(f"must be at least {minimum:g}{unit}, got {value}")
+        return parsed
     return convert
+
+
+def _duration(minimum: float) -> Callable[[Any], float]:
+    return _at_least(parse_duration, minimum, "s")
 
 
 def _size(minimum: int) -> Callable[[Any], int]:
-    def convert(value: Any) -> int:
-        size = parse_size(value)
-        if size < minimum:
-            raise ValueError(f"must be at least {minimum} bytes, got {value}")
-        return size
-    return convert
+    return _at_least(parse_size, minimum, " bytes")
 
 
 def _int_range(low: int, high: int) -> Callable[[Any], int]:
