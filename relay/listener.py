@@ -168,7 +168,7 @@ class Handler:
         except SpoolFull:
             return "452 4.3.1 Error: insufficient system storage"
         except SpoolError:
-            return "451 4.3.0 Error: queue file write error"
+            return "452 4.3.1 Error: queue file write error"
         # Kept as "<>" in the envelope: aiosmtpd takes an empty mail_from for "no MAIL yet".
         envelope.mail_from = sender or "<>"
         envelope.mail_options.extend(mail_options)
@@ -200,7 +200,7 @@ class Handler:
             return "452 4.3.1 Error: insufficient system storage"
         except SpoolError as exc:
             log_event(logging.ERROR, entry_id, status="refused", reason=str(exc))
-            return "451 4.3.0 Error: queue file write error"
+            return "452 4.3.1 Error: queue file write error"
         log_event(logging.INFO, entry.id, client=_client_name(session),
                   **{"from": entry.sender}, size=entry.size, nrcpt=len(entry.recipients),
                   status="queued")

@@ -181,7 +181,7 @@ def test_low_disk_space_gets_452_4_3_1(make_relay, tmp_path: Path) -> None:
 
 def test_spool_write_failure_gets_451_and_the_listener_keeps_serving(
         holding_relay: RelayProcess) -> None:
-    """The spool cannot publish (incoming/ unusable): 451 4.3.0, no debris; then recovers."""
+    """The spool cannot publish (incoming/ unusable): 452 4.3.1, no debris; then recovers."""
     incoming = holding_relay.spool / "incoming"
     shutil.rmtree(incoming)
     incoming.write_text("not a directory")
@@ -190,7 +190,7 @@ def test_spool_write_failure_gets_451_and_the_listener_keeps_serving(
         smtp.mail("app@example.com")
         smtp.rcpt("user@example.com")
         code, reply = smtp.data(BODY)
-    assert (code, reply[:5]) == (451, b"4.3.0")
+    assert (code, reply[:5]) == (452, b"4.3.1")
     assert holding_relay.files("tmp") == []
     incoming.unlink()
     incoming.mkdir(mode=0o700)
