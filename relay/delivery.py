@@ -191,9 +191,10 @@ class Delivery:
             await self._attempt(entry, session)
         except BaseException:
             # Cancelled (shutdown past the grace period) or failed before the outcome was
-            # recorded: hand the entry back untouched so it is tried again.
-            self.spool.unclaim(entry)
-            self.schedule(entry.id, self._clock() + self.config.delivery.retry_min)
+            # recorded: hand the entry back untouched, to be tried again after retry_min.
+            due = self._clock() + self.config.delivery.retry_min
+            self.spool.unclaim(entry, due)
+            self.schedule(entry.id, due)
             raise
 
     async def _attempt(self, entry: Entry, session: UpstreamSession | None) -> None:

@@ -217,11 +217,13 @@ class Spool:
         _unlink_quietly(self.path / "state" / entry.id)
         self._sync_dir(entry.queue.value)
 
-    def unclaim(self, entry: Entry) -> None:
-        """Give an active entry back to incoming/ if it is still there (an attempt that was
-        cancelled, or failed before its outcome was recorded)."""
+    def unclaim(self, entry: Entry, due: float) -> None:
+        """Give an active entry back, deferred until `due`, if it is still in active/ (an
+        attempt that was cancelled, or failed before its outcome was recorded)."""
+        path = self._file(Queue.ACTIVE, entry.id)
         try:
-            self._move(entry.with_queue(Queue.ACTIVE), Queue.INCOMING)
+            os.utime(path, (due, due))
+            self._move(entry.with_queue(Queue.ACTIVE), Queue.DEFERRED)
         except FileNotFoundError:
             pass
 

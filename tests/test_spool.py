@@ -148,6 +148,19 @@ def test_deferred_entry_is_not_claimed_before_it_is_due(spool: Spool) -> None:
     assert spool.claim(entry_id, time.time() + 3601) is not None
 
 
+def test_unclaim_defers_an_interrupted_entry_untouched(spool: Spool) -> None:
+    """An attempt cut short gives the entry back deferred until `due`, state unchanged."""
+    entry_id = store(spool, ("a@example.com", "b@example.com"))
+    entry = spool.claim(entry_id, time.time())
+    assert entry is not None
+    due = time.time() + 60
+    spool.unclaim(entry, due)
+    assert os.listdir(spool.path / "deferred") == [entry_id]
+    assert spool.claim(entry_id, time.time()) is None
+    assert spool.find(entry_id).attempts == ()
+    spool.unclaim(entry, due)  # no longer in active/: nothing happens
+
+
 def test_recover_sweeps_tmp_and_returns_active_to_incoming(spool: Spool) -> None:
     """After a crash: tmp/ debris goes, active/ entries are due again, orphan state goes."""
     entry_id = store(spool)
