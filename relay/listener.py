@@ -41,6 +41,7 @@ _ENHANCED_REPLIES = {
         "552 5.3.4 Error: message size exceeds fixed maximum message size",
     "552 Error: Too much mail data": "552 5.3.4 Error: message size exceeds fixed limit",
     "500 Line too long (see RFC5321 4.5.3.1.6)": "500 5.5.2 Error: line too long",
+    "500 Command line too long": "500 5.5.2 Error: command line too long",
     "503 Error: need MAIL command": "503 5.5.1 Error: need MAIL command",
     "503 Error: need RCPT command": "503 5.5.1 Error: need RCPT command",
     "503 Error: nested MAIL command": "503 5.5.1 Error: nested MAIL command",
