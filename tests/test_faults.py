@@ -79,8 +79,11 @@ def test_client_vanishing_mid_data_leaves_nothing(holding_relay: RelayProcess) -
                      b"DATA\r\nSubject: half\r\n\r\nhalf a bo")
         while not reader.readline().startswith(b"354"):
             pass
-    assert holding_relay.send("app@example.com", ["user@example.com"], b"Subject: ok\r\n\r\nx\r\n")
-    assert len(queued(holding_relay)) == 1 and holding_relay.files("tmp") == []
+    entry_id = holding_relay.send("app@example.com", ["user@example.com"],
+                                  b"Subject: ok\r\n\r\nx\r\n")
+    # Once deferred, its state record is written: tmp/ must then hold nothing at all.
+    wait_for(lambda: holding_relay.files("deferred") == [entry_id], what="the one entry")
+    assert queued(holding_relay) == [entry_id] and holding_relay.files("tmp") == []
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
