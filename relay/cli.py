@@ -244,8 +244,9 @@ def _sendmail(argv: list[str]) -> int:
     options = sendmail.parse_args(argv)
     config = load_config(options.config, secrets=False)
     message = sendmail.read_message(sys.stdin.buffer.read(), options.dot_ends_input)
+    default_sender = config.sendmail.sender or sendmail.default_sender()
     sender, recipients, prepared = sendmail.prepare(
-        message, options, sendmail.default_sender(), socket.gethostname())
+        message, options, default_sender, socket.gethostname())
     host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(config.listen.address,
                                                      config.listen.address)
     entry_id = sendmail.submit(host, config.listen.port, sender, recipients, prepared)

@@ -82,12 +82,18 @@ class LogConfig:
 
 
 @dataclass(frozen=True)
+class SendmailConfig:
+    sender: str | None = None  # `relay sendmail` without -f; None: the invoking user@host
+
+
+@dataclass(frozen=True)
 class Config:
     listen: ListenConfig = ListenConfig()
     spool: SpoolConfig = SpoolConfig()
     upstream: UpstreamConfig | None = None
     delivery: DeliveryConfig = DeliveryConfig()
     log: LogConfig = LogConfig()
+    sendmail: SendmailConfig = SendmailConfig()
     source: Path | None = None  # the file it was read from; None for built-in defaults
 
 
@@ -165,6 +171,7 @@ def parse_config(text: str, environ: Mapping[str, str], source: Path | None = No
         upstream=_upstream(section.child("upstream", optional=True), environ, secrets),
         delivery=_delivery(section.child("delivery")),
         log=_log(section.child("log")),
+        sendmail=_sendmail(section.child("sendmail")),
         source=source,
     )
     section.reject_unknown()
@@ -292,6 +299,12 @@ def _log(s: _Section) -> LogConfig:
         level=s.get("level", _choice(LOG_LEVELS), d.level),
         format=s.get("format", _choice(LOG_FORMATS), d.format),
     )
+    s.reject_unknown()
+    return config
+
+
+def _sendmail(s: _Section) -> SendmailConfig:
+    config = SendmailConfig(sender=s.get("sender", _nonempty_text, None))
     s.reject_unknown()
     return config
 

@@ -136,7 +136,7 @@ def test_example_config_loads_with_every_key() -> None:
     for key in ("address", "port", "max_message_size", "max_recipients", "max_connections",
                 "timeout", "allow", "path", "min_free", "host", "tls", "verify", "ca_file",
                 "username", "password_env", "connections", "retry_min", "retry_max", "max_age",
-                "max_attempts", "level", "format"):
+                "max_attempts", "level", "format", "sender"):
         assert f"{key}:" in text, key
 
 

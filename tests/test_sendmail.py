@@ -52,6 +52,17 @@ def test_arguments_sender_name_and_added_headers(holding_relay: RelayProcess) ->
     assert b"\r\nDate: " in content and b"\r\nMessage-ID: <" in content
 
 
+def test_configured_sender_is_the_default(make_relay, tmp_path: Path) -> None:
+    """sendmail.sender in the config replaces user@host when -f is not given."""
+    relay = make_relay(relay_config(tmp_path, None, None,
+                                    sendmail={"sender": "noreply@example.com"}))
+    result = relay.cli("sendmail", "-v", "user@example.com", stdin=b"Subject: x\n\nbody\n")
+    assert result.returncode == 0, result.stderr
+    header, content = stored(relay, result.stdout.split()[-1])
+    assert header["sender"] == "noreply@example.com"
+    assert b"From: noreply@example.com\r\n" in content
+
+
 def test_listener_unreachable_exits_75_and_says_so(tmp_path: Path) -> None:
     """Nothing listening: exit 75 with a clear message; the caller keeps the message."""
     import yaml
