@@ -20,6 +20,7 @@ from . import policy
 from .config import Config
 from .entry import Entry, Queue, Status
 from .errors import CorruptEntry
+from .faults import crash_point
 from .log import log_event
 from .policy import Disposition
 from .spool import Spool
@@ -206,6 +207,7 @@ class Delivery:
         pending = [r.address for r in entry.pending]
         started = self._clock()
         result = await session.deliver(entry.sender, pending, content, entry.smtputf8)
+        crash_point("after-upstream-reply-before-state")
         settled = policy.settle(entry, result, started, self._clock(), self.config.delivery,
                                 self._rand())
         after = settled.entry

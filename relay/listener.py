@@ -26,6 +26,7 @@ from email_validator import EmailNotValidError, validate_email
 from .config import IPNetwork, ListenConfig
 from .entry import Entry
 from .errors import SpoolError, SpoolFull
+from .faults import crash_point
 from .log import log_event
 from .spool import Spool, new_id
 
@@ -206,6 +207,7 @@ class Handler:
                   **{"from": entry.sender}, size=entry.size, nrcpt=len(entry.recipients),
                   status="queued")
         self.on_stored(entry)
+        crash_point("after-rename-before-250")
         return f"250 2.0.0 Ok: queued as {entry.id}"
 
     async def handle_exception(self, error: Exception) -> str:

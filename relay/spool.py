@@ -37,6 +37,7 @@ from typing import Any
 
 from .entry import Attempt, Entry, Queue, Recipient, Status
 from .errors import CorruptEntry, EntryBusy, EntryNotFound, SpoolError, SpoolFull, SpoolLocked
+from .faults import crash_point
 
 MAGIC = b"RELAY-ENTRY 1\n"
 MAX_HEADER_BYTES = 64 * 1024 * 1024  # 100,000 recipients of 320 bytes fit with room to spare
@@ -122,7 +123,9 @@ class Spool:
         head = MAGIC + json.dumps(header, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
         tmp = self.path / "tmp" / entry_id
         try:
+            crash_point("before-spool-write")
             _write_durably(tmp, [head, *parts])
+            crash_point("after-fsync-before-rename")
             os.rename(tmp, self._file(Queue.INCOMING, entry_id))
             self._sync_dir(Queue.INCOMING.value)
         except OSError as exc:

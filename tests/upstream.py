@@ -41,6 +41,7 @@ class Upstream:
         self.mail_commands = 0
         self.password = PASSWORD
         self.data_delay = 0.0  # seconds before answering the final dot: a slow provider
+        self.data_started = threading.Event()  # set when a final dot has been received
         self.port = 0
         self._lock = threading.Lock()
         self._loop = asyncio.new_event_loop()
@@ -136,6 +137,7 @@ class Upstream:
         return "250 2.1.5 Ok"
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        self.data_started.set()
         if self.data_delay:
             await asyncio.sleep(self.data_delay)
         with self._lock:
