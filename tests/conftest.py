@@ -74,9 +74,10 @@ class RelayProcess:
     """`python -m relay serve` in a subprocess, with its config written to a temp dir."""
 
     def __init__(self, workdir: Path, config: dict[str, Any],
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, prefix: list[str] | None = None) -> None:
         self.workdir = workdir
         self.env = env or {}
+        self.prefix = prefix or []  # e.g. unshare ... to run the relay in a namespace
         self.config = config
         self.config_path = workdir / "relay.yaml"
         self.config_path.write_text(yaml.safe_dump(config))
@@ -89,7 +90,8 @@ class RelayProcess:
     def start(self) -> RelayProcess:
         env = {**os.environ, PASSWORD_ENV: PASSWORD, **self.env}
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "relay", "serve", "--config", str(self.config_path)],
+            [*self.prefix, sys.executable, "-m", "relay", "serve", "--config",
+             str(self.config_path)],
             cwd=self.workdir, env=env, stderr=subprocess.PIPE, text=True)
         seen = len(self.lines)
         threading.Thread(target=self._read_stderr, args=(self.process,), daemon=True).start()
@@ -192,8 +194,9 @@ def relay_config(tmp_path: Path, upstream: Upstream | None, ca_file: Path | None
 def make_relay(tmp_path: Path) -> Iterator[Callable[..., RelayProcess]]:
     started: list[RelayProcess] = []
 
-    def make(config: dict[str, Any], env: dict[str, str] | None = None) -> RelayProcess:
-        relay = RelayProcess(tmp_path, config, env).start()
+    def make(config: dict[str, Any], env: dict[str, str] | None = None,
+             prefix: list[str] | None = None) -> RelayProcess:
+        relay = RelayProcess(tmp_path, config, env, prefix).start()
         started.append(relay)
         return relay
 
