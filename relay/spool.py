@@ -40,6 +40,7 @@ from .errors import CorruptEntry, EntryBusy, EntryNotFound, SpoolError, SpoolFul
 from .faults import crash_point
 
 MAGIC = b"RELAY-ENTRY 1\n"
+_UNSAFE_IN_ADDRESS = re.compile(r"[\x00-\x1f\x7f<>]")
 MAX_HEADER_BYTES = 64 * 1024 * 1024  # 100,000 recipients of 320 bytes fit with room to spare
 ID_PATTERN = re.compile(r"^[0-9A-F]{21}$")
 QUEUE_DIRS = tuple(q.value for q in Queue)
@@ -435,6 +436,10 @@ def _entry_from_header(header: dict[str, Any], queue: Queue, where: str) -> Entr
     if not isinstance(sender, str) or not isinstance(recipients, list) or not recipients \
             or not all(isinstance(r, str) and r for r in recipients):
         raise CorruptEntry(where, "envelope sender or recipients malformed")
+    if any(_UNSAFE_IN_ADDRESS.search(a) for a in (sender, *recipients)):
+        # The listener never stores these; a hand-edited file must not smuggle a CR/LF or
+        # an extra <...> parameter onto the upstream's MAIL or RCPT line (CVE-2026-53533).
+        raise CorruptEntry(where, "envelope address contains control characters or <>")
     if not isinstance(arrived, (int, float)) or not isinstance(smtputf8, bool):
         raise CorruptEntry(where, "envelope arrival time or flags malformed")
     return Entry(id=entry_id, queue=queue, sender=sender,

@@ -154,6 +154,8 @@ class UpstreamSession:
             await smtp.mail(sender, options=options, encoding=encoding)
         except aiosmtplib.SMTPResponseException as exc:
             return AttemptResult(relay=relay, error=reply_of(exc), stage=Stage.MAIL)
+        except ValueError as exc:  # aiosmtplib refuses to put this address on the wire
+            return AttemptResult(relay=relay, error=_unsendable(exc), stage=Stage.MAIL)
         except (aiosmtplib.SMTPException, OSError) as exc:
             raise SessionError(reply_of(exc)) from None
         replies: dict[str, Reply] = {}
@@ -164,6 +166,8 @@ class UpstreamSession:
                 accepted.append(recipient)
             except aiosmtplib.SMTPResponseException as exc:
                 replies[recipient] = reply_of(exc)
+            except ValueError as exc:
+                replies[recipient] = _unsendable(exc)
             except (aiosmtplib.SMTPException, OSError) as exc:
                 raise SessionError(reply_of(exc)) from None
         if not accepted:
@@ -219,6 +223,12 @@ def reply_of(exc: BaseException) -> Reply:
     if isinstance(exc, (aiosmtplib.SMTPConnectError, aiosmtplib.SMTPServerDisconnected, OSError)):
         return Reply(None, f"connection failed: {_one_line(str(exc))}")
     return Reply(None, _one_line(str(exc)))
+
+
+def _unsendable(exc: ValueError) -> Reply:
+    """An address the client library will not send: a permanent failure of ours, so it is
+    kept in failed/ with the reason instead of being retried forever."""
+    return Reply(553, f"5.1.3 address cannot be sent safely: {_one_line(str(exc))}")
 
 
 def _one_line(text: str) -> str:

@@ -192,6 +192,7 @@ def test_remove_deletes_entry_and_state(spool: Spool) -> None:
     ("bad-json", b"RELAY-ENTRY 1\n{nope}\nbody"),
     ("size-mismatch", None),
     ("missing-keys", b"RELAY-ENTRY 1\n{}\n"),
+    ("crlf-in-address", b"unsafe"),
 ])
 def test_corrupt_entry_is_moved_aside_on_claim(spool: Spool, name: str, data: bytes | None) -> None:
     """An unparsable entry raises CorruptEntry and lands in corrupt/, never crashing."""
@@ -199,6 +200,9 @@ def test_corrupt_entry_is_moved_aside_on_claim(spool: Spool, name: str, data: by
     path = spool.path / "incoming" / entry_id
     if data is None:
         data = path.read_bytes()[:-5]  # cut off the end of the content
+    elif data == b"unsafe":  # a well-formed file whose recipient smuggles a command
+        data = path.read_bytes().replace(b"a@example.com",
+                                         b"a@example.com>\\r\\nRCPT TO:<b@example.com")
     path.write_bytes(data)
     with pytest.raises(CorruptEntry):
         spool.claim(entry_id, time.time())

@@ -1,0 +1,36 @@
+"""The upstream session on its own, against the real test upstream."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from relay.config import UpstreamConfig
+from relay.policy import AttemptResult
+from relay.upstream import UpstreamSession, make_tls_context
+from upstream import PASSWORD, USERNAME, Upstream
+
+
+def deliver(upstream: Upstream, ca_file: Path, recipients: list[str]) -> AttemptResult:
+    config = UpstreamConfig(host="127.0.0.1", port=upstream.port, ca_file=ca_file,
+                            username=USERNAME, password=PASSWORD, timeout=5)
+
+    async def run() -> AttemptResult:
+        session = UpstreamSession(config, make_tls_context(config))
+        try:
+            return await session.deliver("app@example.com", recipients,
+                                         b"Subject: x\r\n\r\nx\r\n", False)
+        finally:
+            await session.close()
+    return asyncio.run(run())
+
+
+def test_address_the_client_refuses_to_send_fails_alone(upstream: Upstream,
+                                                        ca_file: Path) -> None:
+    """Plan #67: an address aiosmtplib will not put on the wire is a permanent 553 for that
+    recipient (kept in failed/ with the reason), not an exception retried forever."""
+    result = deliver(upstream, ca_file, ["a b@example.com", "ok@example.com"])
+    assert result.recipients["a b@example.com"].code == 553
+    assert "cannot be sent safely" in result.recipients["a b@example.com"].text
+    assert result.recipients["ok@example.com"].code == 250
+    assert [t.recipients for t in upstream.messages()] == [("ok@example.com",)]
