@@ -1,0 +1,81 @@
+"""Delivery through a misbehaving network path: RELIABILITY-PLAN rows 52, 55 and 62."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from chaos import ChaosProxy
+from conftest import RelayProcess, relay_config, wait_for
+from upstream import Upstream
+
+
+@pytest.fixture
+def make_proxy(upstream: Upstream) -> Iterator[Callable[..., ChaosProxy]]:
+    proxies: list[ChaosProxy] = []
+
+    def make(**kwargs: object) -> ChaosProxy:
+        proxy = ChaosProxy(upstream.port, **kwargs).start()  # type: ignore[arg-type]
+        proxies.append(proxy)
+        return proxy
+    yield make
+    for proxy in proxies:
+        proxy.close()
+
+
+def relay_through(proxy: ChaosProxy, make_relay, tmp_path: Path, upstream: Upstream,
+                  ca_file: Path) -> RelayProcess:
+    config = relay_config(tmp_path, upstream, ca_file)
+    config["upstream"]["port"] = proxy.port
+    return make_relay(config)
+
+
+def last_error(relay: RelayProcess, entry_id: str) -> str:
+    try:
+        return json.loads((relay.spool / "state" / entry_id).read_text())["last_error"] or ""
+    except (FileNotFoundError, ValueError):
+        return ""
+
+
+def test_stripped_starttls_means_no_auth_and_no_mail(make_proxy, make_relay, tmp_path: Path,
+                                                     upstream: Upstream, ca_file: Path) -> None:
+    """Plan #52: STARTTLS removed from EHLO on the way: the relay sends neither AUTH nor
+    MAIL, and the message waits in the queue."""
+    proxy = make_proxy(strip_starttls=True)
+    relay = relay_through(proxy, make_relay, tmp_path, upstream, ca_file)
+    entry_id = relay.send("app@example.com", ["user@example.com"], b"Subject: x\r\n\r\nx\r\n")
+    wait_for(lambda: "STARTTLS" in last_error(relay, entry_id), what="the deferral")
+    assert upstream.auth_attempts == 0 and upstream.mail_commands == 0
+    assert relay.files("failed") == []
+
+
+def test_bytes_injected_after_starttls_reply_are_never_taken_as_replies(
+        make_proxy, make_relay, tmp_path: Path, upstream: Upstream, ca_file: Path) -> None:
+    """Plan #55: '250 fake' appended to the 220 that answers STARTTLS is discarded (or
+    breaks the handshake); it is never paired with a later command."""
+    proxy = make_proxy(inject_after_starttls=b"250 2.0.0 fake injected reply\r\n")
+    relay = relay_through(proxy, make_relay, tmp_path, upstream, ca_file)
+    relay.send("app@example.com", ["user@example.com"], b"Subject: x\r\n\r\nx\r\n")
+    [got] = wait_for(lambda: upstream.delivered_to("user@example.com"), what="delivery")
+    assert proxy.inject_after_starttls == b"", "the injection never happened"
+    assert got.tls and got.authenticated
+    assert "fake injected" not in relay.log()
+
+
+def test_connection_reset_mid_body_is_retried_and_delivered_once(
+        make_proxy, make_relay, tmp_path: Path, upstream: Upstream, ca_file: Path) -> None:
+    """Plan #62: reset halfway through the body: deferred, then the whole message is sent
+    again and the upstream counts one completed delivery."""
+    proxy = make_proxy(reset_after_bytes=60_000)
+    relay = relay_through(proxy, make_relay, tmp_path, upstream, ca_file)
+    body = b"Subject: big\r\n\r\n" + (b"y" * 998 + b"\r\n") * 120
+    entry_id = relay.send("app@example.com", ["user@example.com"], body)
+    [got] = wait_for(lambda: upstream.delivered_to("user@example.com"), what="delivery")
+    assert got.data.endswith(body)
+    assert proxy.connections >= 2
+    wait_for(lambda: f"{entry_id}: status=removed" in relay.log(), what="removal")
+    assert "status=deferred (connection failed" in relay.log()
+    assert len(upstream.delivered_to("user@example.com")) == 1
