@@ -13,12 +13,13 @@ import threading
 class ChaosProxy:
     def __init__(self, target_port: int, *, strip_starttls: bool = False,
                  inject_after_starttls: bytes = b"", reset_after_bytes: int | None = None,
-                 resets: int = 1) -> None:
+                 resets: int = 1, greeting: bytes = b"") -> None:
         self.target_port = target_port
         self.strip_starttls = strip_starttls
         self.inject_after_starttls = inject_after_starttls
         self.reset_after_bytes = reset_after_bytes
         self.resets_left = resets  # how many connections get reset; later ones pass
+        self.greeting = greeting  # if set, answer with it and hang up, as a busy server does
         self.connections = 0
         self.port = 0
         self._loop = asyncio.new_event_loop()
@@ -50,6 +51,11 @@ class ChaosProxy:
     async def _handle(self, client_reader: asyncio.StreamReader,
                       client_writer: asyncio.StreamWriter) -> None:
         self.connections += 1
+        if self.greeting:
+            client_writer.write(self.greeting)
+            await client_writer.drain()
+            client_writer.close()
+            return
         server_reader, server_writer = await asyncio.open_connection("127.0.0.1",
                                                                      self.target_port)
         reset_at = None

@@ -79,3 +79,16 @@ def test_connection_reset_mid_body_is_retried_and_delivered_once(
     wait_for(lambda: f"{entry_id}: status=removed" in relay.log(), what="removal")
     assert "status=deferred (connection failed" in relay.log()
     assert len(upstream.delivered_to("user@example.com")) == 1
+
+
+@pytest.mark.parametrize("greeting", [b"421 4.7.0 Too busy, try later\r\n",
+                                      b"554 5.7.1 No SMTP service here\r\n"])
+def test_refusing_greeting_defers(make_proxy, make_relay, tmp_path: Path, upstream: Upstream,
+                                  ca_file: Path, greeting: bytes) -> None:
+    """Plan #47: 421 or 554 at the greeting says nothing about the message: deferred."""
+    proxy = make_proxy(greeting=greeting)
+    relay = relay_through(proxy, make_relay, tmp_path, upstream, ca_file)
+    entry_id = relay.send("app@example.com", ["user@example.com"], b"Subject: x\r\n\r\nx\r\n")
+    wait_for(lambda: last_error(relay, entry_id).startswith(greeting[:3].decode()),
+             what="the deferral")
+    assert relay.files("failed") == []

@@ -270,3 +270,39 @@ def test_json_log_format_has_the_same_fields(tmp_path: Path, make_relay, upstrea
     assert event["relay"] == f"127.0.0.1:{upstream.port}"
     assert event["reply"].startswith("250 ")
     assert event["attempt"] == 1
+
+
+def test_mail_from_refused_temporarily_defers_and_permanently_fails(
+        tmp_path: Path, make_relay, upstream: Upstream, ca_file: Path) -> None:
+    """Plan #58: 451 to MAIL FROM defers; 553 to MAIL FROM fails every recipient."""
+    upstream.mail_reply = "451 4.3.0 Sender check unavailable"
+    relay = make_relay(relay_config(tmp_path, upstream, ca_file,
+                                    delivery={"retry_min": "1h", "retry_max": "2h"}))
+    deferred = relay.send("app@example.com", ["user@example.com"], BODY)
+    wait_for(lambda: state_of_if_any(relay, deferred).get("last_error"), what="deferral")
+    assert relay.files("deferred") == [deferred]
+    upstream.mail_reply = "553 5.1.8 Sender domain rejected"
+    failed = relay.send("app@example.com", ["a@example.com", "b@example.com"], BODY)
+    wait_for(lambda: relay.files("failed") == [failed], what="failure")
+    assert {r["reply"] for r in state_of(relay, failed)["recipients"]} == {
+        "553 5.1.8 Sender domain rejected"}
+
+
+def test_bare_line_feeds_reach_the_upstream_as_crlf(relay: RelayProcess,
+                                                    upstream: Upstream) -> None:
+    """Plan #19: a body with bare LF and bare CR is relayed with CRLF line endings only."""
+    relay.send("app@example.com", ["user@example.com"],
+               b"Subject: bare\r\n\r\none\ntwo\rthree\r\n")
+    [got] = wait_for(lambda: upstream.delivered_to("user@example.com"), what="delivery")
+    body = strip_received(got.data)[1]
+    assert body == b"Subject: bare\r\n\r\none\r\ntwo\r\nthree\r\n"
+
+
+def test_message_content_never_reaches_the_log(relay: RelayProcess, upstream: Upstream) -> None:
+    """Plan #94: even at log level debug, no line of a message body is logged."""
+    token = "body-token-5f1c0a"
+    entry_id = relay.send("app@example.com", ["user@example.com"],
+                          f"Subject: private\r\n\r\n{token}\r\n".encode())
+    wait_for(lambda: f"{entry_id}: status=removed" in relay.log(), what="delivery")
+    assert relay.config["log"]["level"] == "debug"
+    assert token not in relay.log()

@@ -42,6 +42,7 @@ class Upstream:
         self.password = PASSWORD
         self.data_delay = 0.0  # seconds before answering the final dot: a slow provider
         self.data_started = threading.Event()  # set when a final dot has been received
+        self.mail_reply = ""  # if set, MAIL FROM gets this reply instead of 250
         self.port = 0
         self._lock = threading.Lock()
         self._loop = asyncio.new_event_loop()
@@ -122,6 +123,8 @@ class Upstream:
     async def handle_MAIL(self, server: SMTP, session: Session, envelope: Envelope,
                           address: str, mail_options: list[str]) -> str:
         self.mail_commands += 1
+        if self.mail_reply:
+            return self.mail_reply
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
         return "250 2.1.0 Ok"
