@@ -224,7 +224,7 @@ class Delivery:
     def _log_outcome(self, before: Entry, after: Entry, disposition: Disposition) -> None:
         attempt = after.attempts[-1]
         delay = round(self._clock() - after.arrived, 2)
-        for old, new in zip(before.recipients, after.recipients):
+        for old, new in zip(before.recipients, after.recipients, strict=True):
             if old.status is not Status.PENDING:
                 continue
             status = "deferred" if new.status is Status.PENDING else new.status.value

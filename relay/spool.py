@@ -453,7 +453,7 @@ def _apply_state(entry: Entry, state: Any, where: str) -> Entry:
         if len(statuses) != len(entry.recipients):
             raise CorruptEntry(where, "state lists a different number of recipients")
         recipients = tuple(replace(r, status=Status(s["status"]), reply=s["reply"])
-                           for r, s in zip(entry.recipients, statuses))
+                           for r, s in zip(entry.recipients, statuses, strict=True))
         attempts = tuple(Attempt(at=float(a["at"]), relay=str(a["relay"]), reply=str(a["reply"]),
                                  duration=float(a["duration"])) for a in state["attempts"])
         next_attempt = state["next_attempt"]

@@ -139,7 +139,7 @@ def escape(text: str, keep_newlines: bool = False) -> str:
 
 def _row(cells: list[str]) -> str:
     parts = []
-    for (name, width), cell in zip(_COLUMNS, cells):
+    for (name, width), cell in zip(_COLUMNS, cells, strict=True):
         if name in ("SIZE", "ATT"):
             parts.append(cell.rjust(width))
         elif width:

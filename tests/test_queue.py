@@ -221,7 +221,7 @@ def test_actions_racing_deliveries_end_each_message_in_exactly_one_place(
     outputs: list[str] = []
 
     def operator() -> None:
-        for round_number in range(4):
+        for _ in range(4):
             victims = rng.sample(ids, 6)
             result = relay.cli("queue", "delete", *victims[:3])
             deleted.update(re.findall(r"^(\w+): deleted", result.stdout, re.MULTILINE))
