@@ -40,9 +40,6 @@ class Scheduler:
         self._wakeup = asyncio.Event()
         self._closed = False
 
-    def __len__(self) -> int:
-        return len(self._due)
-
     def schedule(self, entry_id: str, due: float) -> None:
         self._due[entry_id] = due
         heapq.heappush(self._heap, (due, entry_id))
