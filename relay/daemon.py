@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 
+from .clock import SteadyClock
 from .config import Config, keep_restart_only, load_config, restart_required
 from .delivery import Delivery
 from .entry import Entry
@@ -24,14 +25,17 @@ from .systemd import notify, watchdog_interval
 
 # How long SIGTERM waits for deliveries in flight; systemd's TimeoutStopSec must exceed it.
 DRAIN_SECONDS = 10.0
-STATUS_SECONDS = 10.0  # how often systemd's STATUS= line is refreshed
+HOUSEKEEPING_SECONDS = 10.0  # how often STATUS= is refreshed and the clock compared
+CLOCK_JUMP_SECONDS = 60.0  # a step of the system clock worth a warning
 
 
 class Daemon:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.spool = Spool(config.spool.path, config.spool.min_free)
-        self.delivery = Delivery(self.spool, config)
+        self.clock = SteadyClock()
+        self.delivery = Delivery(self.spool, config, clock=self.clock)
+        self._reported_skew = 0.0
         self._factory: ServerFactory | None = None
         self._server: asyncio.Server | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -48,11 +52,18 @@ class Daemon:
         or OSError (port in use, no permission) before anything is accepted."""
         self.spool.open()
         self.spool.lock()
+        latest = self.clock() + self.config.delivery.retry_max
+        pulled = await asyncio.to_thread(self.spool.pull_forward, latest)
+        if pulled:
+            log_event(logging.WARNING, None, event="clock", deferred=pulled,
+                      reason="next attempt more than delivery.retry_max ahead; the system "
+                             "clock went back?", action="due within retry_max")
         due = await asyncio.to_thread(self.spool.recover)
         for entry_id, when in due:
             self.delivery.schedule(entry_id, when)
         listen = self.config.listen
-        self._factory = ServerFactory(Handler(self.spool, listen, self._stored, local_hostname()))
+        self._factory = ServerFactory(Handler(self.spool, listen, self._stored, local_hostname(),
+                                              self.clock))
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(self._factory, host=listen.address,
                                                 port=listen.port)
@@ -109,17 +120,30 @@ class Daemon:
 
     async def _housekeeping(self) -> None:
         """Tell systemd we are alive (WATCHDOG=1, from the event loop itself, so a frozen
-        loop stops the pings) and what the queue holds (STATUS=)."""
-        if not os.environ.get("NOTIFY_SOCKET"):
-            return
-        ping = watchdog_interval()
-        period = min(ping, STATUS_SECONDS) if ping else STATUS_SECONDS
+        loop stops the pings) and what the queue holds (STATUS=); warn when the system
+        clock jumps."""
+        notifying = bool(os.environ.get("NOTIFY_SOCKET"))
+        ping = watchdog_interval() if notifying else None
+        period = min(ping, HOUSEKEEPING_SECONDS) if ping else HOUSEKEEPING_SECONDS
         while True:
             if ping:
                 notify("WATCHDOG=1")
-            counts = await asyncio.to_thread(self.spool.counts)
-            notify("STATUS=" + ", ".join(f"{n} {state}" for state, n in counts.items()))
+            if notifying:
+                counts = await asyncio.to_thread(self.spool.counts)
+                notify("STATUS=" + ", ".join(f"{n} {state}" for state, n in counts.items()))
+            self.check_clock()
             await asyncio.sleep(period)
+
+    def check_clock(self) -> None:
+        """Log once per jump of the system clock; the relay's own clock does not follow it
+        (retries and expiry stay on schedule) until the next restart."""
+        skew = self.clock.skew()
+        if abs(skew - self._reported_skew) < CLOCK_JUMP_SECONDS:
+            return
+        self._reported_skew = skew
+        log_event(logging.WARNING, None, event="clock", skew=f"{skew:+.0f}s",
+                  reason="the system clock jumped", action="retries and expiry keep the "
+                  "relay's steady clock until restart")
 
     async def stop(self) -> None:
         notify("STOPPING=1")

@@ -20,7 +20,7 @@ from . import policy
 from .config import Config
 from .entry import Entry, Queue, Status
 from .errors import CorruptEntry
-from .faults import crash_point
+from .faults import fault_point
 from .log import log_event
 from .policy import Disposition
 from .spool import Spool
@@ -93,6 +93,10 @@ class Delivery:
         # Bumped when the upstream config changes: workers then replace their sessions.
         self._generation = 0
         self._workers: dict[int, asyncio.Task[None]] = {}
+        # Set while the upstream refuses our credentials: workers wait instead of logging
+        # in once per message, until a reload or until retry_max has passed.
+        self._paused_until: float | None = None
+        self._resumed = asyncio.Event()
 
     def schedule(self, entry_id: str, due: float = 0.0) -> None:
         self.scheduler.schedule(entry_id, due)
@@ -129,6 +133,11 @@ class Delivery:
         each worker's next message, the number of workers now."""
         upstream_changed = config.upstream != self.config.upstream
         self.config = config
+        if self._paused_until is not None:
+            # The operator has fixed the credentials, here or at the provider.
+            self._resume()
+            log_event(logging.INFO, None, event="delivery", status="resumed",
+                      reason="configuration reloaded")
         if upstream_changed:
             self._tls_context = make_tls_context(config.upstream) if config.upstream else None
             self._generation += 1
@@ -141,6 +150,7 @@ class Delivery:
         """Stop claiming; give in-flight attempts `grace` seconds, then cancel them (their
         entries go back to incoming/ untouched); each worker closes its session."""
         self.scheduler.close()
+        self._resume()
         workers = list(self._workers.values())
         if workers:
             _, still_running = await asyncio.wait(workers, timeout=grace)
@@ -158,6 +168,7 @@ class Delivery:
         generation = -1
         try:
             while number < self.wanted_workers:
+                await self._wait_while_paused()
                 entry_id = await self.scheduler.next_due()
                 if entry_id is None:
                     return
@@ -175,6 +186,30 @@ class Delivery:
         finally:
             if session is not None:
                 await session.close()
+
+    def _pause(self, reason: str) -> None:
+        if self._paused_until is not None:
+            return
+        pause = self.config.delivery.retry_max
+        self._paused_until = self._clock() + pause
+        self._resumed.clear()
+        log_event(logging.ERROR, None, event="delivery", status="paused", reason=reason,
+                  resumes=f"on reload, or in {pause:g}s with one more try")
+
+    def _resume(self) -> None:
+        self._paused_until = None
+        self._resumed.set()
+
+    async def _wait_while_paused(self) -> None:
+        while self._paused_until is not None:
+            remaining = self._paused_until - self._clock()
+            if remaining <= 0:
+                self._resume()  # the next attempt tries the credentials again
+                return
+            try:
+                await asyncio.wait_for(self._resumed.wait(), remaining)
+            except TimeoutError:
+                pass
 
     async def _process(self, entry_id: str, session: UpstreamSession | None) -> None:
         try:
@@ -204,7 +239,7 @@ class Delivery:
         pending = [r.address for r in entry.pending]
         started = self._clock()
         result = await session.deliver(entry.sender, pending, content, entry.smtputf8)
-        crash_point("after-upstream-reply-before-state")
+        fault_point("after-upstream-reply-before-state")
         settled = policy.settle(entry, result, started, self._clock(), self.config.delivery,
                                 self._rand())
         after = settled.entry
@@ -217,6 +252,8 @@ class Delivery:
         else:
             after = await asyncio.to_thread(self.spool.fail, after)
         self._log_outcome(entry, after, settled.disposition)
+        if policy.credentials_rejected(result):
+            self._pause(f"upstream rejected the credentials: {result.error}")
 
     def _log_outcome(self, before: Entry, after: Entry, disposition: Disposition) -> None:
         attempt = after.attempts[-1]

@@ -26,7 +26,8 @@ from email_validator import EmailNotValidError, validate_email
 from .config import IPNetwork, ListenConfig
 from .entry import Entry
 from .errors import SpoolError, SpoolFull
-from .faults import crash_point
+from .faults import fault_point
+from .headers import field_value, split_header
 from .log import log_event
 from .spool import Spool, new_id
 
@@ -193,21 +194,27 @@ class Handler:
         sender = "" if envelope.mail_from == "<>" else envelope.mail_from
         now = self.clock()
         entry_id = new_id(now)
-        received = self._received_header(session, envelope, entry_id, now)
+        added = [self._received_header(session, envelope, entry_id, now)]
+        message_id = field_value(split_header(content)[0], "Message-ID")
+        if message_id is None:
+            # As Postfix's cleanup does: every attempt then carries the same Message-ID,
+            # so a duplicate delivery can be recognised downstream.
+            message_id = f"<{entry_id}@{self.hostname}>"
+            added.append(f"Message-ID: {message_id}\r\n".encode())
         try:
             entry = await asyncio.to_thread(
                 self.spool.store, entry_id, sender, list(envelope.rcpt_tos),
-                [received, content], now, bool(envelope.smtp_utf8))
+                [*added, content], now, bool(envelope.smtp_utf8))
         except SpoolFull:
             return "452 4.3.1 Error: insufficient system storage"
         except SpoolError as exc:
             log_event(logging.ERROR, entry_id, status="refused", reason=str(exc))
             return "452 4.3.1 Error: queue file write error"
         log_event(logging.INFO, entry.id, client=_client_name(session),
-                  **{"from": entry.sender}, size=entry.size, nrcpt=len(entry.recipients),
-                  status="queued")
+                  **{"from": entry.sender, "message-id": message_id}, size=entry.size,
+                  nrcpt=len(entry.recipients), status="queued")
         self.on_stored(entry)
-        crash_point("after-rename-before-250")
+        fault_point("after-rename-before-250")
         return f"250 2.0.0 Ok: queued as {entry.id}"
 
     async def handle_exception(self, error: Exception) -> str:

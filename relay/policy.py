@@ -21,7 +21,8 @@ JITTER = 0.2  # +-20%: spreads retries of a backlog so they do not hit the upstr
 class Stage(enum.Enum):
     """Where in the SMTP dialogue an outcome happened; 5xx is permanent only for MAIL/RCPT/DATA."""
 
-    SESSION = "session"  # connect, greeting, EHLO, STARTTLS, AUTH, RSET
+    SESSION = "session"  # connect, greeting, EHLO, STARTTLS, RSET
+    AUTH = "auth"
     MAIL = "mail"
     RCPT = "rcpt"
     DATA = "data"
@@ -94,15 +95,36 @@ def classify(reply: Reply, stage: Stage) -> Verdict:
 
     A 5xx at the greeting, EHLO, STARTTLS or AUTH says nothing about the message: it is our
     side's trouble (wrong port, credentials, TLS), so it is retried (Postfix's
-    smtp_sasl_auth_soft_bounce); as is any error without an SMTP reply.
+    smtp_sasl_auth_soft_bounce); as is any error without an SMTP reply, and a recipient
+    refused only for the server's per-transaction limit.
     """
     if reply.code is None:
         return Verdict.TEMPORARY
     if 200 <= reply.code < 300:
         return Verdict.SENT
-    if 500 <= reply.code < 600 and stage is not Stage.SESSION:
+    if 500 <= reply.code < 600 and stage in (Stage.MAIL, Stage.RCPT, Stage.DATA):
+        if stage is Stage.RCPT and is_recipient_limit(reply):
+            return Verdict.TEMPORARY
         return Verdict.PERMANENT
     return Verdict.TEMPORARY
+
+
+def is_recipient_limit(reply: Reply) -> bool:
+    """A RCPT refused because the transaction has enough recipients, not because of the
+    address: 452 (RFC 5321 4.5.3.1.10), or the 552 older servers send, which that section
+    says to treat as temporary. Such recipients go in the next transaction."""
+    if reply.code == 452:
+        return True
+    return reply.code == 552 and (reply.text.startswith("5.5.3")
+                                  or "too many recipients" in reply.text.lower())
+
+
+def credentials_rejected(result: AttemptResult) -> bool:
+    """The upstream refused our AUTH for good (535 and the like). Every message would meet
+    the same refusal, so delivery pauses instead of logging in once per message."""
+    error = result.error
+    return (result.stage is Stage.AUTH and error is not None and error.code is not None
+            and 500 <= error.code < 600)
 
 
 def backoff(attempts: int, config: DeliveryConfig, rand: float) -> float:

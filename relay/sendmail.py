@@ -19,12 +19,12 @@ import socket
 from dataclasses import dataclass, field
 
 from .errors import SubmissionFailed, UsageError
+from .headers import split_header
 
 # Options that take a value (attached, -fSENDER, or as the next argument) and that we ignore.
 _IGNORED_WITH_VALUE = set("BCOhLNRVX")
 # Flags that take no value and change nothing for us.
 _IGNORED_FLAGS = set("nmUGAq")
-_HEADER_LINE = re.compile(rb"^[!-9;-~]+:")
 
 
 @dataclass
@@ -96,7 +96,7 @@ def prepare(message: bytes, options: Options, default_sender: str,
             hostname: str) -> tuple[str, list[str], bytes]:
     """The envelope and the message to submit: recipients from the arguments and, with -t,
     from To/Cc/Bcc; Bcc removed; From, Date and Message-ID added when missing."""
-    head, body = _split(message)
+    head, body = split_header(message)
     parsed = email.parser.BytesHeaderParser(policy=email.policy.compat32).parsebytes(
         b"".join(head) + b"\r\n")
     # Arguments are addresses, not header text: split lists on commas, keep the rest as is
@@ -158,21 +158,6 @@ def _expect(answer: tuple[int, bytes], what: str) -> None:
     text = reply.decode("utf-8", errors="replace")
     raise SubmissionFailed(f"{what} refused by the relay: {code} {text}",
                            permanent=code >= 500)
-
-
-def _split(message: bytes) -> tuple[list[bytes], bytes]:
-    """Header lines (each with CRLF) and the body; a message that starts with a non-header
-    line has no headers and is all body, as Postfix's cleanup reads it."""
-    lines = message.splitlines(keepends=True)
-    head: list[bytes] = []
-    for number, line in enumerate(lines):
-        if line in (b"\r\n", b"\n"):
-            return head, b"".join(lines[number + 1:])
-        if _HEADER_LINE.match(line) or (head and line[:1] in (b" ", b"\t")):
-            head.append(line)
-            continue
-        return head, b"".join(lines[number:])
-    return head, b""
 
 
 def _without_bcc(head: list[bytes]) -> list[bytes]:

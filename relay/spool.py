@@ -37,7 +37,7 @@ from typing import Any
 
 from .entry import Attempt, Entry, Queue, Recipient, Status
 from .errors import CorruptEntry, EntryBusy, EntryNotFound, SpoolError, SpoolFull, SpoolLocked
-from .faults import crash_point
+from .faults import fault_point
 
 MAGIC = b"RELAY-ENTRY 1\n"
 _UNSAFE_IN_ADDRESS = re.compile(r"[\x00-\x1f\x7f<>]")
@@ -124,13 +124,15 @@ class Spool:
         head = MAGIC + json.dumps(header, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
         tmp = self.path / "tmp" / entry_id
         try:
-            crash_point("before-spool-write")
+            fault_point("before-spool-write")
             _write_durably(tmp, [head, *parts])
-            crash_point("after-fsync-before-rename")
+            fault_point("after-fsync-before-rename")
             os.rename(tmp, self._file(Queue.INCOMING, entry_id))
             self._sync_dir(Queue.INCOMING.value)
-        except OSError as exc:
+        except BaseException as exc:
             _unlink_quietly(tmp)
+            if not isinstance(exc, OSError):
+                raise
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise SpoolFull(f"spool write failed: {exc.strerror}") from None
             raise SpoolError(f"spool write failed: {exc.strerror}") from None
@@ -158,6 +160,17 @@ class Spool:
             if name not in existing:
                 _unlink_quietly(self.path / "state" / name)
         return due
+
+    def pull_forward(self, latest: float) -> int:
+        """Make every deferred entry due by `latest` at the latest; return how many were
+        later. A retry time that far ahead was set by a clock that has since gone back."""
+        moved = 0
+        with os.scandir(self.path / Queue.DEFERRED.value) as it:
+            for e in it:
+                if e.stat().st_mtime > latest:
+                    os.utime(e.path, (latest, latest))
+                    moved += 1
+        return moved
 
     def due_times(self) -> list[tuple[str, float]]:
         """(id, due time) of every entry that may be attempted: incoming now, deferred at

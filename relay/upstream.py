@@ -12,11 +12,12 @@ import socket
 import ssl
 import time
 from collections.abc import Callable
+from dataclasses import replace
 
 import aiosmtplib
 
 from .config import UpstreamConfig
-from .policy import AttemptResult, Reply, Stage
+from .policy import AttemptResult, Reply, Stage, is_recipient_limit
 
 # Postfix reuses a cached connection for 2 s (smtp_connection_cache_time_limit); a little
 # longer suits bursts from one application, and a server that dropped an idle connection
@@ -61,17 +62,35 @@ class UpstreamSession:
 
     async def deliver(self, sender: str, recipients: list[str], content: bytes,
                       smtputf8: bool) -> AttemptResult:
-        """Send one envelope to the still-pending recipients; report per-recipient replies."""
+        """Send one envelope to the still-pending recipients; report per-recipient replies.
+
+        Recipients the server refuses only for its per-transaction limit are sent at once
+        in a further transaction on the same session, as long as each one makes progress.
+        """
         relay = self.config.name
         try:
             smtp = await self._ready_session()
         except SessionError as exc:
-            return AttemptResult(relay=relay, error=exc.reply, stage=Stage.SESSION)
+            stage = Stage.AUTH if exc.step == "auth" else Stage.SESSION
+            return AttemptResult(relay=relay, error=exc.reply, stage=stage)
+        replies: dict[str, Reply] = {}
+        remaining = recipients
         try:
-            return await self._transaction(smtp, sender, recipients, content, smtputf8)
+            while True:
+                result = await self._transaction(smtp, sender, remaining, content, smtputf8)
+                replies.update(result.recipients)
+                over_limit = [r for r in remaining
+                              if r in result.recipients and is_recipient_limit(result.recipients[r])]
+                progress = any(_is_positive(result.recipients.get(r)) for r in remaining)
+                if result.error is not None or not over_limit or not progress:
+                    return replace(result, recipients=replies)
+                remaining = over_limit
         except SessionError as exc:
+            # Replies already heard stand: a recipient sent in an earlier transaction of
+            # this attempt must not be sent again.
             await self.close()
-            return AttemptResult(relay=relay, error=exc.reply, stage=Stage.SESSION)
+            return AttemptResult(relay=relay, recipients=replies, error=exc.reply,
+                                 stage=Stage.SESSION)
         finally:
             self._last_used = time.monotonic()
 
@@ -153,7 +172,7 @@ class UpstreamSession:
         try:
             await smtp.mail(sender, options=options, encoding=encoding)
         except aiosmtplib.SMTPResponseException as exc:
-            return AttemptResult(relay=relay, error=reply_of(exc), stage=Stage.MAIL)
+            return AttemptResult(relay=relay, error=_refusal(exc), stage=Stage.MAIL)
         except ValueError as exc:  # aiosmtplib refuses to put this address on the wire
             return AttemptResult(relay=relay, error=_unsendable(exc), stage=Stage.MAIL)
         except (aiosmtplib.SMTPException, OSError) as exc:
@@ -165,7 +184,7 @@ class UpstreamSession:
                 await smtp.rcpt(recipient, encoding=encoding)
                 accepted.append(recipient)
             except aiosmtplib.SMTPResponseException as exc:
-                replies[recipient] = reply_of(exc)
+                replies[recipient] = _refusal(exc)
             except ValueError as exc:
                 replies[recipient] = _unsendable(exc)
             except (aiosmtplib.SMTPException, OSError) as exc:
@@ -175,8 +194,13 @@ class UpstreamSession:
         try:
             response = await smtp.data(content)
         except aiosmtplib.SMTPResponseException as exc:
-            return AttemptResult(relay=relay, recipients=replies, error=reply_of(exc),
+            return AttemptResult(relay=relay, recipients=replies, error=_refusal(exc),
                                  stage=Stage.DATA)
+        except (aiosmtplib.SMTPTimeoutError, TimeoutError):
+            # The upstream may hold the whole message and have answered too late (RFC 5321
+            # 4.5.3.2.6, RFC 1047): the retry is correct but may deliver it a second time.
+            raise SessionError(Reply(None, "timed out in DATA: the upstream may have the "
+                                           "message, so the retry may deliver it twice")) from None
         except (aiosmtplib.SMTPException, OSError) as exc:
             raise SessionError(reply_of(exc)) from None
         done = Reply(response.code, _one_line(response.message))
@@ -223,6 +247,20 @@ def reply_of(exc: BaseException) -> Reply:
     if isinstance(exc, (aiosmtplib.SMTPConnectError, aiosmtplib.SMTPServerDisconnected, OSError)):
         return Reply(None, f"connection failed: {_one_line(str(exc))}")
     return Reply(None, _one_line(str(exc)))
+
+
+def _refusal(exc: aiosmtplib.SMTPResponseException) -> Reply:
+    """The reply that refused a command. A reply that refuses nothing (250 where 354 was
+    due, say) means replies and commands are out of step: nothing more from this session
+    can be trusted, so it ends and the attempt counts as failed for now, never as sent."""
+    if 400 <= exc.code < 600:
+        return reply_of(exc)
+    raise SessionError(Reply(None, f"protocol error: unexpected reply "
+                                   f"{exc.code} {_one_line(exc.message)}"))
+
+
+def _is_positive(reply: Reply | None) -> bool:
+    return reply is not None and reply.code is not None and 200 <= reply.code < 300
 
 
 def _unsendable(exc: ValueError) -> Reply:

@@ -1,25 +1,25 @@
 """A small asyncio TCP proxy between the relay and the test upstream that misbehaves on
 purpose (RELIABILITY-PLAN.md, "Chaos proxy"): strip STARTTLS from the EHLO reply, inject
 bytes after the 220 that answers STARTTLS, or reset the connection once the client has
-sent N bytes. Loopback only, ephemeral port, its own event loop thread.
+sent N bytes. It keeps every byte the client sent (`sent`): a capture of the wire.
+Loopback only, ephemeral port, its own event loop thread.
+
+Also a `BabblingServer`: a fake upstream with no SMTP logic, for replies no real server
+library would produce (giant, endless, unsolicited).
 """
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import threading
+from typing import Self
 
 
-class ChaosProxy:
-    def __init__(self, target_port: int, *, strip_starttls: bool = False,
-                 inject_after_starttls: bytes = b"", reset_after_bytes: int | None = None,
-                 resets: int = 1, greeting: bytes = b"") -> None:
-        self.target_port = target_port
-        self.strip_starttls = strip_starttls
-        self.inject_after_starttls = inject_after_starttls
-        self.reset_after_bytes = reset_after_bytes
-        self.resets_left = resets  # how many connections get reset; later ones pass
-        self.greeting = greeting  # if set, answer with it and hang up, as a busy server does
+class _LoopbackServer(abc.ABC):
+    """A TCP server on 127.0.0.1, ephemeral port, on its own event loop thread."""
+
+    def __init__(self) -> None:
         self.connections = 0
         self.port = 0
         self._loop = asyncio.new_event_loop()
@@ -27,7 +27,7 @@ class ChaosProxy:
         self._thread.start()
         self._server: asyncio.Server | None = None
 
-    def start(self) -> ChaosProxy:
+    def start(self) -> Self:
         self.port = asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(10)
         return self
 
@@ -47,6 +47,24 @@ class ChaosProxy:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+    @abc.abstractmethod
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Serve one connection."""
+
+
+class ChaosProxy(_LoopbackServer):
+    def __init__(self, target_port: int, *, strip_starttls: bool = False,
+                 inject_after_starttls: bytes = b"", reset_after_bytes: int | None = None,
+                 resets: int = 1, greeting: bytes = b"") -> None:
+        self.target_port = target_port
+        self.strip_starttls = strip_starttls
+        self.inject_after_starttls = inject_after_starttls
+        self.reset_after_bytes = reset_after_bytes
+        self.resets_left = resets  # how many connections get reset; later ones pass
+        self.greeting = greeting  # if set, answer with it and hang up, as a busy server does
+        self.sent = bytearray()  # everything any client sent towards the upstream
+        super().__init__()
 
     async def _handle(self, client_reader: asyncio.StreamReader,
                       client_writer: asyncio.StreamWriter) -> None:
@@ -71,6 +89,7 @@ class ChaosProxy:
         async def client_to_server() -> None:
             sent = 0
             while data := await client_reader.read(65536):
+                self.sent += data
                 if b"STARTTLS" in data.upper():
                     starttls_sent.set()
                 if reset_at is not None and sent + len(data) > reset_at:
@@ -100,3 +119,32 @@ class ChaosProxy:
             await asyncio.gather(client_to_server(), server_to_client())
         except (ConnectionError, OSError):
             abort()
+
+
+class BabblingServer(_LoopbackServer):
+    """Greets with `greeting`, then answers every line the client sends with `answer`
+    (written in 64 KiB pieces); with `endless`, the answer repeats until the client
+    hangs up. A fake upstream with no SMTP logic at all."""
+
+    def __init__(self, answer: bytes, greeting: bytes = b"220 babbler ESMTP\r\n",
+                 endless: bool = False) -> None:
+        self.answer = answer
+        self.greeting = greeting
+        self.endless = endless
+        super().__init__()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        try:
+            writer.write(self.greeting)
+            while await reader.readline():
+                while True:
+                    for start in range(0, len(self.answer), 65536):
+                        writer.write(self.answer[start:start + 65536])
+                        await writer.drain()
+                    if not self.endless:
+                        break
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            writer.transport.abort()

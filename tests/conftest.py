@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -32,6 +33,15 @@ def wait_for(condition: Callable[[], Any], timeout: float = 15.0, what: str = "c
             return value
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.02)
+
+
+def holds_for(condition: Callable[[], Any], seconds: float, what: str = "condition") -> None:
+    """Check that `condition` stays true for `seconds`: how a test proves that something
+    does not happen (a retry, a login) within a window."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        assert condition(), f"{what} stopped holding"
         time.sleep(0.02)
 
 
@@ -154,6 +164,13 @@ class RelayProcess:
         assert match, reply
         return match.group(1).decode()
 
+    def state(self, entry_id: str) -> dict[str, Any]:
+        """The entry's state record (attempts, last_error, recipients), {} if none yet."""
+        try:
+            return json.loads((self.spool / "state" / entry_id).read_text())
+        except (FileNotFoundError, ValueError):
+            return {}
+
     def files(self, queue: str) -> list[str]:
         return sorted(os.listdir(self.spool / queue))
 
@@ -170,7 +187,7 @@ def run_cli(config_path: Path, *args: str, stdin: bytes = b"") -> subprocess.Com
                                        result.stdout.decode(), result.stderr.decode())
 
 
-def relay_config(tmp_path: Path, upstream: Upstream | None, ca_file: Path | None,
+def relay_config(tmp_path: Path, upstream: Upstream | None, ca_file: Path | None, /,
                  **overrides: Any) -> dict[str, Any]:
     """A test config: ephemeral port, fast retries, the test upstream over STARTTLS + AUTH."""
     config: dict[str, Any] = {

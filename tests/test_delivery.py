@@ -47,7 +47,7 @@ def test_message_is_relayed_byte_for_byte_over_starttls_with_auth(relay: RelayPr
 def test_8bit_body_utf8_addresses_and_leading_dots_survive(relay: RelayProcess,
                                                            upstream: Upstream) -> None:
     """8-bit content, SMTPUTF8 addresses and lines starting with a dot arrive unchanged."""
-    body = ("Subject: caf\u00e9\r\n\r\n.\r\n..two dots\r\n.leading dot\r\n"
+    body = ("Subject: caf\u00e9\r\nMessage-ID: <8bit@example.com>\r\n\r\n.\r\n..two dots\r\n.leading dot\r\n"
             "na\u00efve \u2603\r\n").encode()
     with relay.client() as smtp:
         smtp.ehlo()
@@ -292,10 +292,10 @@ def test_bare_line_feeds_reach_the_upstream_as_crlf(relay: RelayProcess,
                                                     upstream: Upstream) -> None:
     """Plan #19: a body with bare LF and bare CR is relayed with CRLF line endings only."""
     relay.send("app@example.com", ["user@example.com"],
-               b"Subject: bare\r\n\r\none\ntwo\rthree\r\n")
+               b"Subject: bare\r\nMessage-ID: <bare@example.com>\r\n\r\none\ntwo\rthree\r\n")
     [got] = wait_for(lambda: upstream.delivered_to("user@example.com"), what="delivery")
     body = strip_received(got.data)[1]
-    assert body == b"Subject: bare\r\n\r\none\r\ntwo\r\nthree\r\n"
+    assert body == b"Subject: bare\r\nMessage-ID: <bare@example.com>\r\n\r\none\r\ntwo\r\nthree\r\n"
 
 
 def test_message_content_never_reaches_the_log(relay: RelayProcess, upstream: Upstream) -> None:

@@ -17,6 +17,7 @@ from relay.policy import (
     await_upstream,
     backoff,
     classify,
+    credentials_rejected,
     is_expired,
     settle,
 )
@@ -40,7 +41,10 @@ def entry(*addresses: str, attempts: int = 0) -> Entry:
     (Reply(553, "5.1.8 bad sender"), Stage.MAIL, Verdict.PERMANENT),
     (Reply(451, "4.3.0 later"), Stage.DATA, Verdict.TEMPORARY),
     (Reply(421, "4.7.0 closing"), Stage.SESSION, Verdict.TEMPORARY),
-    (Reply(535, "5.7.8 bad credentials"), Stage.SESSION, Verdict.TEMPORARY),
+    (Reply(535, "5.7.8 bad credentials"), Stage.AUTH, Verdict.TEMPORARY),
+    (Reply(452, "4.5.3 too many recipients"), Stage.RCPT, Verdict.TEMPORARY),
+    (Reply(552, "5.5.3 too many recipients"), Stage.RCPT, Verdict.TEMPORARY),
+    (Reply(552, "5.2.2 mailbox full"), Stage.RCPT, Verdict.PERMANENT),
     (Reply(554, "5.7.1 go away"), Stage.SESSION, Verdict.TEMPORARY),
     (Reply(None, "connection failed: refused"), Stage.SESSION, Verdict.TEMPORARY),
     (Reply(None, "timed out"), Stage.DATA, Verdict.TEMPORARY),
@@ -48,6 +52,16 @@ def entry(*addresses: str, attempts: int = 0) -> Entry:
 def test_classification_table(reply: Reply, stage: Stage, verdict: Verdict) -> None:
     """2xx sent, 5xx to MAIL/RCPT/DATA permanent, everything else temporary."""
     assert classify(reply, stage) is verdict
+
+
+@pytest.mark.parametrize("result, paused", [
+    (AttemptResult("up:587", error=Reply(535, "5.7.8 bad credentials"), stage=Stage.AUTH), True),
+    (AttemptResult("up:587", error=Reply(454, "4.7.0 try later"), stage=Stage.AUTH), False),
+    (AttemptResult("up:587", error=Reply(554, "5.7.1 go away"), stage=Stage.SESSION), False),
+    (AttemptResult("up:587", error=Reply(553, "5.1.8 bad sender"), stage=Stage.MAIL), False),
+])
+def test_only_refused_credentials_pause_delivery(result: AttemptResult, paused: bool) -> None:
+    assert credentials_rejected(result) is paused
 
 
 @pytest.mark.parametrize("attempts, low, high", [

@@ -1,8 +1,10 @@
 """A real upstream for tests: aiosmtpd on 127.0.0.1, ephemeral port, STARTTLS and AUTH.
 
 It records every transaction and what the relay did on the wire (TLS in effect, AUTH
-seen). Replies are scripted by recipient (`tempfail@...` gets 451 at RCPT, `reject@...`
-550) and by attempt (`data_replies`: the next DATA answers, e.g. two 451s then 250).
+seen, connections made). Replies are scripted by recipient (`tempfail@...` gets 451 at
+RCPT, `reject@...` 550, `drop@...` a reset connection), by attempt (`data_replies`: the
+next DATA answers, e.g. two 451s then 250) and per command (`mail_reply`, `auth_reply`,
+`starttls_reply`, `rcpt_limit`).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ class Upstream:
         self.tls_context = tls_context if offer_starttls and not implicit_tls else None
         self.require_auth = require_auth
         self.transactions: list[Transaction] = []
+        self.data_seen: list[bytes] = []  # every message whose final dot arrived, kept or not
         self.data_replies: list[str] = []
         self.auth_attempts = 0
         self.mail_commands = 0
@@ -43,6 +46,12 @@ class Upstream:
         self.data_delay = 0.0  # seconds before answering the final dot: a slow provider
         self.data_started = threading.Event()  # set when a final dot has been received
         self.mail_reply = ""  # if set, MAIL FROM gets this reply instead of 250
+        self.auth_reply = ""  # if set, every AUTH fails with this reply
+        self.starttls_reply = ""  # if set, STARTTLS gets this reply and no handshake
+        self.rcpt_limit = 0  # if set, RCPTs beyond it in one transaction get rcpt_limit_reply
+        self.rcpt_limit_reply = "452 4.5.3 Error: too many recipients"
+        self.reset_after_data = False  # reset the connection right after DATA's 250
+        self.connections = 0
         self.port = 0
         self._lock = threading.Lock()
         self._loop = asyncio.new_event_loop()
@@ -110,11 +119,14 @@ class Upstream:
             decode_data=False,
         )
         self._protocols.add(protocol)
+        self.connections += 1
         return protocol
 
     def _authenticate(self, server: SMTP, session: Session, envelope: Envelope,
                       mechanism: str, auth_data: LoginPassword) -> AuthResult:
         self.auth_attempts += 1
+        if self.auth_reply:
+            return AuthResult(success=False, handled=False, message=self.auth_reply)
         ok = auth_data.login.decode() == USERNAME and auth_data.password.decode() == self.password
         return AuthResult(success=ok, handled=False)
 
@@ -136,10 +148,17 @@ class Upstream:
             return "451 4.2.0 Mailbox busy, try later"
         if local.startswith("reject"):
             return "550 5.1.1 No such user"
+        if local.startswith("drop"):
+            server.transport.abort()  # a poison message: the connection dies every time
+            return "421 4.4.2 gone"
+        if self.rcpt_limit and len(envelope.rcpt_tos) >= self.rcpt_limit:
+            return self.rcpt_limit_reply
         envelope.rcpt_tos.append(address)
         return "250 2.1.5 Ok"
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        with self._lock:
+            self.data_seen.append(bytes(envelope.original_content or b""))
         self.data_started.set()
         if self.data_delay:
             await asyncio.sleep(self.data_delay)
@@ -148,6 +167,10 @@ class Upstream:
                 reply = self.data_replies.pop(0)
                 if not reply.startswith("2"):
                     return reply
+            if self.reset_after_data:
+                # The 250 is written before this callback runs, then the connection is
+                # reset: the client must count the message as delivered.
+                asyncio.get_running_loop().call_soon(server.transport.abort)
             self.transactions.append(Transaction(
                 sender="" if envelope.mail_from == "<>" else str(envelope.mail_from),
                 recipients=tuple(envelope.rcpt_tos),
@@ -163,6 +186,12 @@ class _RecordingSMTP(SMTP):
     def __init__(self, upstream: Upstream, handler: Upstream, **kwargs: object) -> None:
         super().__init__(handler, **kwargs)  # type: ignore[arg-type]
         self._upstream = upstream
+
+    async def smtp_STARTTLS(self, arg: str) -> None:
+        if self._upstream.starttls_reply:
+            await self.push(self._upstream.starttls_reply)
+            return
+        await super().smtp_STARTTLS(arg)
 
     def connection_lost(self, error: Exception | None) -> None:
         self._upstream._protocols.discard(self)
