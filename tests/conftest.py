@@ -171,6 +171,14 @@ class RelayProcess:
         except (FileNotFoundError, ValueError):
             return {}
 
+    def rss_kib(self) -> int:
+        """The relay process's resident memory now, in KiB."""
+        assert self.process is not None
+        status = Path(f"/proc/{self.process.pid}/status").read_text()
+        match = re.search(r"VmRSS:\s+(\d+) kB", status)
+        assert match, status
+        return int(match.group(1))
+
     def files(self, queue: str) -> list[str]:
         return sorted(os.listdir(self.spool / queue))
 

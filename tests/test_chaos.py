@@ -1,4 +1,4 @@
-"""Delivery through a misbehaving network path: RELIABILITY-PLAN rows 52, 55 and 62."""
+"""Delivery through a misbehaving network path: RELIABILITY-PLAN rows 52, 55, 62 and 91."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 
 from chaos import ChaosProxy
 from conftest import RelayProcess, relay_config, wait_for
-from upstream import Upstream
+from upstream import Upstream, secret_forms
 
 
 @pytest.fixture
@@ -40,6 +40,7 @@ def last_error(relay: RelayProcess, entry_id: str) -> str:
         return ""
 
 
+@pytest.mark.plan(52, 91)
 def test_stripped_starttls_means_no_auth_and_no_mail(make_proxy, make_relay, tmp_path: Path,
                                                      upstream: Upstream, ca_file: Path) -> None:
     """Plan #52: STARTTLS removed from EHLO on the way: the relay sends neither AUTH nor
@@ -50,6 +51,12 @@ def test_stripped_starttls_means_no_auth_and_no_mail(make_proxy, make_relay, tmp
     wait_for(lambda: "STARTTLS" in last_error(relay, entry_id), what="the deferral")
     assert upstream.auth_attempts == 0 and upstream.mail_commands == 0
     assert relay.files("failed") == []
+    # Plan #91: the proxy saw every byte the relay sent in clear; no credential among them.
+    wire = bytes(proxy.sent)
+    assert proxy.connections >= 1 and wire.startswith(b"EHLO ")
+    assert b"AUTH" not in wire.upper() and b"MAIL FROM" not in wire.upper()
+    for secret in secret_forms():
+        assert secret not in wire
 
 
 def test_bytes_injected_after_starttls_reply_are_never_taken_as_replies(

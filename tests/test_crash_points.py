@@ -83,3 +83,23 @@ def test_kill_after_final_dot_before_the_reply(tmp_path: Path, make_relay, upstr
     # The resend, plus the dead session's copy if the upstream kept it (aiosmtpd drops a
     # transaction whose client vanished; a real provider may not).
     assert 1 <= len(upstream.delivered_to("user@example.com")) <= 2
+
+
+@pytest.mark.plan(40, 44)
+def test_recipient_sent_before_a_kill_is_not_sent_again(tmp_path: Path, make_relay,
+                                                        upstream: Upstream, ca_file: Path) -> None:
+    """One recipient delivered, one deferred; SIGKILL; restart: only the deferred one is
+    sent, and the entry is never stuck as busy."""
+    upstream.rcpt_replies["later@example.com"] = "451 4.2.0 Mailbox busy, try later"
+    config = relay_config(tmp_path, upstream, ca_file, delivery={"retry_min": "1s"})
+    relay = make_relay(config)
+    entry_id = relay.send("app@example.com", ["now@example.com", "later@example.com"], BODY)
+    wait_for(lambda: entry_id in relay.files("deferred"), what="the partial delivery")
+    relay.kill()
+    del upstream.rcpt_replies["later@example.com"]
+    restarted = make_relay(config)
+    wait_for(lambda: upstream.delivered_to("later@example.com"), what="the pending recipient")
+    wait_for(lambda: f"{entry_id}: status=removed" in restarted.log(), what="the removal")
+    assert len(upstream.delivered_to("now@example.com")) == 1
+    assert [t.recipients for t in upstream.messages()] == [("now@example.com",),
+                                                           ("later@example.com",)]

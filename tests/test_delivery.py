@@ -6,8 +6,10 @@ import json
 import smtplib
 from pathlib import Path
 
+import pytest
+
 from conftest import RelayProcess, relay_config, wait_for
-from upstream import Upstream
+from upstream import Upstream, secret_forms
 
 BODY = (b"From: app@example.com\r\nTo: user@example.com\r\nSubject: hello\r\n"
         b"Message-ID: <m1@example.com>\r\n\r\nHello there.\r\n")
@@ -239,18 +241,23 @@ def test_implicit_tls_upstream_on_its_own_port(tmp_path: Path, make_relay, make_
     assert got.tls and got.authenticated
 
 
-def test_password_never_appears_in_debug_logs(relay: RelayProcess, upstream: Upstream) -> None:
-    """At log level debug, neither the password nor its AUTH encodings are logged."""
-    import base64
-    from upstream import PASSWORD, USERNAME
-    entry_id = relay.send("app@example.com", ["user@example.com"], BODY)
-    wait_for(lambda: f"{entry_id}: status=removed" in relay.log(), what="delivery logged")
+@pytest.mark.plan(92, 93)
+def test_password_never_appears_in_logs_queue_output_or_spool(relay: RelayProcess,
+                                                              upstream: Upstream) -> None:
+    """At log level debug, after AUTH and a deferral: neither the password nor its AUTH
+    encodings are in the log, in `relay queue show`, or in any spool file."""
+    delivered = relay.send("app@example.com", ["user@example.com"], BODY)
+    kept = relay.send("app@example.com", ["tempfail@example.com"], BODY)
+    wait_for(lambda: f"{delivered}: status=removed" in relay.log(), what="delivery logged")
+    wait_for(lambda: kept in relay.files("deferred"), what="the deferral")
     assert upstream.auth_attempts >= 1
-    log = relay.log()
-    assert "level" in relay.config["log"] and relay.config["log"]["level"] == "debug"
-    for secret in (PASSWORD, base64.b64encode(PASSWORD.encode()).decode(),
-                   base64.b64encode(f"\0{USERNAME}\0{PASSWORD}".encode()).decode()):
-        assert secret not in log
+    assert relay.config["log"]["level"] == "debug"
+    shown = relay.cli("queue", "show", kept).stdout + relay.cli("queue", "--json").stdout
+    spooled = b"".join(p.read_bytes() for p in relay.spool.rglob("*") if p.is_file())
+    for secret in secret_forms():
+        assert secret.decode() not in relay.log()
+        assert secret.decode() not in shown
+        assert secret not in spooled
 
 
 def test_json_log_format_has_the_same_fields(tmp_path: Path, make_relay, upstream: Upstream,

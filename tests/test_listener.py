@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import smtplib
 import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -252,3 +254,139 @@ def test_smtplib_sendmail_round_trip_is_fast(holding_relay: RelayProcess) -> Non
     with pytest.raises(smtplib.SMTPRecipientsRefused):
         with holding_relay.client() as smtp:
             smtp.sendmail("app@example.com", ["bad address"], BODY)
+
+
+def non_loopback_address() -> str | None:
+    """An address of this host other than loopback, found without sending anything."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("192.0.2.1", 9))  # TEST-NET-1: a route lookup, no packet
+        except OSError:
+            return None
+        address = probe.getsockname()[0]
+    return None if address.startswith("127.") else address
+
+
+@pytest.mark.plan(1)
+def test_default_listener_is_unreachable_from_other_addresses(holding_relay: RelayProcess) -> None:
+    """Bound to 127.0.0.1 only: the same port on the host's other address refuses."""
+    address = non_loopback_address()
+    if address is None:
+        pytest.skip("this host has no non-loopback IPv4 address to probe from")
+    listening = Path("/proc/net/tcp").read_text().splitlines()[1:]
+    ours = [line.split()[1] for line in listening
+            if line.split()[1].endswith(f":{holding_relay.port:04X}") and line.split()[3] == "0A"]
+    assert ours == [f"0100007F:{holding_relay.port:04X}"]  # 127.0.0.1, LISTEN
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection((address, holding_relay.port), timeout=5)
+
+
+@pytest.mark.plan(7)
+def test_trickled_data_is_cut_off_at_the_timeout_and_nothing_is_kept(make_relay,
+                                                                     tmp_path: Path) -> None:
+    """A client that sends a line every half second, for longer than listen.timeout: the
+    session ends without 250 and nothing is stored."""
+    relay = make_relay(relay_config(tmp_path, None, None, listen={"timeout": "1s"}))
+    with socket.create_connection(("127.0.0.1", relay.port), timeout=10) as sock:
+        reader = sock.makefile("rb")
+        reader.readline()
+        sock.sendall(b"EHLO c.example\r\nMAIL FROM:<a@example.com>\r\n"
+                     b"RCPT TO:<u@example.com>\r\nDATA\r\n")
+        while not reader.readline().startswith(b"354"):
+            pass
+        said = b""
+        try:
+            for n in range(8):  # 4 s of trickle against a 1 s timeout
+                sock.sendall(b"line %d\r\n" % n)
+                time.sleep(0.5)  # the trickle itself, not a wait for the relay
+            sock.sendall(b".\r\n")
+            said = reader.readline()
+        except OSError:
+            pass
+    assert not said.startswith(b"250")
+    assert queued(relay) == [] and relay.files("tmp") == []
+
+
+@pytest.mark.plan(23)
+def test_exception_in_the_data_handler_answers_451_and_is_logged_once(make_relay,
+                                                                      tmp_path: Path) -> None:
+    relay = make_relay(relay_config(tmp_path, None, None),
+                       env={"RELAY_RAISE_AT": "before-spool-write"})
+    payload = (b"EHLO c.example\r\nMAIL FROM:<a@example.com>\r\nRCPT TO:<u@example.com>\r\n"
+               b"DATA\r\n")
+    with socket.create_connection(("127.0.0.1", relay.port), timeout=10) as sock:
+        reader = sock.makefile("rb")
+        reader.readline()
+        sock.sendall(payload)
+        while not reader.readline().startswith(b"354"):
+            pass
+        sock.sendall(b"Subject: boom\r\n\r\nbody\r\n.\r\n")
+        reply = reader.readline()
+        sock.sendall(b"NOOP\r\n")
+        still_serving = reader.readline()
+    assert reply.startswith(b"451 4.3.0 ")
+    assert b"/" not in reply and b"Injected" not in reply and b"Error: (" not in reply
+    assert still_serving.startswith(b"250")
+    wait_for(lambda: "InjectedFault" in relay.log(), what="the error in the log")
+    assert sum("SMTP session error" in line for line in relay.lines) == 1
+    assert queued(relay) == [] and relay.files("tmp") == []
+
+
+@pytest.mark.plan(77)
+def test_sigterm_mid_data_closes_the_listener_and_never_says_250_without_the_message(
+        make_relay, tmp_path: Path) -> None:
+    relay = make_relay(relay_config(tmp_path, None, None))
+    with socket.create_connection(("127.0.0.1", relay.port), timeout=10) as sock:
+        reader = sock.makefile("rb")
+        reader.readline()
+        sock.sendall(b"EHLO c.example\r\nMAIL FROM:<a@example.com>\r\n"
+                     b"RCPT TO:<u@example.com>\r\nDATA\r\n")
+        while not reader.readline().startswith(b"354"):
+            pass
+        sock.sendall(b"Subject: in flight\r\n\r\nfirst half\r\n")
+        assert relay.process is not None
+        relay.process.send_signal(signal.SIGTERM)
+
+        def refused() -> bool:
+            try:
+                socket.create_connection(("127.0.0.1", relay.port), timeout=1).close()
+            except ConnectionRefusedError:
+                return True
+            return False
+        wait_for(refused, what="the listener to close")
+        try:
+            sock.sendall(b"second half\r\n.\r\n")
+            reply = reader.readline()
+        except OSError:
+            reply = b""
+    assert relay.process.wait(timeout=30) == 0
+    stored = relay.files("incoming") + relay.files("deferred")
+    if reply.startswith(b"250"):
+        assert len(stored) == 1
+    else:
+        assert stored == [] and relay.files("tmp") == []
+
+
+@pytest.mark.plan(3, 90)
+def test_probe_from_an_address_outside_the_allow_list_relays_nothing(
+        make_relay, tmp_path: Path, upstream, ca_file: Path) -> None:
+    """An open-relay probe from another address (127.0.0.2, outside listen.allow): refused
+    at the greeting, and whatever it sends next is neither queued nor relayed."""
+    relay = make_relay(relay_config(tmp_path, upstream, ca_file,
+                                    listen={"allow": ["127.0.0.1/32"]}))
+    with socket.create_connection(("127.0.0.1", relay.port), timeout=10,
+                                  source_address=("127.0.0.2", 0)) as sock:
+        reader = sock.makefile("rb")
+        assert reader.readline().startswith(b"554 5.7.1 ")
+        try:
+            sock.sendall(b"EHLO probe.example\r\nMAIL FROM:<spam@example.net>\r\n"
+                         b"RCPT TO:<victim@example.org>\r\nDATA\r\nSubject: spam\r\n\r\nx\r\n"
+                         b".\r\nQUIT\r\n")
+            rest = reader.read()
+        except OSError:
+            rest = b""
+    assert b"250" not in rest and b"354" not in rest
+    # A client that is allowed still gets through: the same relay delivers its mail.
+    relay.send("app@example.com", ["user@example.com"], BODY)
+    wait_for(lambda: upstream.delivered_to("user@example.com"), what="the allowed client's mail")
+    assert [t.recipients for t in upstream.messages()] == [("user@example.com",)]

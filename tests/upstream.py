@@ -4,12 +4,13 @@ It records every transaction and what the relay did on the wire (TLS in effect, 
 seen, connections made). Replies are scripted by recipient (`tempfail@...` gets 451 at
 RCPT, `reject@...` 550, `drop@...` a reset connection), by attempt (`data_replies`: the
 next DATA answers, e.g. two 451s then 250) and per command (`mail_reply`, `auth_reply`,
-`starttls_reply`, `rcpt_limit`).
+`starttls_reply`, `rcpt_replies`, `rcpt_limit`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import ssl
 import threading
 from dataclasses import dataclass
@@ -18,6 +19,14 @@ from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
 USERNAME = "postmaster@mg.example.com"
 PASSWORD = "s3cret-Upstream-Pa55"
+
+
+def secret_forms() -> list[bytes]:
+    """The password as it could leak: plain, base64, inside AUTH PLAIN, and the base64
+    user name that AUTH LOGIN sends just before it."""
+    return [PASSWORD.encode(), base64.b64encode(PASSWORD.encode()),
+            base64.b64encode(f"\0{USERNAME}\0{PASSWORD}".encode()),
+            base64.b64encode(USERNAME.encode())]
 
 
 @dataclass(frozen=True)
@@ -48,6 +57,7 @@ class Upstream:
         self.mail_reply = ""  # if set, MAIL FROM gets this reply instead of 250
         self.auth_reply = ""  # if set, every AUTH fails with this reply
         self.starttls_reply = ""  # if set, STARTTLS gets this reply and no handshake
+        self.rcpt_replies: dict[str, str] = {}  # address -> the reply its RCPT gets
         self.rcpt_limit = 0  # if set, RCPTs beyond it in one transaction get rcpt_limit_reply
         self.rcpt_limit_reply = "452 4.5.3 Error: too many recipients"
         self.reset_after_data = False  # reset the connection right after DATA's 250
@@ -143,6 +153,8 @@ class Upstream:
 
     async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope,
                           address: str, rcpt_options: list[str]) -> str:
+        if address in self.rcpt_replies:
+            return self.rcpt_replies[address]
         local = address.split("@")[0]
         if local.startswith("tempfail"):
             return "451 4.2.0 Mailbox busy, try later"
