@@ -236,6 +236,13 @@ class Handler:
         return header.encode("utf-8")
 
 
+# Commands that carry no mail are limited per session, as with aiosmtpd's own suggestion
+# for slowloris clients (a NOOP just before each timeout would hold a slot forever).
+# Commands that do carry mail are not: one connection may submit any number of messages.
+COMMAND_CALL_LIMIT = {"NOOP": 20, "VRFY": 20, "EXPN": 20, "HELP": 20, "EHLO": 20, "HELO": 20,
+                      "*": 2**31}
+
+
 class ServerFactory:
     """Makes one protocol per connection from the current listen config, so a reload's new
     limits apply to every connection made after it (sessions in progress keep theirs)."""
@@ -253,7 +260,8 @@ class ServerFactory:
         config = self.handler.config
         return RelaySMTP(self.handler, self.gate, data_size_limit=config.max_message_size,
                          enable_SMTPUTF8=True, decode_data=False,
-                         hostname=self.handler.hostname, ident="ESMTP", timeout=config.timeout)
+                         hostname=self.handler.hostname, ident="ESMTP", timeout=config.timeout,
+                         command_call_limit=COMMAND_CALL_LIMIT)
 
 
 def local_hostname() -> str:

@@ -36,6 +36,7 @@ def queued(relay: RelayProcess) -> list[str]:
     return relay.files("incoming") + relay.files("deferred") + relay.files("active")
 
 
+@pytest.mark.plan(18, 100)
 def test_smuggled_end_of_data_sequences_stay_inside_one_message(relay: RelayProcess,
                                                                 upstream: Upstream) -> None:
     """Plan #18/#100: <LF>.<CR><LF>, <LF>.<LF> and <CR>.<CR><LF> do not end DATA; the
@@ -52,6 +53,7 @@ def test_smuggled_end_of_data_sequences_stay_inside_one_message(relay: RelayProc
     assert upstream.delivered_to("victim@example.com") == []
 
 
+@pytest.mark.plan(9)
 def test_line_longer_than_1000_octets_is_refused_and_nothing_spooled(
         holding_relay: RelayProcess) -> None:
     """Plan #9: a 2000-byte DATA line gets 500 5.5.2 after the dot; nothing is stored."""
@@ -62,6 +64,7 @@ def test_line_longer_than_1000_octets_is_refused_and_nothing_spooled(
     assert queued(holding_relay) == [] and holding_relay.files("tmp") == []
 
 
+@pytest.mark.plan(8)
 def test_command_line_longer_than_512_octets_is_refused(holding_relay: RelayProcess) -> None:
     """Plan #8: an overlong command gets 500 and the session goes on."""
     reply = session(holding_relay, b"EHLO c.example\r\nMAIL FROM:<" + b"a" * 600
@@ -70,6 +73,7 @@ def test_command_line_longer_than_512_octets_is_refused(holding_relay: RelayProc
     assert reply.rstrip().endswith(b"221 Bye")
 
 
+@pytest.mark.plan(26)
 def test_client_vanishing_mid_data_leaves_nothing(holding_relay: RelayProcess) -> None:
     """Plan #26: the client closes halfway through DATA: nothing committed, no debris."""
     with socket.create_connection(("127.0.0.1", holding_relay.port), timeout=10) as sock:
@@ -86,6 +90,7 @@ def test_client_vanishing_mid_data_leaves_nothing(holding_relay: RelayProcess) -
     assert queued(holding_relay) == [entry_id] and holding_relay.files("tmp") == []
 
 
+@pytest.mark.plan(22)
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.lists(st.binary(min_size=1, max_size=80), min_size=1, max_size=8))
 def test_garbage_commands_get_errors_never_tracebacks(holding_relay: RelayProcess,
@@ -98,6 +103,7 @@ def test_garbage_commands_get_errors_never_tracebacks(holding_relay: RelayProces
     assert holding_relay.process is not None and holding_relay.process.poll() is None
 
 
+@pytest.mark.plan(50)
 def test_silent_upstream_times_out_and_the_entry_is_deferred(tmp_path: Path, make_relay) -> None:
     """Plan #50: an upstream that accepts TCP but never greets: timeout, deferred, no loss."""
     server = socket.socket()
@@ -132,6 +138,7 @@ def test_silent_upstream_times_out_and_the_entry_is_deferred(tmp_path: Path, mak
         server.close()
 
 
+@pytest.mark.plan(41)
 def test_corrupt_entries_found_at_start_are_moved_aside_and_others_delivered(
         tmp_path: Path, make_relay, upstream: Upstream, ca_file: Path) -> None:
     """Plan #41: garbage, empty and truncated entries go to corrupt/; good mail flows."""
@@ -162,3 +169,52 @@ def test_upstream_closing_an_idle_reused_session_is_survived(relay: RelayProcess
     relay.send("app@example.com", ["second@example.com"], b"Subject: 2\r\n\r\nx\r\n")
     wait_for(lambda: upstream.delivered_to("second@example.com"), what="the second message")
 
+
+
+@pytest.mark.plan(6)
+def test_noop_slowloris_is_cut_off(holding_relay: RelayProcess) -> None:
+    """NOOPs keep resetting the idle timer; after 20 of them the session is closed."""
+    reply = session(holding_relay, b"EHLO c.example\r\n" + b"NOOP\r\n" * 25)
+    assert reply.count(b"250 ") == 21  # EHLO's last line and 20 NOOPs
+    assert b"421 4.7.0 NOOP sent too many times" in reply
+
+
+@pytest.mark.plan(10)
+def test_endless_line_in_data_is_refused_with_bounded_memory(holding_relay: RelayProcess) -> None:
+    """32 MiB without a line break after 354: refused, nothing stored, memory bounded."""
+    with socket.create_connection(("127.0.0.1", holding_relay.port), timeout=30) as sock:
+        reader = sock.makefile("rb")
+        reader.readline()
+        sock.sendall(b"EHLO c.example\r\nMAIL FROM:<a@example.com>\r\nRCPT TO:<u@example.com>\r\n"
+                     b"DATA\r\n")
+        while not reader.readline().startswith(b"354"):
+            pass
+        chunk = b"\0" * (1024 * 1024)
+        try:
+            for _ in range(32):
+                sock.sendall(chunk)
+            sock.sendall(b"\r\n.\r\n")
+            reply = reader.readline()
+        except OSError:
+            reply = b""
+    assert not reply.startswith(b"250")
+    assert holding_relay.process is not None and holding_relay.process.poll() is None
+    assert holding_relay.rss_kib() < 200 * 1024
+    assert queued(holding_relay) == [] and holding_relay.files("tmp") == []
+
+
+@pytest.mark.plan(21)
+def test_whole_session_sent_before_the_greeting_is_processed_in_order(
+        holding_relay: RelayProcess) -> None:
+    """An early talker: everything, body and QUIT included, written before reading 220.
+    Each command gets its own reply in order; exactly one message is stored."""
+    with socket.create_connection(("127.0.0.1", holding_relay.port), timeout=10) as sock:
+        sock.sendall(b"EHLO c.example\r\nMAIL FROM:<a@example.com>\r\nRCPT TO:<u@example.com>\r\n"
+                     b"DATA\r\nSubject: early\r\n\r\nMAIL FROM:<evil@example.com>\r\n.\r\n"
+                     b"QUIT\r\n")
+        replies = [line for line in sock.makefile("rb") if line[3:4] == b" "]
+    assert [r[:3] for r in replies] == [b"220", b"250", b"250", b"250", b"354", b"250", b"221"]
+    wait_for(lambda: len(queued(holding_relay)) == 1, what="the one message")
+    [entry_id] = queued(holding_relay)
+    shown = holding_relay.cli("queue", "show", entry_id, "--body").stdout
+    assert "MAIL FROM:<evil@example.com>" in shown  # body text, never a command
