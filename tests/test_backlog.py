@@ -35,7 +35,7 @@ def fill(spool_path: Path, count: int, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.undo()
 
 
-@pytest.mark.plan(43)
+@pytest.mark.plan(43, 82)
 def test_ten_thousand_queued_entries_start_list_and_stay_small(
         tmp_path: Path, make_relay, monkeypatch: pytest.MonkeyPatch,
         record_property) -> None:

@@ -59,6 +59,7 @@ def test_stripped_starttls_means_no_auth_and_no_mail(make_proxy, make_relay, tmp
         assert secret not in wire
 
 
+@pytest.mark.plan(55)
 def test_bytes_injected_after_starttls_reply_are_never_taken_as_replies(
         make_proxy, make_relay, tmp_path: Path, upstream: Upstream, ca_file: Path) -> None:
     """Plan #55: '250 fake' appended to the 220 that answers STARTTLS is discarded (or
@@ -72,6 +73,7 @@ def test_bytes_injected_after_starttls_reply_are_never_taken_as_replies(
     assert "fake injected" not in relay.log()
 
 
+@pytest.mark.plan(62)
 def test_connection_reset_mid_body_is_retried_and_delivered_once(
         make_proxy, make_relay, tmp_path: Path, upstream: Upstream, ca_file: Path) -> None:
     """Plan #62: reset halfway through the body: deferred, then the whole message is sent
@@ -88,6 +90,7 @@ def test_connection_reset_mid_body_is_retried_and_delivered_once(
     assert len(upstream.delivered_to("user@example.com")) == 1
 
 
+@pytest.mark.plan(47)
 @pytest.mark.parametrize("greeting", [b"421 4.7.0 Too busy, try later\r\n",
                                       b"554 5.7.1 No SMTP service here\r\n"])
 def test_refusing_greeting_defers(make_proxy, make_relay, tmp_path: Path, upstream: Upstream,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 from pathlib import Path
 
+import pytest
 import yaml
 
 from conftest import relay_config, run_cli
@@ -46,6 +47,7 @@ def test_wrong_password_exits_77_naming_the_credentials(tmp_path: Path, upstream
     assert_no_secret(result.stdout + result.stderr)
 
 
+@pytest.mark.plan(52)
 def test_upstream_without_starttls_exits_69_and_never_sends_auth(
         tmp_path: Path, make_upstream, ca_file: Path) -> None:
     upstream = make_upstream(offer_starttls=False)
@@ -56,6 +58,7 @@ def test_upstream_without_starttls_exits_69_and_never_sends_auth(
     assert upstream.auth_attempts == 0
 
 
+@pytest.mark.plan(54)
 def test_untrusted_certificate_exits_69_with_a_hint(tmp_path: Path, upstream: Upstream) -> None:
     config = relay_config(tmp_path, upstream, None)
     del config["upstream"]["ca_file"]

@@ -57,6 +57,7 @@ def test_sizes(text: object, size: int) -> None:
     assert parse_size(text) == size
 
 
+@pytest.mark.plan(2, 81)
 @pytest.mark.parametrize("text, key, fragment", [
     ("listen: {port: 587x}", "listen.port", "expected an integer 0-65535"),
     ("listen: {prot: 25}", "listen.prot", "did you mean 'port'"),
@@ -89,12 +90,14 @@ def test_port_error_message_shows_the_bad_value() -> None:
     assert str(error) == "upstream.port: expected an integer 1-65535, got '587x'"
 
 
+@pytest.mark.plan(96)
 def test_yaml_tags_never_construct_objects() -> None:
     """safe_load only: a python/object tag is a YAML error, not code execution."""
     error = error_for("listen: !!python/object/apply:os.system ['true']")
     assert "invalid YAML" in error.message
 
 
+@pytest.mark.plan(93)
 def test_password_comes_from_env_or_file_and_stays_out_of_repr(tmp_path: Path) -> None:
     """password_env and password_file both work; the password is never in a repr."""
     from_env = parse_config("upstream: {host: h.example, username: u, password_env: P}",
@@ -140,6 +143,7 @@ def test_example_config_loads_with_every_key() -> None:
         assert f"{key}:" in text, key
 
 
+@pytest.mark.plan(81)
 def test_bad_config_exits_78_before_opening_a_port(tmp_path: Path) -> None:
     """`relay serve` with a bad config exits 78 naming the key, and never listens."""
     bad = tmp_path / "relay.yaml"
@@ -151,6 +155,7 @@ def test_bad_config_exits_78_before_opening_a_port(tmp_path: Path) -> None:
     assert "listening" not in result.stderr
 
 
+@pytest.mark.plan(81)
 def test_missing_config_file_exits_78(tmp_path: Path) -> None:
     result = subprocess.run([sys.executable, "-m", "relay", "serve", "--config",
                              str(tmp_path / "nope.yaml")], capture_output=True, text=True,
@@ -163,3 +168,16 @@ def test_unknown_command_is_a_usage_error() -> None:
     result = subprocess.run([sys.executable, "-m", "relay", "frobnicate"],
                             capture_output=True, text=True, timeout=30)
     assert result.returncode == 64
+
+
+@pytest.mark.plan(32)
+def test_unusable_spool_exits_69_before_opening_a_port(tmp_path: Path) -> None:
+    """A spool path that cannot be a directory: a clear error, exit 69, nothing listening."""
+    (tmp_path / "a-file").write_text("")
+    path = tmp_path / "relay.yaml"
+    path.write_text(f"spool: {{path: {tmp_path / 'a-file' / 'spool'}}}\nlisten: {{port: 0}}\n")
+    result = subprocess.run([sys.executable, "-m", "relay", "serve", "--config", str(path)],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 69
+    assert "cannot use spool directory" in result.stderr and "a-file" in result.stderr
+    assert "listening" not in result.stderr

@@ -8,6 +8,8 @@ import threading
 from collections import Counter
 from pathlib import Path
 
+import pytest
+
 from conftest import relay_config, wait_for
 from upstream import Upstream
 
@@ -21,6 +23,7 @@ def message_id_of(data: bytes) -> str:
     return match.group(1).decode()
 
 
+@pytest.mark.plan(35)
 def test_sigkill_during_flood_loses_no_accepted_message(tmp_path: Path, make_relay,
                                                         upstream: Upstream, ca_file: Path,
                                                         capsys) -> None:

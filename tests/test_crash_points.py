@@ -30,6 +30,7 @@ def submit(port: int) -> bool:
         return False
 
 
+@pytest.mark.plan(35)
 @pytest.mark.parametrize("point, queued_after", [
     ("before-spool-write", False),
     ("after-fsync-before-rename", False),
@@ -52,6 +53,7 @@ def test_kill_during_ingest(tmp_path: Path, make_relay, upstream: Upstream, ca_f
         assert upstream.messages() == []
 
 
+@pytest.mark.plan(83)
 def test_kill_after_upstream_reply_before_state_update_resends_once(
         tmp_path: Path, make_relay, upstream: Upstream, ca_file: Path) -> None:
     """The upstream took the message but the spool never heard: after restart it is sent
@@ -65,6 +67,7 @@ def test_kill_after_upstream_reply_before_state_update_resends_once(
     wait_for(lambda: len(upstream.messages()) == 2, what="the resend after restart")
 
 
+@pytest.mark.plan(40, 83)
 def test_kill_after_final_dot_before_the_reply(tmp_path: Path, make_relay, upstream: Upstream,
                                                ca_file: Path) -> None:
     """Killed while the upstream holds the final dot (it replies later, to a dead socket):

@@ -29,6 +29,7 @@ def state_of(relay: RelayProcess, entry_id: str) -> dict:
     return json.loads((relay.spool / "state" / entry_id).read_text())
 
 
+@pytest.mark.plan(45)
 def test_message_is_relayed_byte_for_byte_over_starttls_with_auth(relay: RelayProcess,
                                                                    upstream: Upstream) -> None:
     """The upstream gets the exact bytes sent, after one prepended Received: header."""
@@ -46,6 +47,7 @@ def test_message_is_relayed_byte_for_byte_over_starttls_with_auth(relay: RelayPr
     assert "status=sent (250 2.0.0 Ok: queued upstream)" in relay.log()
 
 
+@pytest.mark.plan(16, 17, 20)
 def test_8bit_body_utf8_addresses_and_leading_dots_survive(relay: RelayProcess,
                                                            upstream: Upstream) -> None:
     """8-bit content, SMTPUTF8 addresses and lines starting with a dot arrive unchanged."""
@@ -65,6 +67,7 @@ def test_8bit_body_utf8_addresses_and_leading_dots_survive(relay: RelayProcess,
     assert "SMTPUTF8" in got.mail_options and "BODY=8BITMIME" in got.mail_options
 
 
+@pytest.mark.plan(15, 66)
 def test_null_sender_is_relayed_as_null_sender(relay: RelayProcess, upstream: Upstream) -> None:
     """MAIL FROM:<> (bounces, auto-replies) is accepted and relayed as <>."""
     relay.send("<>", ["user@example.com"], BODY)
@@ -72,6 +75,7 @@ def test_null_sender_is_relayed_as_null_sender(relay: RelayProcess, upstream: Up
     assert got.sender == ""
 
 
+@pytest.mark.plan(59)
 def test_rejected_recipient_fails_alone_and_the_other_is_delivered_once(
         relay: RelayProcess, upstream: Upstream) -> None:
     """550 to one RCPT fails that recipient; the other is delivered exactly once."""
@@ -86,6 +90,7 @@ def test_rejected_recipient_fails_alone_and_the_other_is_delivered_once(
     assert len(state["attempts"]) == 1
 
 
+@pytest.mark.plan(59)
 def test_temporary_recipient_is_retried_without_resending_to_the_accepted_one(
         relay: RelayProcess, upstream: Upstream) -> None:
     """A 451 recipient stays pending; retries never send again to the accepted one."""
@@ -103,6 +108,7 @@ def state_of_if_any(relay: RelayProcess, entry_id: str) -> dict:
         return {}
 
 
+@pytest.mark.plan(68)
 def test_two_451_replies_then_delivered(relay: RelayProcess, upstream: Upstream) -> None:
     """DATA answered 451 twice is retried with backoff and then delivered once."""
     upstream.data_replies = ["451 4.3.0 Try again later", "451 4.3.0 Try again later"]
@@ -115,20 +121,25 @@ def test_two_451_replies_then_delivered(relay: RelayProcess, upstream: Upstream)
     wait_for(lambda: not (relay.spool / "state" / entry_id).exists(), what="state removal")
 
 
+@pytest.mark.plan(46, 89)
 def test_upstream_down_at_submit_then_back(tmp_path: Path, make_relay, make_upstream,
                                            ca_file: Path) -> None:
-    """With the upstream down the client still gets 250 at once; delivery follows recovery."""
+    """With the upstream down the clients still get 250 at once; once it is back the
+    backlog drains, each message delivered exactly once."""
     upstream = make_upstream()
     upstream.stop()
     relay = make_relay(relay_config(tmp_path, upstream, ca_file))
-    entry_id = relay.send("app@example.com", ["user@example.com"], BODY)
-    wait_for(lambda: state_of_if_any(relay, entry_id).get("last_error"), what="a deferral")
-    assert "connection failed" in state_of(relay, entry_id)["last_error"]
+    ids = [relay.send("app@example.com", [f"user{n}@example.com"], BODY) for n in range(20)]
+    wait_for(lambda: state_of_if_any(relay, ids[0]).get("last_error"), what="a deferral")
+    assert "connection failed" in state_of(relay, ids[0])["last_error"]
     upstream.start()
-    [got] = wait_for(lambda: upstream.delivered_to("user@example.com"), what="delivery")
-    assert strip_received(got.data)[1] == BODY
+    wait_for(lambda: len(upstream.messages()) == 20, what="the backlog delivered")
+    assert all(strip_received(t.data)[1] == BODY for t in upstream.messages())
+    assert sorted(r for t in upstream.messages() for r in t.recipients) == \
+        sorted(f"user{n}@example.com" for n in range(20))
 
 
+@pytest.mark.plan(56)
 def test_rejected_credentials_defer_and_never_fail(tmp_path: Path, make_relay, make_upstream,
                                                    ca_file: Path) -> None:
     """AUTH rejected is our side's problem: the entry is deferred, not failed."""
@@ -143,6 +154,7 @@ def test_rejected_credentials_defer_and_never_fail(tmp_path: Path, make_relay, m
     assert upstream.messages() == [] and upstream.mail_commands == 0
 
 
+@pytest.mark.plan(52, 74)
 def test_upstream_without_starttls_gets_no_auth_and_no_mail(tmp_path: Path, make_relay,
                                                             make_upstream, ca_file: Path) -> None:
     """tls: starttls never falls back to clear text: no AUTH, no MAIL, entry deferred."""
@@ -155,6 +167,7 @@ def test_upstream_without_starttls_gets_no_auth_and_no_mail(tmp_path: Path, make
     assert relay.files("failed") == []
 
 
+@pytest.mark.plan(54)
 def test_untrusted_certificate_gets_no_auth(tmp_path: Path, make_relay, upstream: Upstream) -> None:
     """A certificate from a CA the relay does not trust ends the session before AUTH."""
     config = relay_config(tmp_path, upstream, None)
@@ -166,6 +179,7 @@ def test_untrusted_certificate_gets_no_auth(tmp_path: Path, make_relay, upstream
     assert upstream.auth_attempts == 0 and upstream.mail_commands == 0
 
 
+@pytest.mark.plan(71)
 def test_entry_expires_after_max_age(tmp_path: Path, make_relay, upstream: Upstream,
                                      ca_file: Path) -> None:
     """Still undelivered after max_age: failed, with the last upstream reply kept."""
@@ -181,6 +195,7 @@ def test_entry_expires_after_max_age(tmp_path: Path, make_relay, upstream: Upstr
     wait_for(lambda: f"{entry_id}: status=failed" in relay.log(), what="the failure logged")
 
 
+@pytest.mark.plan(71)
 def test_max_attempts_fails_the_entry(tmp_path: Path, make_relay, upstream: Upstream,
                                       ca_file: Path) -> None:
     """delivery.max_attempts caps the attempts, then the entry is failed."""
@@ -205,15 +220,18 @@ def test_no_upstream_keeps_mail_until_one_is_configured(tmp_path: Path, make_rel
     wait_for(lambda: upstream.delivered_to("user@example.com"), what="delivery")
 
 
-def test_session_is_reused_for_consecutive_messages(relay: RelayProcess,
-                                                    upstream: Upstream) -> None:
-    """Consecutive messages share upstream sessions: fewer logins than messages."""
-    for n in range(6):
+@pytest.mark.plan(70)
+def test_sessions_are_reused_one_login_per_worker(relay: RelayProcess,
+                                                  upstream: Upstream) -> None:
+    """Twenty messages travel over at most `connections` sessions, each logged in once."""
+    for n in range(20):
         relay.send("app@example.com", [f"user{n}@example.com"], BODY)
-    wait_for(lambda: len(upstream.messages()) == 6, what="six deliveries")
-    assert upstream.auth_attempts < 6
+    wait_for(lambda: len(upstream.messages()) == 20, what="twenty deliveries")
+    workers = relay.config["upstream"]["connections"]
+    assert upstream.connections <= workers and upstream.auth_attempts <= workers
 
 
+@pytest.mark.plan(78)
 def test_sigterm_exits_zero_and_keeps_undelivered_mail(tmp_path: Path, make_relay,
                                                        upstream: Upstream, ca_file: Path) -> None:
     """SIGTERM drains and exits 0; what could not be delivered stays in the spool."""
@@ -279,6 +297,7 @@ def test_json_log_format_has_the_same_fields(tmp_path: Path, make_relay, upstrea
     assert event["attempt"] == 1
 
 
+@pytest.mark.plan(58)
 def test_mail_from_refused_temporarily_defers_and_permanently_fails(
         tmp_path: Path, make_relay, upstream: Upstream, ca_file: Path) -> None:
     """Plan #58: 451 to MAIL FROM defers; 553 to MAIL FROM fails every recipient."""
@@ -295,6 +314,7 @@ def test_mail_from_refused_temporarily_defers_and_permanently_fails(
         "553 5.1.8 Sender domain rejected"}
 
 
+@pytest.mark.plan(19)
 def test_bare_line_feeds_reach_the_upstream_as_crlf(relay: RelayProcess,
                                                     upstream: Upstream) -> None:
     """Plan #19: a body with bare LF and bare CR is relayed with CRLF line endings only."""
@@ -305,6 +325,7 @@ def test_bare_line_feeds_reach_the_upstream_as_crlf(relay: RelayProcess,
     assert body == b"Subject: bare\r\nMessage-ID: <bare@example.com>\r\n\r\none\r\ntwo\r\nthree\r\n"
 
 
+@pytest.mark.plan(94)
 def test_message_content_never_reaches_the_log(relay: RelayProcess, upstream: Upstream) -> None:
     """Plan #94: even at log level debug, no line of a message body is logged."""
     token = "body-token-5f1c0a"

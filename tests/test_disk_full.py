@@ -53,6 +53,7 @@ def send_without_size(relay: RelayProcess, body: bytes) -> tuple[int, bytes]:
         return smtp.data(body)
 
 
+@pytest.mark.plan(30, 36)
 def test_full_disk_refuses_with_452_and_keeps_what_it_accepted(tiny_spool_relay) -> None:  # type: ignore[no-untyped-def]
     """ENOSPC mid-write: 452 4.3.1, no partial entry; accepted mail intact; space freed,
     mail is accepted again."""
@@ -75,6 +76,7 @@ def test_full_disk_refuses_with_452_and_keeps_what_it_accepted(tiny_spool_relay)
     assert send_without_size(relay, body)[0] == 250
 
 
+@pytest.mark.plan(11, 30)
 def test_declared_size_larger_than_free_space_is_refused_at_mail(tiny_spool_relay) -> None:  # type: ignore[no-untyped-def]
     """MAIL ... SIZE= more than the free space: 452 4.3.1 before any data is sent."""
     relay, _ = tiny_spool_relay("size=128k")
@@ -84,6 +86,7 @@ def test_declared_size_larger_than_free_space_is_refused_at_mail(tiny_spool_rela
     assert (code, reply[:5]) == (452, b"4.3.1")
 
 
+@pytest.mark.plan(37)
 def test_inode_exhaustion_refuses_with_452(tiny_spool_relay) -> None:  # type: ignore[no-untyped-def]
     """No inode left for a new file: 452 4.3.1, the relay keeps serving."""
     relay, spool_path = tiny_spool_relay("size=64m,nr_inodes=16")

@@ -43,6 +43,7 @@ def raw_session(relay: RelayProcess, payload: bytes, replies: int) -> list[bytes
         return lines
 
 
+@pytest.mark.plan(106)
 def test_ehlo_advertises_the_contracts_extensions(holding_relay: RelayProcess) -> None:
     """SIZE, 8BITMIME, SMTPUTF8, PIPELINING, ENHANCEDSTATUSCODES; no version in the banner."""
     with holding_relay.client() as smtp:
@@ -54,11 +55,13 @@ def test_ehlo_advertises_the_contracts_extensions(holding_relay: RelayProcess) -
         assert smtp.esmtp_features["size"] == str(25 * 1024 * 1024)
 
 
+@pytest.mark.plan(1)
 def test_listens_on_loopback_only_by_default(holding_relay: RelayProcess) -> None:
     """The built-in listen address is 127.0.0.1."""
     assert "listening=127.0.0.1:" in holding_relay.log()
 
 
+@pytest.mark.plan(14)
 @pytest.mark.parametrize("sender, fragment", [
     ("bad", "bad sender address syntax"),
     ("a@b@c.example", "malformed address"),  # refused by aiosmtpd's parser first
@@ -79,6 +82,7 @@ def test_invalid_sender_gets_553_5_1_3_with_the_reason(holding_relay: RelayProce
     assert fragment in reply
 
 
+@pytest.mark.plan(14)
 def test_invalid_recipient_gets_553_and_valid_ones_still_queue(holding_relay: RelayProcess) -> None:
     """A bad RCPT is refused alone; the transaction goes on with the good recipients."""
     with holding_relay.client() as smtp:
@@ -93,6 +97,7 @@ def test_invalid_recipient_gets_553_and_valid_ones_still_queue(holding_relay: Re
     wait_for(lambda: len(queued(holding_relay)) == 1, what="one queued entry")
 
 
+@pytest.mark.plan(16)
 def test_internationalized_address_needs_smtputf8(holding_relay: RelayProcess) -> None:
     """A non-ASCII address is refused without SMTPUTF8 and accepted with it."""
     replies = raw_session(holding_relay, "EHLO c.example\r\nMAIL FROM:<app@example.com>\r\n"
@@ -103,6 +108,7 @@ def test_internationalized_address_needs_smtputf8(holding_relay: RelayProcess) -
     assert replies[5].startswith(b"250 ")
 
 
+@pytest.mark.plan(11)
 def test_declared_size_above_the_limit_is_refused_at_mail(make_relay, tmp_path: Path) -> None:
     """MAIL ... SIZE= above max_message_size: 552 5.3.4 before any data is sent."""
     relay = make_relay(relay_config(tmp_path, None, None, listen={"max_message_size": "10KiB"}))
@@ -110,6 +116,7 @@ def test_declared_size_above_the_limit_is_refused_at_mail(make_relay, tmp_path: 
     assert replies[1].startswith(b"552 5.3.4 ")
 
 
+@pytest.mark.plan(12)
 def test_oversized_data_is_refused_and_nothing_spooled(make_relay, tmp_path: Path) -> None:
     """More data than max_message_size: 552 5.3.4 after the dot, nothing spooled."""
     relay = make_relay(relay_config(tmp_path, None, None, listen={"max_message_size": "10KiB"}))
@@ -123,6 +130,7 @@ def test_oversized_data_is_refused_and_nothing_spooled(make_relay, tmp_path: Pat
     assert queued(relay) == [] and relay.files("tmp") == []
 
 
+@pytest.mark.plan(13)
 def test_recipient_limit_gets_452_4_5_3_and_the_rest_are_queued(make_relay,
                                                                 tmp_path: Path) -> None:
     """RCPT beyond max_recipients: 452 4.5.3; the accepted recipients are all queued."""
@@ -139,6 +147,7 @@ def test_recipient_limit_gets_452_4_5_3_and_the_rest_are_queued(make_relay,
     assert b'"recipients":["u0@example.com","u1@example.com","u2@example.com"]' in header
 
 
+@pytest.mark.plan(4)
 def test_connection_limit_answers_421_and_frees_up(make_relay, tmp_path: Path) -> None:
     """Beyond max_connections: 421 4.7.0 and close; a freed slot is usable again."""
     relay = make_relay(relay_config(tmp_path, None, None, listen={"max_connections": 2}))
@@ -154,6 +163,7 @@ def test_connection_limit_answers_421_and_frees_up(make_relay, tmp_path: Path) -
     second.quit()
 
 
+@pytest.mark.plan(3)
 def test_client_outside_allow_networks_gets_554(make_relay, tmp_path: Path) -> None:
     """A client whose address is not in listen.allow: 554 5.7.1 at connect."""
     relay = make_relay(relay_config(tmp_path, None, None, listen={"allow": ["10.0.0.0/8"]}))
@@ -161,6 +171,7 @@ def test_client_outside_allow_networks_gets_554(make_relay, tmp_path: Path) -> N
         assert sock.makefile("rb").readline().startswith(b"554 5.7.1 ")
 
 
+@pytest.mark.plan(5)
 def test_idle_client_gets_421_and_is_closed(make_relay, tmp_path: Path) -> None:
     """A client silent for listen.timeout gets 421 4.4.2 and the connection closes."""
     relay = make_relay(relay_config(tmp_path, None, None, listen={"timeout": "1s"}))
@@ -171,6 +182,7 @@ def test_idle_client_gets_421_and_is_closed(make_relay, tmp_path: Path) -> None:
         assert reader.readline() == b""
 
 
+@pytest.mark.plan(30)
 def test_low_disk_space_gets_452_4_3_1(make_relay, tmp_path: Path) -> None:
     """Free space below spool.min_free: 452 4.3.1 and nothing written."""
     relay = make_relay(relay_config(tmp_path, None, None, spool={"min_free": "1000000GiB"}))
@@ -181,6 +193,7 @@ def test_low_disk_space_gets_452_4_3_1(make_relay, tmp_path: Path) -> None:
     assert queued(relay) == []
 
 
+@pytest.mark.plan(38)
 def test_spool_write_failure_gets_451_and_the_listener_keeps_serving(
         holding_relay: RelayProcess) -> None:
     """The spool cannot publish (incoming/ unusable): 452 4.3.1, no debris; then recovers."""
@@ -199,6 +212,7 @@ def test_spool_write_failure_gets_451_and_the_listener_keeps_serving(
     assert holding_relay.send("app@example.com", ["user@example.com"], BODY)
 
 
+@pytest.mark.plan(24, 105)
 def test_helo_with_control_characters_cannot_inject_headers(holding_relay: RelayProcess) -> None:
     """EHLO 'evil\\rBcc: ...' is sanitized in Received:; no Bcc header appears."""
     replies = raw_session(holding_relay, b"EHLO evil\rBcc: victim@example.com\r\n"
@@ -212,6 +226,7 @@ def test_helo_with_control_characters_cannot_inject_headers(holding_relay: Relay
     assert message.startswith(b"Received: from evil?Bcc:?victim@example.com ([127.0.0.1])\r\n")
 
 
+@pytest.mark.plan(27)
 def test_pipelined_transactions_with_rset_queue_independently(holding_relay: RelayProcess) -> None:
     """Three pipelined transactions, one reset midway: exactly two entries queued."""
     payload = (b"EHLO c.example\r\n"
@@ -225,6 +240,7 @@ def test_pipelined_transactions_with_rset_queue_independently(holding_relay: Rel
     wait_for(lambda: len(queued(holding_relay)) == 2, what="two entries")
 
 
+@pytest.mark.plan(95)
 def test_spool_files_are_private(holding_relay: RelayProcess) -> None:
     """Entries 0600, spool directories 0700."""
     entry_id = holding_relay.send("app@example.com", ["user@example.com"], BODY)
@@ -233,6 +249,7 @@ def test_spool_files_are_private(holding_relay: RelayProcess) -> None:
     assert os.stat(holding_relay.spool / "deferred").st_mode & 0o777 == 0o700
 
 
+@pytest.mark.plan(42)
 def test_second_relay_on_the_same_spool_is_refused(holding_relay: RelayProcess,
                                                    tmp_path: Path) -> None:
     """The spool lock keeps a second `relay serve` out (exit 69, clear message)."""
@@ -310,6 +327,8 @@ def test_trickled_data_is_cut_off_at_the_timeout_and_nothing_is_kept(make_relay,
 @pytest.mark.plan(23)
 def test_exception_in_the_data_handler_answers_451_and_is_logged_once(make_relay,
                                                                       tmp_path: Path) -> None:
+    """An exception of ours while storing: 451 4.3.0 with no path or exception text, the
+    session goes on, one log line with the traceback, nothing stored."""
     relay = make_relay(relay_config(tmp_path, None, None),
                        env={"RELAY_RAISE_AT": "before-spool-write"})
     payload = (b"EHLO c.example\r\nMAIL FROM:<a@example.com>\r\nRCPT TO:<u@example.com>\r\n"
@@ -335,6 +354,9 @@ def test_exception_in_the_data_handler_answers_451_and_is_logged_once(make_relay
 @pytest.mark.plan(77)
 def test_sigterm_mid_data_closes_the_listener_and_never_says_250_without_the_message(
         make_relay, tmp_path: Path) -> None:
+    """SIGTERM halfway through a body: new connections are refused at once; the client
+    in DATA hears 250 only if its message is stored (here or after exit), else nothing
+    is stored; exit 0."""
     relay = make_relay(relay_config(tmp_path, None, None))
     with socket.create_connection(("127.0.0.1", relay.port), timeout=10) as sock:
         reader = sock.makefile("rb")

@@ -33,6 +33,7 @@ def entry(*addresses: str, attempts: int = 0) -> Entry:
                  attempts=tuple(Attempt(T0, "up:587", "451 x", 0.1) for _ in range(attempts)))
 
 
+@pytest.mark.plan(58, 68)
 @pytest.mark.parametrize("reply, stage, verdict", [
     (Reply(250, "2.0.0 Ok"), Stage.DATA, Verdict.SENT),
     (Reply(251, "2.1.5 will forward"), Stage.RCPT, Verdict.SENT),
@@ -64,6 +65,7 @@ def test_only_refused_credentials_pause_delivery(result: AttemptResult, paused: 
     assert credentials_rejected(result) is paused
 
 
+@pytest.mark.plan(46)
 @pytest.mark.parametrize("attempts, low, high", [
     (1, 60, 72),      # retry_min, jitter only upwards since clamped at retry_min
     (2, 96, 144),     # 120 +-20%
@@ -77,12 +79,14 @@ def test_backoff_doubles_with_jitter_within_bounds(attempts: int, low: float, hi
     assert low <= backoff(attempts, CONFIG, 0.999) <= high
 
 
+@pytest.mark.plan(46)
 @given(st.integers(min_value=0, max_value=10_000), st.floats(min_value=0, max_value=0.9999))
 def test_backoff_never_leaves_retry_min_to_retry_max(attempts: int, rand: float) -> None:
     """For any attempt count and random draw, retry_min <= backoff <= retry_max."""
     assert CONFIG.retry_min <= backoff(attempts, CONFIG, rand) <= CONFIG.retry_max
 
 
+@pytest.mark.plan(71)
 def test_expiry_by_age_and_by_attempts() -> None:
     """max_age since arrival, or max_attempts when set, expire an entry."""
     assert not is_expired(entry("a@x.com"), T0 + 5 * 86400 - 1, CONFIG)

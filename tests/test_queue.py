@@ -97,6 +97,7 @@ def holding_relay_config(tmp_path: Path) -> Path:
     return path
 
 
+@pytest.mark.plan(99)
 def test_show_gives_envelope_recipients_attempts_and_headers(patient_relay: RelayProcess,
                                                              upstream: Upstream) -> None:
     """show: per-recipient status and reply, each attempt with relay and duration, headers
@@ -167,6 +168,7 @@ def test_delete_removes_entry_and_state(patient_relay: RelayProcess) -> None:
     assert patient_relay.files("deferred") == [] and patient_relay.files("state") == []
 
 
+@pytest.mark.plan(98)
 def test_unknown_and_malicious_ids_exit_65_and_the_others_are_processed(
         patient_relay: RelayProcess, tmp_path: Path) -> None:
     """Unknown IDs and paths are refused (exit 65) without touching files; valid IDs work."""
@@ -194,6 +196,7 @@ def test_bulk_actions_need_the_literal_all(patient_relay: RelayProcess) -> None:
     assert patient_relay.files("hold") == [first, second]
 
 
+@pytest.mark.plan(87)
 def test_entry_in_delivery_is_not_touched(tmp_path: Path, make_relay, upstream: Upstream,
                                           ca_file: Path) -> None:
     """A delete while a delivery owns the entry waits, then says so and exits 75."""
@@ -209,6 +212,7 @@ def test_entry_in_delivery_is_not_touched(tmp_path: Path, make_relay, upstream: 
     wait_for(lambda: upstream.delivered_to("user@example.com"), timeout=10, what="delivery")
 
 
+@pytest.mark.plan(87)
 def test_actions_racing_deliveries_end_each_message_in_exactly_one_place(
         tmp_path: Path, make_relay, upstream: Upstream, ca_file: Path) -> None:
     """Deletes, holds and flushes while a slow upstream delivers: every message ends exactly

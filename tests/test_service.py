@@ -34,6 +34,7 @@ def unit_file(tmp_path: Path) -> Path:
     return unit
 
 
+@pytest.mark.plan(102)
 @needs_systemd
 def test_unit_passes_systemd_analyze_verify(unit_file: Path) -> None:
     """verify exits 0 even on unknown keys, so any output at all is a failure."""
@@ -42,6 +43,7 @@ def test_unit_passes_systemd_analyze_verify(unit_file: Path) -> None:
     assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
 
 
+@pytest.mark.plan(102)
 @needs_systemd
 def test_unit_hardening_exposure_is_low(unit_file: Path, capsys: pytest.CaptureFixture) -> None:
     """systemd-analyze security: exposure at most 2.0 (threshold is on a 0-100 scale)."""
@@ -119,6 +121,7 @@ def test_readiness_status_watchdog_reload_and_stopping(tmp_path: Path, make_rela
     assert "STOPPING=1" in notify_socket.drain()
 
 
+@pytest.mark.plan(79)
 def test_reload_applies_new_credentials_without_dropping_mail(
         tmp_path: Path, make_relay, upstream: Upstream, ca_file: Path) -> None:
     """Credentials rotated at the provider: fix the password file, SIGHUP, flush, delivered."""
@@ -143,6 +146,7 @@ def test_reload_applies_new_credentials_without_dropping_mail(
         assert idle_client.noop()[0] == 250
 
 
+@pytest.mark.plan(79)
 def test_reload_applies_new_limits_and_log_level(tmp_path: Path, make_relay) -> None:
     """A raised recipient limit applies to the next connection; log.level warning hides
     the info lines from then on."""
@@ -169,7 +173,10 @@ def test_reload_applies_new_limits_and_log_level(tmp_path: Path, make_relay) -> 
     assert not any("status=queued" in line for line in relay.lines[seen:])
 
 
+@pytest.mark.plan(80)
 def test_invalid_config_on_reload_keeps_the_running_one(tmp_path: Path, make_relay) -> None:
+    """SIGHUP with a broken config: the error is logged, the running configuration kept,
+    and mail still accepted."""
     config = relay_config(tmp_path, None, None)
     relay = make_relay(config)
     relay.config_path.write_text("listen: {port: not-a-port}\n")

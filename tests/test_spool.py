@@ -47,6 +47,7 @@ def test_store_publishes_a_private_file_with_envelope_and_content(spool: Spool) 
     assert os.listdir(spool.path / "tmp") == []
 
 
+@pytest.mark.plan(33)
 def test_store_fsyncs_file_then_renames_then_fsyncs_directory(
         spool: Spool, monkeypatch: pytest.MonkeyPatch) -> None:
     """write -> fsync(file) -> rename -> fsync(dir): two fsyncs per message, in that order."""
@@ -66,6 +67,7 @@ def test_store_fsyncs_file_then_renames_then_fsyncs_directory(
     assert calls == ["fsync(file)", "rename", "fsync(dir)"]
 
 
+@pytest.mark.plan(36, 38)
 @pytest.mark.parametrize("error, expected", [(errno.EIO, SpoolError), (errno.ENOSPC, SpoolFull)])
 def test_failed_fsync_or_full_disk_leaves_nothing_behind(
         spool: Spool, monkeypatch: pytest.MonkeyPatch, error: int, expected: type) -> None:
@@ -78,6 +80,7 @@ def test_failed_fsync_or_full_disk_leaves_nothing_behind(
     assert os.listdir(spool.path / "tmp") == [] and os.listdir(spool.path / "incoming") == []
 
 
+@pytest.mark.plan(30)
 def test_min_free_refuses_before_writing(tmp_path: Path) -> None:
     """Free space below spool.min_free: SpoolFull, nothing written."""
     spool = Spool(tmp_path / "spool", min_free=1 << 62)
@@ -87,6 +90,7 @@ def test_min_free_refuses_before_writing(tmp_path: Path) -> None:
     assert os.listdir(spool.path / "incoming") == []
 
 
+@pytest.mark.plan(97)
 def test_symlink_at_the_temporary_name_is_not_followed(spool: Spool, tmp_path: Path) -> None:
     """A symlink planted where the temp file goes is refused; its target is untouched."""
     target = tmp_path / "victim"
@@ -98,6 +102,7 @@ def test_symlink_at_the_temporary_name_is_not_followed(spool: Spool, tmp_path: P
     assert target.read_text() == "precious"
 
 
+@pytest.mark.plan(97)
 def test_symlinked_spool_is_refused(tmp_path: Path) -> None:
     (tmp_path / "real").mkdir()
     os.symlink(tmp_path / "real", tmp_path / "spool")
@@ -105,6 +110,7 @@ def test_symlinked_spool_is_refused(tmp_path: Path) -> None:
         Spool(tmp_path / "spool").open()
 
 
+@pytest.mark.plan(42)
 def test_second_lock_is_refused(spool: Spool) -> None:
     """Only one relay may serve a spool."""
     spool.lock()
@@ -116,6 +122,7 @@ def test_second_lock_is_refused(spool: Spool) -> None:
     other.unlock()
 
 
+@pytest.mark.plan(44)
 def test_claim_defer_and_recover_keep_per_recipient_state(spool: Spool) -> None:
     """Recipient status and attempts survive defer and recovery; a second claim gets None."""
     from relay.entry import Attempt
@@ -161,6 +168,7 @@ def test_unclaim_defers_an_interrupted_entry_untouched(spool: Spool) -> None:
     spool.unclaim(entry, due)  # no longer in active/: nothing happens
 
 
+@pytest.mark.plan(39)
 def test_recover_sweeps_tmp_and_returns_active_to_incoming(spool: Spool) -> None:
     """After a crash: tmp/ debris goes, active/ entries are due again, orphan state goes."""
     entry_id = store(spool)
@@ -185,6 +193,7 @@ def test_remove_deletes_entry_and_state(spool: Spool) -> None:
     assert os.listdir(spool.path / "active") == [] and os.listdir(spool.path / "state") == []
 
 
+@pytest.mark.plan(41, 67)
 @pytest.mark.parametrize("name, data", [
     ("garbage", b"\x00\xffnot an entry at all"),
     ("empty", b""),
@@ -209,6 +218,7 @@ def test_corrupt_entry_is_moved_aside_on_claim(spool: Spool, name: str, data: by
     assert os.listdir(spool.path / "corrupt") == [entry_id]
 
 
+@pytest.mark.plan(41)
 @settings(max_examples=200, deadline=None)
 @given(st.binary(max_size=300))
 def test_any_bytes_parse_or_raise_corrupt_entry(tmp_path_factory: pytest.TempPathFactory,

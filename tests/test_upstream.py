@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import pytest
+
 from relay.config import UpstreamConfig
 from relay.policy import AttemptResult
 from relay.upstream import UpstreamSession, make_tls_context
@@ -25,6 +27,7 @@ def deliver(upstream: Upstream, ca_file: Path, recipients: list[str]) -> Attempt
     return asyncio.run(run())
 
 
+@pytest.mark.plan(67)
 def test_address_the_client_refuses_to_send_fails_alone(upstream: Upstream,
                                                         ca_file: Path) -> None:
     """Plan #67: an address aiosmtplib will not put on the wire is a permanent 553 for that

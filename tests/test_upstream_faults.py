@@ -53,6 +53,8 @@ def test_rejected_credentials_pause_delivery_until_reload(tmp_path: Path, make_r
 @pytest.mark.plan(57)
 def test_temporary_auth_failure_defers_without_pausing(tmp_path: Path, make_relay,
                                                        upstream: Upstream, ca_file: Path) -> None:
+    """454 4.7.0 to AUTH: deferred, no MAIL sent, delivery not paused; delivered once
+    AUTH works."""
     upstream.auth_reply = "454 4.7.0 Temporary authentication failure"
     relay = make_relay(relay_config(tmp_path, upstream, ca_file))
     entry_id = relay.send("app@example.com", ["user@example.com"], BODY)
@@ -66,6 +68,8 @@ def test_temporary_auth_failure_defers_without_pausing(tmp_path: Path, make_rela
 @pytest.mark.plan(53)
 def test_starttls_refused_defers_and_never_falls_back_to_clear(
         tmp_path: Path, make_relay, upstream: Upstream, ca_file: Path) -> None:
+    """454 to STARTTLS: deferred with that reply; no AUTH, no MAIL in clear; delivered
+    over TLS once STARTTLS works."""
     upstream.starttls_reply = "454 4.7.0 TLS not available due to temporary reason"
     relay = make_relay(relay_config(tmp_path, upstream, ca_file))
     entry_id = relay.send("app@example.com", ["user@example.com"], BODY)
@@ -101,6 +105,8 @@ def test_final_dot_unanswered_in_time_defers_on_a_new_connection_with_the_same_m
 @pytest.mark.plan(64)
 def test_reset_right_after_250_counts_as_delivered(tmp_path: Path, make_relay,
                                                    upstream: Upstream, ca_file: Path) -> None:
+    """The upstream resets the connection right after its 250: the message counts as
+    delivered and is not sent again; the next message opens a new connection."""
     upstream.reset_after_data = True
     relay = make_relay(relay_config(tmp_path, upstream, ca_file,
                                     upstream={"connections": 1}))
@@ -115,6 +121,7 @@ def test_reset_right_after_250_counts_as_delivered(tmp_path: Path, make_relay,
 @pytest.mark.plan(60)
 def test_every_recipient_refused_for_good_fails_the_message(relay: RelayProcess,
                                                             upstream: Upstream) -> None:
+    """550 to every RCPT: the entry goes to failed/ with each reply; no DATA is sent."""
     entry_id = relay.send("app@example.com", ["reject1@example.com", "reject2@example.com"], BODY)
     wait_for(lambda: entry_id in relay.files("failed"), what="the failure")
     replies = [r["reply"] for r in relay.state(entry_id)["recipients"]]
@@ -125,6 +132,7 @@ def test_every_recipient_refused_for_good_fails_the_message(relay: RelayProcess,
 @pytest.mark.plan(60)
 def test_every_recipient_refused_for_now_defers_the_message(relay: RelayProcess,
                                                             upstream: Upstream) -> None:
+    """451 to every RCPT: deferred and retried, never failed; no DATA is sent."""
     entry_id = relay.send("app@example.com", ["tempfail1@example.com", "tempfail2@example.com"],
                           BODY)
     wait_for(lambda: len(relay.state(entry_id).get("attempts", [])) >= 2, what="a retry")
@@ -153,6 +161,7 @@ def test_upstream_recipient_limit_sends_the_rest_in_new_transactions(
 @pytest.mark.plan(69)
 def test_421_after_mail_defers_and_the_connection_is_not_reused(
         tmp_path: Path, make_relay, upstream: Upstream, ca_file: Path) -> None:
+    """421 to MAIL: deferred; the retry opens a new connection and is delivered."""
     upstream.mail_reply = "421 4.7.0 Too many messages, closing"
     relay = make_relay(relay_config(tmp_path, upstream, ca_file,
                                     upstream={"connections": 1}))
@@ -203,6 +212,8 @@ def babbler() -> Iterator[Callable[..., BabblingServer]]:
 ])
 def test_giant_endless_or_unsolicited_replies_defer_with_bounded_memory(
         tmp_path: Path, make_relay, babbler, answer: bytes, endless: bool) -> None:
+    """An endless multi-line reply, a line without CRLF, or more replies than commands:
+    deferred, recipient still pending, relay alive with RSS under 200 MiB."""
     server = babbler(answer, endless=endless)
     config = relay_config(tmp_path, None, None)
     config["upstream"] = {"host": "127.0.0.1", "port": server.port, "tls": "none",
@@ -213,3 +224,46 @@ def test_giant_endless_or_unsolicited_replies_defer_with_bounded_memory(
     assert relay.process is not None and relay.process.poll() is None
     assert relay.rss_kib() < 200 * 1024
     assert relay.state(entry_id)["recipients"][0]["status"] == "pending"
+
+
+@pytest.mark.plan(49)
+def test_slow_replies_within_the_timeout_succeed_first_time(
+        tmp_path: Path, make_relay, upstream: Upstream, ca_file: Path) -> None:
+    """The timeout is per command: a provider that takes 1 s over the final dot, against
+    a 2 s timeout, delivers at the first attempt."""
+    upstream.data_delay = 1.0
+    relay = make_relay(relay_config(tmp_path, upstream, ca_file, upstream={"timeout": "2s"}))
+    entry_id = relay.send("app@example.com", ["user@example.com"], BODY)
+    wait_for(lambda: f"{entry_id}: status=removed" in relay.log(), what="the delivery")
+    assert "attempt=1, status=sent" in relay.log()
+
+
+@pytest.mark.plan(75)
+def test_implicit_tls_against_a_plaintext_server_defers_and_sends_nothing(
+        tmp_path: Path, make_relay, make_upstream, ca_file: Path) -> None:
+    """tls: implicit against a plaintext server: the handshake fails, the entry is
+    deferred with a TLS error, no AUTH and no MAIL."""
+    plain = make_upstream(offer_starttls=False)
+    relay = make_relay(relay_config(tmp_path, plain, ca_file, upstream={"tls": "implicit"}))
+    entry_id = relay.send("app@example.com", ["user@example.com"], BODY)
+    wait_for(lambda: entry_id in relay.files("deferred"), what="the deferral")
+    assert "TLS" in relay.state(entry_id)["last_error"]
+    assert plain.auth_attempts == 0 and plain.mail_commands == 0
+
+
+@pytest.mark.plan(76)
+def test_utf8_addresses_to_an_upstream_without_smtputf8_fail_with_5_6_7(
+        tmp_path: Path, make_relay, make_upstream, ca_file: Path) -> None:
+    """Kept in failed/ with the reason, not lost and not retried forever."""
+    ascii_only = make_upstream(smtputf8=False)
+    relay = make_relay(relay_config(tmp_path, ascii_only, ca_file))
+    with relay.client() as smtp:
+        smtp.ehlo()
+        smtp.mail("app@example.com", options=["SMTPUTF8"])
+        smtp.rcpt("j\u00fcrgen@example.com")
+        code, reply = smtp.data(BODY)
+    assert code == 250, reply
+    wait_for(lambda: relay.files("failed"), what="the failure")
+    [entry_id] = relay.files("failed")
+    assert "5.6.7" in relay.state(entry_id)["last_error"]
+    assert ascii_only.mail_commands == 0

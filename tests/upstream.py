@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import random
 import ssl
 import threading
 from dataclasses import dataclass
@@ -41,11 +42,13 @@ class Transaction:
 
 class Upstream:
     def __init__(self, tls_context: ssl.SSLContext | None, *, require_auth: bool = True,
-                 offer_starttls: bool = True, implicit_tls: bool = False) -> None:
+                 offer_starttls: bool = True, implicit_tls: bool = False,
+                 smtputf8: bool = True) -> None:
         # Implicit TLS (port 465) wraps the whole connection; STARTTLS is then not offered.
         self.implicit_context = tls_context if implicit_tls else None
         self.tls_context = tls_context if offer_starttls and not implicit_tls else None
         self.require_auth = require_auth
+        self.smtputf8 = smtputf8
         self.transactions: list[Transaction] = []
         self.data_seen: list[bytes] = []  # every message whose final dot arrived, kept or not
         self.data_replies: list[str] = []
@@ -61,11 +64,16 @@ class Upstream:
         self.rcpt_limit = 0  # if set, RCPTs beyond it in one transaction get rcpt_limit_reply
         self.rcpt_limit_reply = "452 4.5.3 Error: too many recipients"
         self.reset_after_data = False  # reset the connection right after DATA's 250
+        # With fail_rate > 0, MAIL resets the connection and DATA answers 451 at random,
+        # each with that probability: an unreliable provider for soak tests.
+        self.fail_rate = 0.0
+        self.random = random.Random(0)
         self.connections = 0
         self.port = 0
         self._lock = threading.Lock()
         self._loop = asyncio.new_event_loop()
         self._server: asyncio.Server | None = None
+        self._protocols: set[SMTP] = set()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._thread.start()
 
@@ -89,13 +97,15 @@ class Upstream:
         with self._lock:
             return list(self.transactions)
 
+    def open_sessions(self) -> int:
+        return len(self._protocols)
+
     def delivered_to(self, address: str) -> list[Transaction]:
         return [t for t in self.messages() if address in t.recipients]
 
     # --- the server --------------------------------------------------------------------
 
     async def _start(self) -> int:
-        self._protocols: set[SMTP] = set()
         self._server = await self._loop.create_server(
             self._protocol, host="127.0.0.1", port=self.port, reuse_address=True,
             ssl=self.implicit_context)
@@ -125,7 +135,7 @@ class Upstream:
             auth_required=self.require_auth,
             auth_require_tls=self.tls_context is not None and self.implicit_context is None,
             authenticator=self._authenticate,
-            enable_SMTPUTF8=True,
+            enable_SMTPUTF8=self.smtputf8,
             decode_data=False,
         )
         self._protocols.add(protocol)
@@ -147,6 +157,9 @@ class Upstream:
         self.mail_commands += 1
         if self.mail_reply:
             return self.mail_reply
+        if self.random.random() < self.fail_rate:
+            server.transport.abort()
+            return "421 4.4.2 gone"
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
         return "250 2.1.0 Ok"
@@ -179,6 +192,8 @@ class Upstream:
                 reply = self.data_replies.pop(0)
                 if not reply.startswith("2"):
                     return reply
+            if self.random.random() < self.fail_rate:
+                return "451 4.3.0 Random failure, try again"
             if self.reset_after_data:
                 # The 250 is written before this callback runs, then the connection is
                 # reset: the client must count the message as delivered.
