@@ -1,7 +1,7 @@
 """A small asyncio TCP proxy between the relay and the test upstream that misbehaves on
 purpose (RELIABILITY-PLAN.md, "Chaos proxy"): strip STARTTLS from the EHLO reply, inject
-bytes after the 220 that answers STARTTLS, or reset the connection once the client has
-sent N bytes. It keeps every byte the client sent (`sent`): a capture of the wire.
+bytes after the 220 that answers STARTTLS, delay every reply, or reset (or cleanly close,
+truncating) the connection once the client has sent N bytes. It keeps every byte the client sent (`sent`): a capture of the wire.
 Loopback only, ephemeral port, its own event loop thread.
 
 Also a `BabblingServer`: a fake upstream with no SMTP logic, for replies no real server
@@ -56,11 +56,14 @@ class _LoopbackServer(abc.ABC):
 class ChaosProxy(_LoopbackServer):
     def __init__(self, target_port: int, *, strip_starttls: bool = False,
                  inject_after_starttls: bytes = b"", reset_after_bytes: int | None = None,
-                 resets: int = 1, greeting: bytes = b"") -> None:
+                 truncate: bool = False, resets: int = 1, greeting: bytes = b"",
+                 delay: float = 0.0) -> None:
         self.target_port = target_port
         self.strip_starttls = strip_starttls
         self.inject_after_starttls = inject_after_starttls
         self.reset_after_bytes = reset_after_bytes
+        self.truncate = truncate  # at reset_after_bytes: close both ends cleanly (FIN), no RST
+        self.delay = delay  # seconds before each chunk of the upstream's replies goes on
         self.resets_left = resets  # how many connections get reset; later ones pass
         self.greeting = greeting  # if set, answer with it and hang up, as a busy server does
         self.sent = bytearray()  # everything any client sent towards the upstream
@@ -86,6 +89,13 @@ class ChaosProxy(_LoopbackServer):
             for writer in (client_writer, server_writer):
                 writer.transport.abort()
 
+        def cut() -> None:
+            if not self.truncate:
+                abort()
+                return
+            for writer in (client_writer, server_writer):
+                writer.close()
+
         async def client_to_server() -> None:
             sent = 0
             while data := await client_reader.read(65536):
@@ -95,7 +105,7 @@ class ChaosProxy(_LoopbackServer):
                 if reset_at is not None and sent + len(data) > reset_at:
                     server_writer.write(data[:reset_at - sent])
                     await server_writer.drain()
-                    abort()
+                    cut()
                     return
                 sent += len(data)
                 server_writer.write(data)
@@ -104,6 +114,8 @@ class ChaosProxy(_LoopbackServer):
 
         async def server_to_client() -> None:
             while data := await server_reader.read(65536):
+                if self.delay:
+                    await asyncio.sleep(self.delay)
                 if not starttls_sent.is_set() and self.strip_starttls:
                     data = b"".join(line for line in data.splitlines(keepends=True)
                                     if b"STARTTLS" not in line.upper())

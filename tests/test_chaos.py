@@ -74,11 +74,13 @@ def test_bytes_injected_after_starttls_reply_are_never_taken_as_replies(
 
 
 @pytest.mark.plan(62)
+@pytest.mark.parametrize("truncate", [False, True], ids=["reset", "closed"])
 def test_connection_reset_mid_body_is_retried_and_delivered_once(
-        make_proxy, make_relay, tmp_path: Path, upstream: Upstream, ca_file: Path) -> None:
-    """Plan #62: reset halfway through the body: deferred, then the whole message is sent
-    again and the upstream counts one completed delivery."""
-    proxy = make_proxy(reset_after_bytes=60_000)
+        make_proxy, make_relay, tmp_path: Path, upstream: Upstream, ca_file: Path,
+        truncate: bool) -> None:
+    """Plan #62: reset (or cleanly closed) halfway through the body: deferred, then the
+    whole message is sent again and the upstream counts one completed delivery."""
+    proxy = make_proxy(reset_after_bytes=60_000, truncate=truncate)
     relay = relay_through(proxy, make_relay, tmp_path, upstream, ca_file)
     body = b"Subject: big\r\n\r\n" + (b"y" * 998 + b"\r\n") * 120
     entry_id = relay.send("app@example.com", ["user@example.com"], body)
@@ -88,6 +90,18 @@ def test_connection_reset_mid_body_is_retried_and_delivered_once(
     wait_for(lambda: f"{entry_id}: status=removed" in relay.log(), what="removal")
     assert "status=deferred (connection failed" in relay.log()
     assert len(upstream.delivered_to("user@example.com")) == 1
+
+
+@pytest.mark.plan(49)
+def test_slow_network_within_the_timeout_delivers_first_time(
+        make_proxy, make_relay, tmp_path: Path, upstream: Upstream, ca_file: Path) -> None:
+    """Every reply from the upstream held 0.3 s on the way (timeout 5 s): a slow path is
+    not a failure; the message is delivered at the first attempt."""
+    proxy = make_proxy(delay=0.3)
+    relay = relay_through(proxy, make_relay, tmp_path, upstream, ca_file)
+    entry_id = relay.send("app@example.com", ["user@example.com"], b"Subject: x\r\n\r\nx\r\n")
+    wait_for(lambda: f"{entry_id}: status=removed" in relay.log(), what="the delivery")
+    assert "attempt=1, status=sent" in relay.log()
 
 
 @pytest.mark.plan(47)
