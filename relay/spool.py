@@ -29,6 +29,7 @@ import json
 import os
 import re
 import secrets
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import replace
@@ -63,6 +64,7 @@ class Spool:
         self.path = Path(path)
         self.min_free = min_free
         self._lock_fd: int | None = None
+        self._syncs = {name: _GroupSync(self.path / name) for name in ALL_DIRS}
 
     # --- set-up -------------------------------------------------------------------------
 
@@ -127,8 +129,14 @@ class Spool:
             fault_point("before-spool-write")
             _write_durably(tmp, [head, *parts])
             fault_point("after-fsync-before-rename")
-            os.rename(tmp, self._file(Queue.INCOMING, entry_id))
-            self._sync_dir(Queue.INCOMING.value)
+            published = self._file(Queue.INCOMING, entry_id)
+            os.rename(tmp, published)
+            try:
+                self._sync_dir(Queue.INCOMING.value)
+            except OSError:
+                # Not durable, and the client will hear an error and send it again.
+                _unlink_quietly(published)
+                raise
         except BaseException as exc:
             _unlink_quietly(tmp)
             if not isinstance(exc, OSError):
@@ -229,10 +237,14 @@ class Spool:
         return self._move(entry, Queue.FAILED)
 
     def remove(self, entry: Entry) -> None:
-        """Delete a delivered (or operator-deleted) entry and its state record, durably."""
+        """Delete a delivered entry and its state record.
+
+        No directory fsync, as in Postfix: a power cut could bring the entry back, and it
+        would be delivered once more, the same duplicate as a crash in the instant after
+        the upstream's 250. Every later crash finds it gone.
+        """
         os.unlink(self._file(entry.queue, entry.id))
         _unlink_quietly(self.path / "state" / entry.id)
-        self._sync_dir(entry.queue.value)
 
     def unclaim(self, entry: Entry, due: float) -> None:
         """Give an active entry back, deferred until `due`, if it is still in active/ (an
@@ -387,11 +399,59 @@ class Spool:
             raise SpoolError(f"cannot write state of {entry.id}: {exc.strerror}") from None
 
     def _sync_dir(self, name: str) -> None:
-        fd = os.open(self.path / name, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        self._syncs[name].sync()
+
+
+class _GroupSync:
+    """fsync of one directory, shared by the callers that need it at the same time.
+
+    A rename is durable once an fsync of its directory that began after the rename has
+    returned. So each caller waits for the next fsync to start and finish, and callers
+    that arrive while one runs share the one after it: with 16 sessions storing at once,
+    a handful of directory fsyncs serve them all (group commit). A failed fsync fails
+    every caller it was meant to cover, and none of them is retried on the same hope.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._cond = threading.Condition()
+        self._requested = 0  # callers so far, numbered in order of arrival
+        self._synced = 0  # every caller up to this number is durable
+        self._failed: tuple[int, OSError] | None = None  # (up to caller, error)
+        self._syncing = False
+
+    def sync(self) -> None:
+        with self._cond:
+            self._requested += 1
+            mine = self._requested
+            while self._synced < mine:
+                if self._failed is not None and mine <= self._failed[0]:
+                    raise self._failed[1]
+                if self._syncing:
+                    self._cond.wait()
+                    continue
+                self._syncing = True
+                covered = self._requested
+                self._cond.release()
+                try:
+                    _fsync_directory(self._path)
+                except OSError as exc:
+                    self._cond.acquire()
+                    self._failed = (covered, exc)
+                else:
+                    self._cond.acquire()
+                    self._synced = covered
+                finally:
+                    self._syncing = False
+                    self._cond.notify_all()
+
+
+def _fsync_directory(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _write_durably(path: Path, parts: list[bytes]) -> None:

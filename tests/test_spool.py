@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -65,6 +66,63 @@ def test_store_fsyncs_file_then_renames_then_fsyncs_directory(
     monkeypatch.setattr(os, "rename", rename)
     store(spool)
     assert calls == ["fsync(file)", "rename", "fsync(dir)"]
+
+
+@pytest.mark.plan(33)
+def test_concurrent_stores_share_directory_fsyncs_and_each_rename_is_covered(
+        spool: Spool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Group commit: 16 stores at once need fewer directory fsyncs than stores, and every
+    store returns only after a directory fsync that began after its own rename."""
+    events: list[tuple[str, str]] = []  # ("rename", id) / ("dir-fsync-start", "")
+    lock = threading.Lock()
+    real_fsync, real_rename = os.fsync, os.rename
+
+    def fsync(fd: int) -> None:
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            with lock:
+                events.append(("dir-fsync-start", ""))
+            time.sleep(0.01)  # a slow disk, so that callers pile up behind one fsync
+        real_fsync(fd)
+
+    def rename(src: object, dst: object) -> None:
+        real_rename(src, dst)
+        with lock:
+            events.append(("rename", os.path.basename(str(dst))))
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "rename", rename)
+    returned: dict[str, int] = {}  # id -> how many events had happened when store returned
+
+    def one() -> None:
+        entry_id = store(spool)
+        with lock:
+            returned[entry_id] = len(events)
+    threads = [threading.Thread(target=one) for _ in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    syncs = sum(1 for kind, _ in events if kind == "dir-fsync-start")
+    assert len(returned) == 16 and syncs < 16
+    for entry_id, horizon in returned.items():
+        renamed_at = events.index(("rename", entry_id))
+        assert ("dir-fsync-start", "") in events[renamed_at:horizon], entry_id
+
+
+@pytest.mark.plan(38)
+def test_failed_directory_fsync_fails_every_store_it_covered(
+        spool: Spool, monkeypatch: pytest.MonkeyPatch) -> None:
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise OSError(errno.EIO, "Input/output error")
+        real_fsync(fd)
+    monkeypatch.setattr(os, "fsync", fsync)
+    with pytest.raises(SpoolError):
+        store(spool)
+    with pytest.raises(SpoolError):
+        store(spool)  # a later store gets its own fsync, which fails again
+    assert os.listdir(spool.path / "incoming") == [] and os.listdir(spool.path / "tmp") == []
 
 
 @pytest.mark.plan(36, 38)
