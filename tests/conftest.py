@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import signal
 import smtplib
+import socket
 import subprocess
 import sys
 import threading
@@ -185,6 +187,20 @@ class RelayProcess:
     def cli(self, *args: str, stdin: bytes = b"") -> subprocess.CompletedProcess[str]:
         """Run `relay ARGS --config <this relay's config>` and capture its output."""
         return run_cli(self.client_config_path, *args, stdin=stdin)
+
+
+@contextlib.contextmanager
+def in_data(port: int, timeout: float = 10) -> Iterator[tuple[socket.socket, Any]]:
+    """A raw session to 127.0.0.1:port taken up to the 354 that invites the message body:
+    yields the socket and a binary reader of the relay's replies."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        reader = sock.makefile("rb")
+        reader.readline()
+        sock.sendall(b"EHLO c.example\r\nMAIL FROM:<a@example.com>\r\n"
+                     b"RCPT TO:<u@example.com>\r\nDATA\r\n")
+        while not reader.readline().startswith(b"354"):
+            pass
+        yield sock, reader
 
 
 def run_cli(config_path: Path, *args: str, stdin: bytes = b"") -> subprocess.CompletedProcess[str]:

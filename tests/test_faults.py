@@ -10,7 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import RelayProcess, relay_config, wait_for
+from conftest import RelayProcess, in_data, relay_config, wait_for
 from upstream import Upstream
 
 
@@ -76,13 +76,8 @@ def test_command_line_longer_than_512_octets_is_refused(holding_relay: RelayProc
 @pytest.mark.plan(26)
 def test_client_vanishing_mid_data_leaves_nothing(holding_relay: RelayProcess) -> None:
     """Plan #26: the client closes halfway through DATA: nothing committed, no debris."""
-    with socket.create_connection(("127.0.0.1", holding_relay.port), timeout=10) as sock:
-        reader = sock.makefile("rb")
-        reader.readline()
-        sock.sendall(b"EHLO c.example\r\nMAIL FROM:<a@example.com>\r\nRCPT TO:<u@example.com>\r\n"
-                     b"DATA\r\nSubject: half\r\n\r\nhalf a bo")
-        while not reader.readline().startswith(b"354"):
-            pass
+    with in_data(holding_relay.port) as (sock, _):
+        sock.sendall(b"Subject: half\r\n\r\nhalf a bo")
     entry_id = holding_relay.send("app@example.com", ["user@example.com"],
                                   b"Subject: ok\r\n\r\nx\r\n")
     # Once deferred, its state record is written: tmp/ must then hold nothing at all.
@@ -182,13 +177,7 @@ def test_noop_slowloris_is_cut_off(holding_relay: RelayProcess) -> None:
 @pytest.mark.plan(10)
 def test_endless_line_in_data_is_refused_with_bounded_memory(holding_relay: RelayProcess) -> None:
     """32 MiB without a line break after 354: refused, nothing stored, memory bounded."""
-    with socket.create_connection(("127.0.0.1", holding_relay.port), timeout=30) as sock:
-        reader = sock.makefile("rb")
-        reader.readline()
-        sock.sendall(b"EHLO c.example\r\nMAIL FROM:<a@example.com>\r\nRCPT TO:<u@example.com>\r\n"
-                     b"DATA\r\n")
-        while not reader.readline().startswith(b"354"):
-            pass
+    with in_data(holding_relay.port, timeout=30) as (sock, reader):
         chunk = b"\0" * (1024 * 1024)
         try:
             for _ in range(32):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import RelayProcess, relay_config, wait_for
+from conftest import RelayProcess, in_data, relay_config, wait_for
 
 BODY = b"Subject: t\r\n\r\nbody\r\n"
 
@@ -304,13 +304,7 @@ def test_trickled_data_is_cut_off_at_the_timeout_and_nothing_is_kept(make_relay,
     """A client that sends a line every half second, for longer than listen.timeout: the
     session ends without 250 and nothing is stored."""
     relay = make_relay(relay_config(tmp_path, None, None, listen={"timeout": "1s"}))
-    with socket.create_connection(("127.0.0.1", relay.port), timeout=10) as sock:
-        reader = sock.makefile("rb")
-        reader.readline()
-        sock.sendall(b"EHLO c.example\r\nMAIL FROM:<a@example.com>\r\n"
-                     b"RCPT TO:<u@example.com>\r\nDATA\r\n")
-        while not reader.readline().startswith(b"354"):
-            pass
+    with in_data(relay.port) as (sock, reader):
         said = b""
         try:
             for n in range(8):  # 4 s of trickle against a 1 s timeout
@@ -331,14 +325,7 @@ def test_exception_in_the_data_handler_answers_451_and_is_logged_once(make_relay
     session goes on, one log line with the traceback, nothing stored."""
     relay = make_relay(relay_config(tmp_path, None, None),
                        env={"RELAY_RAISE_AT": "before-spool-write"})
-    payload = (b"EHLO c.example\r\nMAIL FROM:<a@example.com>\r\nRCPT TO:<u@example.com>\r\n"
-               b"DATA\r\n")
-    with socket.create_connection(("127.0.0.1", relay.port), timeout=10) as sock:
-        reader = sock.makefile("rb")
-        reader.readline()
-        sock.sendall(payload)
-        while not reader.readline().startswith(b"354"):
-            pass
+    with in_data(relay.port) as (sock, reader):
         sock.sendall(b"Subject: boom\r\n\r\nbody\r\n.\r\n")
         reply = reader.readline()
         sock.sendall(b"NOOP\r\n")
@@ -358,13 +345,7 @@ def test_sigterm_mid_data_closes_the_listener_and_never_says_250_without_the_mes
     in DATA hears 250 only if its message is stored (here or after exit), else nothing
     is stored; exit 0."""
     relay = make_relay(relay_config(tmp_path, None, None))
-    with socket.create_connection(("127.0.0.1", relay.port), timeout=10) as sock:
-        reader = sock.makefile("rb")
-        reader.readline()
-        sock.sendall(b"EHLO c.example\r\nMAIL FROM:<a@example.com>\r\n"
-                     b"RCPT TO:<u@example.com>\r\nDATA\r\n")
-        while not reader.readline().startswith(b"354"):
-            pass
+    with in_data(relay.port) as (sock, reader):
         sock.sendall(b"Subject: in flight\r\n\r\nfirst half\r\n")
         assert relay.process is not None
         relay.process.send_signal(signal.SIGTERM)
