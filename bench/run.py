@@ -1,0 +1,429 @@
+"""The relay against Postfix, side by side, in one run: `python bench/run.py [--quick]`.
+
+Starts a throwaway Postfix null client and the relay, each relaying to its own sink on
+loopback, and measures both alternately, several repetitions, medians:
+
+- acceptance throughput (Postfix's smtp-source, one message per connection) by message
+  size and concurrent sessions, and end-to-end throughput until the sink has them all;
+- acceptance latency of a Python smtplib client, a new connection per 10 KiB message;
+- delivery throughput through a sink that takes 0.5 s per message, with the relay's
+  upstream.connections equal to Postfix's destination concurrency (20);
+- scale (relay only): start-up, `relay queue --json` and memory with a large spool, and
+  acceptance throughput against the empty-spool figure of the same run;
+- memory: peak resident memory while 16 clients each send a 10 MiB message.
+
+Prints every figure with the ratio relay/Postfix and writes docs/BENCHMARKS.md and
+docs/benchmarks.png (with --quick: a smoke run, under a minute, written to a temp dir
+unless --output is given). Installs Debian's postfix package when it is missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import smtplib
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from servers import Postfix, Relay, Sink, ensure_postfix, pss_kib, rss_kib  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+KIB = 1024
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How much to measure: the full run, or the smoke run CI uses."""
+
+    sizes: tuple[int, ...] = (1 * KIB, 10 * KIB, 100 * KIB)
+    sessions: tuple[int, ...] = (1, 4, 16, 32)
+    messages: int = 1000  # per throughput run (half that at 100 KiB)
+    repetitions: int = 3
+    latency_sends: int = 1000
+    slow_messages: int = 200
+    scale_entries: int = 100_000
+    memory_clients: int = 16
+    memory_message: int = 10 * KIB * KIB
+
+
+QUICK = Plan(sizes=(1 * KIB,), sessions=(1, 16), messages=100, repetitions=1,
+             latency_sends=50, slow_messages=20, scale_entries=1000, memory_clients=4,
+             memory_message=1 * KIB * KIB)
+
+
+@dataclass
+class Figures:
+    """Every measurement, by name; each a list of repetitions."""
+
+    values: dict[str, list[float]] = field(default_factory=dict)
+
+    def add(self, name: str, value: float) -> None:
+        self.values.setdefault(name, []).append(value)
+
+    def median(self, name: str) -> float:
+        return statistics.median(self.values[name])
+
+
+# --- measurements -----------------------------------------------------------------------
+
+def smtp_source(port: int, sessions: int, messages: int, size: int) -> None:
+    subprocess.run(["smtp-source", "-s", str(sessions), "-m", str(messages), "-l", str(size),
+                    "-f", "bench@example.com", "-t", "sink@example.net",
+                    f"127.0.0.1:{port}"], check=True, stdout=subprocess.DEVNULL)
+
+
+def wait_received(sink: Sink, total: int, timeout: float = 600.0) -> None:
+    deadline = time.monotonic() + timeout
+    while sink.received < total:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"sink has {sink.received} of {total} messages")
+        time.sleep(0.01)
+
+
+def throughput(server: Relay | Postfix, sink: Sink, sessions: int, messages: int,
+               size: int) -> tuple[float, float]:
+    """(accepted per second, delivered per second) for one smtp-source run."""
+    before = sink.received
+    started = time.monotonic()
+    smtp_source(server.port, sessions, messages, size)
+    accepted = time.monotonic() - started
+    wait_received(sink, before + messages)
+    delivered = time.monotonic() - started
+    return messages / accepted, messages / delivered
+
+
+def latencies(port: int, sends: int) -> list[float]:
+    """Seconds per send: connect, EHLO, MAIL, RCPT, DATA of 10 KiB, QUIT."""
+    body = (b"Subject: latency\r\n\r\n" + b"x" * 78 + b"\r\n") * 128
+    spent = []
+    for _ in range(sends):
+        started = time.perf_counter()
+        with smtplib.SMTP("127.0.0.1", port, timeout=30) as smtp:
+            smtp.sendmail("bench@example.com", ["sink@example.net"], body)
+        spent.append(time.perf_counter() - started)
+    return spent
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+
+
+def peak_memory(server: Relay | Postfix, clients: int, size: int) -> float:
+    """Peak memory (MiB of proportional set size, all the server's processes) while
+    `clients` each send one message of `size` bytes at once."""
+    body = b"Subject: big\r\n\r\n" + (b"y" * 998 + b"\r\n") * (size // 1000)
+    peak = pss_kib(server.pids())
+    done = threading.Event()
+
+    def send() -> None:
+        with smtplib.SMTP("127.0.0.1", server.port, timeout=300) as smtp:
+            smtp.sendmail("bench@example.com", ["sink@example.net"], body)
+    threads = [threading.Thread(target=send) for _ in range(clients)]
+    for thread in threads:
+        thread.start()
+    threading.Thread(target=lambda: ([t.join() for t in threads], done.set()),
+                     daemon=True).start()
+    while not done.is_set():
+        peak = max(peak, pss_kib(server.pids()))
+        time.sleep(0.01)
+    return peak / KIB
+
+
+def fill_spool(spool_path: Path, entries: int) -> None:
+    """`entries` deferred messages due in a day, written by the spool's own code with
+    fsync skipped (building the fixture is not what is measured)."""
+    from relay.entry import Queue
+    from relay.spool import Spool, new_id
+    real_fsync = os.fsync
+    os.fsync = lambda fd: None  # type: ignore[assignment]
+    try:
+        spool = Spool(spool_path)
+        spool.open()
+        due = time.time() + 86400
+        body = b"Subject: backlog\r\n\r\n" + b"x" * 1000 + b"\r\n"
+        for n in range(entries):
+            entry_id = new_id(time.time())
+            spool.store(entry_id, "app@example.com", [f"user{n}@example.net"], [body],
+                        time.time(), False)
+            spool.move(entry_id, (Queue.INCOMING,), Queue.DEFERRED)
+            os.utime(spool_path / "deferred" / entry_id, (due, due))
+    finally:
+        os.fsync = real_fsync
+
+
+# --- the run ------------------------------------------------------------------------------
+
+def run(plan: Plan, workdir: Path) -> tuple[Figures, dict[str, list[float]]]:
+    figures = Figures()
+    latency_samples: dict[str, list[float]] = {"relay": [], "postfix": []}
+    with contextlib.ExitStack() as running:
+        sinks = {name: running.enter_context(Sink(workdir)) for name in ("relay", "postfix")}
+        servers: dict[str, Relay | Postfix] = {
+            "relay": running.enter_context(Relay(workdir / "relay", sinks["relay"])),
+            "postfix": running.enter_context(Postfix(workdir / "pf", sinks["postfix"])),
+        }
+        for repetition in range(plan.repetitions):
+            # Alternate who goes first, so neither always meets a warmer machine.
+            order = ["relay", "postfix"] if repetition % 2 == 0 else ["postfix", "relay"]
+            for size in plan.sizes:
+                messages = plan.messages // 2 if size >= 100 * KIB else plan.messages
+                for sessions in plan.sessions:
+                    key = f"{size // KIB}KiB x{sessions}"
+                    for name in order:
+                        accepted, delivered = throughput(servers[name], sinks[name],
+                                                         sessions, messages, size)
+                        figures.add(f"{name} accept {key}", accepted)
+                        figures.add(f"{name} e2e {key}", delivered)
+                    print(f"  rep {repetition + 1}: {size // KIB} KiB x{sessions}: " + ", ".join(
+                        f"{n} {figures.values[f'{n} accept {key}'][-1]:.0f}/s" for n in order),
+                        flush=True)
+            for name in order:
+                samples = latencies(servers[name].port, plan.latency_sends)
+                latency_samples[name] += samples
+                for label, fraction in (("p50", 0.5), ("p95", 0.95), ("p99", 0.99)):
+                    figures.add(f"{name} latency {label}", percentile(samples, fraction) * 1000)
+            for name in order:
+                figures.add(f"{name} memory peak",
+                            peak_memory(servers[name], plan.memory_clients, plan.memory_message))
+    slow(plan, workdir, figures)
+    scale(plan, workdir, figures)
+    return figures, latency_samples
+
+
+def slow(plan: Plan, workdir: Path, figures: Figures) -> None:
+    """Delivery through a provider that takes 0.5 s per message."""
+    for repetition in range(plan.repetitions):
+        for name in (["relay", "postfix"] if repetition % 2 == 0 else ["postfix", "relay"]):
+            where = workdir / f"slow-{name}-{repetition}"
+            with contextlib.ExitStack() as running:
+                sink = running.enter_context(Sink(where, delay=0.5))
+                server = running.enter_context(
+                    Relay(where, sink) if name == "relay" else Postfix(where, sink))
+                started = time.monotonic()
+                smtp_source(server.port, 16, plan.slow_messages, 1 * KIB)
+                wait_received(sink, plan.slow_messages)
+                figures.add(f"{name} slow sink", plan.slow_messages / (time.monotonic() - started))
+        print(f"  rep {repetition + 1}: slow sink: relay "
+              f"{figures.values['relay slow sink'][-1]:.1f}/s, postfix "
+              f"{figures.values['postfix slow sink'][-1]:.1f}/s", flush=True)
+
+
+def scale(plan: Plan, workdir: Path, figures: Figures) -> None:
+    """The relay with `scale_entries` queued: start-up, listing, memory, acceptance."""
+    where = workdir / "scale"
+    with contextlib.ExitStack() as running:
+        sink = running.enter_context(Sink(where))
+        relay = Relay(where, sink)
+        with relay:
+            figures.add("scale start-up empty", relay.started_in)
+            figures.add("scale rss empty", rss_kib(relay.pids()) / KIB)
+            for _ in range(plan.repetitions):
+                accepted, _ = throughput(relay, sink, 16, plan.messages, 1 * KIB)
+                figures.add("scale accept empty", accepted)
+        fill_spool(relay.spool, plan.scale_entries)
+        with relay:
+            figures.add("scale start-up", relay.started_in)
+            started = time.monotonic()
+            listing = subprocess.run([sys.executable, "-m", "relay", "queue", "--json",
+                                      "--config", str(relay.config_path)],
+                                     capture_output=True, check=True)
+            figures.add("scale queue --json", time.monotonic() - started)
+            assert len(json.loads(listing.stdout)) == plan.scale_entries
+            figures.add("scale rss", rss_kib(relay.pids()) / KIB)
+            for _ in range(plan.repetitions):
+                accepted, _ = throughput(relay, sink, 16, plan.messages, 1 * KIB)
+                figures.add("scale accept 1KiB x16", accepted)
+    print(f"  scale: {plan.scale_entries} entries, start-up "
+          f"{figures.median('scale start-up'):.1f} s, queue --json "
+          f"{figures.median('scale queue --json'):.1f} s", flush=True)
+
+
+# --- the report ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Row:
+    figure: str
+    relay: float
+    postfix: float | None  # None: compared with the relay's own baseline or a budget
+    unit: str
+    better: str  # "higher" or "lower"
+    target: str
+
+    @property
+    def ratio(self) -> float | None:
+        if self.postfix is None or self.postfix == 0:
+            return None
+        return self.relay / self.postfix
+
+    @property
+    def met(self) -> bool:
+        ratio = self.ratio
+        if ratio is None:
+            return True
+        return ratio >= 1.0 if self.better == "higher" else ratio <= 1.0
+
+
+def rows(plan: Plan, figures: Figures) -> list[Row]:
+    m = figures.median
+    out: list[Row] = []
+    for kind, label in (("accept", "acceptance"), ("e2e", "end to end")):
+        for size in plan.sizes:
+            for sessions in plan.sessions:
+                key = f"{kind} {size // KIB}KiB x{sessions}"
+                out.append(Row(f"{label}, {size // KIB} KiB, {sessions} sessions",
+                               m(f"relay {key}"), m(f"postfix {key}"), "msg/s", "higher",
+                               ">= 1.0x"))
+    for label in ("p50", "p95", "p99"):
+        out.append(Row(f"latency {label}, new connection per 10 KiB message",
+                       m(f"relay latency {label}"), m(f"postfix latency {label}"), "ms", "lower",
+                       "<= 1.0x" if label != "p95" else "(reported)"))
+    out.append(Row("delivery through a 0.5 s/message sink", m("relay slow sink"),
+                   m("postfix slow sink"), "msg/s", "higher", ">= 1.0x"))
+    out.append(Row(f"peak memory (PSS), {plan.memory_clients} clients x "
+                   f"{plan.memory_message // (KIB * KIB)} MiB", m("relay memory peak"),
+                   m("postfix memory peak"), "MiB", "lower", "(reported)"))
+    entries = f"{plan.scale_entries:,} entries"
+    out.append(Row(f"scale: start-up with {entries}", m("scale start-up"), None, "s", "lower",
+                   "< 10 s"))
+    out.append(Row(f"scale: relay queue --json with {entries}", m("scale queue --json"), None,
+                   "s", "lower", "< 5 s"))
+    out.append(Row(f"scale: resident memory with {entries}", m("scale rss"), None, "MiB",
+                   "lower", "< 300 MB"))
+    out.append(Row(f"scale: acceptance 1 KiB x16 with {entries}", m("scale accept 1KiB x16"),
+                   None, "msg/s", "higher",
+                   f"within 10% of empty ({m('scale accept empty'):.0f} msg/s)"))
+    return out
+
+
+def budget_met(row: Row, plan: Plan, figures: Figures) -> bool:
+    if row.postfix is not None:
+        return row.met
+    if "start-up" in row.figure:
+        return row.relay < 10
+    if "queue --json" in row.figure:
+        return row.relay < 5
+    if "resident memory" in row.figure:
+        return row.relay < 300
+    return row.relay >= 0.9 * figures.median("scale accept empty")
+
+
+def table(plan: Plan, figures: Figures) -> list[str]:
+    lines = ["| figure | relay | Postfix | relay/Postfix | target | met |",
+             "|---|---:|---:|---:|---|---|"]
+    for row in rows(plan, figures):
+        ratio = f"{row.ratio:.2f}x" if row.ratio is not None else "—"
+        postfix = f"{row.postfix:,.1f} {row.unit}" if row.postfix is not None else "—"
+        met = "yes" if budget_met(row, plan, figures) else "**no**"
+        if row.target == "(reported)":
+            met = "—"
+        lines.append(f"| {row.figure} | {row.relay:,.1f} {row.unit} | {postfix} | {ratio} | "
+                     f"{row.target} | {met} |")
+    return lines
+
+
+def plot(plan: Plan, figures: Figures, latency_samples: dict[str, list[float]],
+         path: Path) -> bool:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, axes = plt.subplots(1, len(plan.sizes) + 1, figsize=(4.2 * (len(plan.sizes) + 1), 3.6))
+    for ax, size in zip(axes, plan.sizes, strict=False):
+        for name, style in (("relay", "o-"), ("postfix", "s--")):
+            ax.plot(plan.sessions, [figures.median(f"{name} accept {size // KIB}KiB x{s}")
+                                    for s in plan.sessions], style, label=name)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(plan.sessions, [str(s) for s in plan.sessions])
+        ax.set_title(f"acceptance, {size // KIB} KiB")
+        ax.set_xlabel("concurrent sessions")
+        ax.set_ylabel("messages/s")
+        ax.set_ylim(bottom=0)
+        ax.legend()
+    ax = axes[-1]
+    for name, style in (("relay", "-"), ("postfix", "--")):
+        samples = sorted(v * 1000 for v in latency_samples[name])
+        ax.plot(samples, [i / len(samples) for i in range(len(samples))], style, label=name)
+    ax.set_xscale("log")
+    ax.set_title("latency, new connection per 10 KiB")
+    ax.set_xlabel("ms")
+    ax.set_ylabel("fraction of sends")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return True
+
+
+def report(plan: Plan, figures: Figures, latency_samples: dict[str, list[float]],
+           output: Path, quick: bool) -> None:
+    output.parent.mkdir(parents=True, exist_ok=True)
+    picture = output.parent / "benchmarks.png"
+    plotted = plot(plan, figures, latency_samples, picture)
+    version = subprocess.run(["postconf", "-h", "mail_version"], capture_output=True,
+                             text=True).stdout.strip()
+    lines = [
+        "# Benchmarks: relay against Postfix",
+        "",
+        "Generated by `python bench/run.py`" + (" --quick (a smoke run)" if quick else "") +
+        f" on {time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC: Python "
+        f"{sys.version.split()[0]}, Postfix {version}, {len(os.sched_getaffinity(0))} CPUs. "
+        f"Medians of {plan.repetitions} repetitions, relay and Postfix alternating, each "
+        "relaying to its own sink on loopback (Postfix's smtp-sink; bench/sink.py for the "
+        "0.5 s provider). The machine is shared and noisy: read the ratios, which are measured "
+        "in the same run, not the absolute figures.",
+        "",
+        *table(plan, figures),
+        "",
+    ]
+    if plotted:
+        lines += [f"![throughput by concurrency and size; latency distribution]({picture.name})",
+                  ""]
+    lines += [
+        "How each figure is taken: acceptance is Postfix's `smtp-source` (one message per "
+        "connection, as a web request sends) from the first connection to the last reply; end "
+        "to end runs until the sink has every message. Latency is a Python `smtplib` client "
+        "timing connect, EHLO, MAIL, RCPT, DATA and QUIT for each 10 KiB message. Peak memory "
+        "sums the proportional set size (PSS) of every process of the server (for Postfix, the "
+        "master and its children), so shared libraries count once; the scale figure is the "
+        "relay's resident set (RSS). The scale figures are the relay's alone, against the "
+        "budgets of issue 7; its acceptance with a full spool is compared with the same "
+        "relay's on an empty spool, measured just before the spool was filled.",
+        "",
+    ]
+    output.write_text("\n".join(lines))
+    print("\n".join(table(plan, figures)))
+    print(f"\nwritten: {output}" + (f", {picture}" if plotted else " (no plot: matplotlib missing)"))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a smoke run, under a minute")
+    parser.add_argument("--output", type=Path, help="where to write BENCHMARKS.md "
+                        "(default docs/BENCHMARKS.md; with --quick, a temp dir)")
+    args = parser.parse_args()
+    plan = QUICK if args.quick else Plan()
+    ensure_postfix()
+    with tempfile.TemporaryDirectory(prefix="relay-bench-") as tmp:
+        os.chmod(tmp, 0o755)  # Postfix's own processes run as the postfix user
+        output = args.output or (Path(tmp) / "BENCHMARKS.md" if args.quick
+                                 else ROOT / "docs" / "BENCHMARKS.md")
+        figures, samples = run(plan, Path(tmp))
+        report(plan, figures, samples, output, args.quick)
+        if args.quick and args.output is None:
+            print((Path(tmp) / "BENCHMARKS.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
