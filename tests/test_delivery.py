@@ -67,6 +67,22 @@ def test_8bit_body_utf8_addresses_and_leading_dots_survive(relay: RelayProcess,
     assert "SMTPUTF8" in got.mail_options and "BODY=8BITMIME" in got.mail_options
 
 
+def test_small_and_large_messages_are_relayed_whole(relay: RelayProcess,
+                                                     upstream: Upstream) -> None:
+    """Contents up to INLINE_READ_BYTES are read on the event loop, larger ones in a
+    thread: both reach the upstream byte for byte."""
+    from relay.delivery import INLINE_READ_BYTES
+    head = b"Subject: sizes\r\nMessage-ID: <%d@example.com>\r\n\r\n"
+    line = b"y" * 998 + b"\r\n"
+    bodies = {"small@example.com": head % 1 + line * 4,
+              "large@example.com": head % 2 + line * (INLINE_READ_BYTES // len(line) + 50)}
+    for recipient, body in bodies.items():
+        relay.send("app@example.com", [recipient], body)
+    for recipient, body in bodies.items():
+        [got] = wait_for(lambda r=recipient: upstream.delivered_to(r), what=recipient)
+        assert strip_received(got.data)[1] == body
+
+
 @pytest.mark.plan(15, 66)
 def test_null_sender_is_relayed_as_null_sender(relay: RelayProcess, upstream: Upstream) -> None:
     """MAIL FROM:<> (bounces, auto-replies) is accepted and relayed as <>."""
