@@ -28,11 +28,11 @@ from .upstream import UpstreamSession, make_tls_context
 
 logger = logging.getLogger("relay.delivery")
 
-# Claiming, reading and removing an entry are a rename, small reads and unlinks, with no
-# fsync: they take microseconds, less than a hop to a worker thread and back, which also
-# contends for the GIL with the listener (measured: about a third of the relay's CPU per
-# message). They run on the event loop; only contents larger than this, and the updates
-# that fsync (defer, fail), go to a thread.
+# Claiming and reading an entry are a rename and small reads, with no fsync: they take
+# microseconds, less than a hop to a worker thread and back, which also contends for the
+# GIL with the listener. They run on the event loop; contents larger than this, and every
+# update that unlinks or fsyncs, go to a thread (an unlink can wait behind the journal
+# commit of another thread's fsync, and that wait must not stall every session).
 INLINE_READ_BYTES = 256 * 1024
 
 
@@ -254,7 +254,7 @@ class Delivery:
                                 self._rand())
         after = settled.entry
         if settled.disposition is Disposition.DELIVERED:
-            self.spool.remove(after)
+            await asyncio.to_thread(self.spool.remove, after)
         elif settled.disposition is Disposition.DEFERRED:
             after = await asyncio.to_thread(self.spool.defer, after)
             assert after.next_attempt is not None
