@@ -24,6 +24,7 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 from email_validator import EmailNotValidError, validate_email
 
 from .config import IPNetwork, ListenConfig
+from .data import read_data
 from .entry import Entry
 from .errors import SpoolError, SpoolFull
 from .faults import fault_point
@@ -41,8 +42,6 @@ MAX_LOCAL_PART_OCTETS = 64  # RFC 5321 4.5.3.1.1
 _ENHANCED_REPLIES = {
     "552 Error: message size exceeds fixed maximum message size":
         "552 5.3.4 Error: message size exceeds fixed maximum message size",
-    "552 Error: Too much mail data": "552 5.3.4 Error: message size exceeds fixed limit",
-    "500 Line too long (see RFC5321 4.5.3.1.6)": "500 5.5.2 Error: line too long",
     "500 Command line too long": "500 5.5.2 Error: command line too long",
     "503 Error: need MAIL command": "503 5.5.1 Error: need MAIL command",
     "503 Error: need RCPT command": "503 5.5.1 Error: need RCPT command",
@@ -133,6 +132,30 @@ class RelaySMTP(SMTP):
         if self.transport is not None and not self.transport.is_closing():
             self.transport.write(b"421 4.4.2 Error: timeout exceeded\r\n")  # type: ignore[attr-defined]
         super()._timeout_cb()
+
+    async def smtp_DATA(self, arg: str) -> None:
+        """aiosmtpd's DATA command with the body read in blocks (see relay/data.py)."""
+        if await self.check_helo_needed():
+            return
+        assert self.envelope is not None
+        if not self.envelope.rcpt_tos:
+            await self.push("503 Error: need RCPT command")
+            return
+        if arg:
+            await self.push("501 Syntax: DATA")
+            return
+        await self.push("354 End data with <CR><LF>.<CR><LF>")
+        try:
+            content, reply = await read_data(self._reader, self.data_size_limit,
+                                             self.line_length_limit)
+        except asyncio.CancelledError:
+            self._writer.close()  # the client went away mid-DATA, or the session timed out
+            raise
+        if reply is None:  # within the limits: the handler spools it and says what to reply
+            self.envelope.content = self.envelope.original_content = content
+            reply = await self._call_handler_hook("DATA")
+        self._set_post_data_state()
+        await self.push(reply)
 
     async def push(self, status: Any) -> None:
         if isinstance(status, str):
