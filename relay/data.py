@@ -57,7 +57,8 @@ async def read_data(reader: asyncio.StreamReader, size_limit: int | None,
     _drop_last(kept, _TERMINATOR)
     content = b"".join(kept)
     kept.clear()
-    if len(content) > line_limit and _longest_line(content) > line_limit:
+    # Every line of the content ends with CRLF: the end of data's CRLF ends the last one.
+    if len(content) > line_limit and max(map(len, content.split(b"\r\n"))) + 2 > line_limit:
         return b"", TOO_LONG
     if content.startswith(b"."):
         content = content[1:]
@@ -88,12 +89,3 @@ def _drop_last(blocks: list[bytes], count: int) -> None:
             return
         count -= len(last)
 
-
-def _longest_line(content: bytes) -> int:
-    """The length of the longest line of `content`, its CRLF included."""
-    longest = 0
-    start = 0
-    while (end := content.find(b"\r\n", start)) != -1:
-        longest = max(longest, end + 2 - start)
-        start = end + 2
-    return max(longest, len(content) - start)
