@@ -19,6 +19,9 @@ from __future__ import annotations
 import asyncio
 
 END_OF_DATA = b"\r\n.\r\n"
+# The end of data's CRLF ends the last line of the message; the ".\r\n" after it is not
+# part of the message.
+_TERMINATOR = len(b".\r\n")
 TOO_MUCH = "552 5.3.4 Error: message size exceeds fixed limit"
 TOO_LONG = "500 5.5.2 Error: line too long"
 
@@ -67,11 +70,6 @@ async def read_data(reader: asyncio.StreamReader, size_limit: int | None,
     return content, None
 
 
-# The end of data's CRLF ends the last line of the message; the ".\r\n" after it is not
-# part of the message.
-_TERMINATOR = len(b".\r\n")
-
-
 def _partial_end(tail: bytes) -> int:
     """How many of the last bytes of `tail` begin an end of data (0 if none)."""
     for length in range(len(END_OF_DATA) - 1, 0, -1):
@@ -88,4 +86,3 @@ def _drop_last(blocks: list[bytes], count: int) -> None:
             blocks.append(last[:-count])
             return
         count -= len(last)
-
