@@ -59,7 +59,7 @@ async def read_data(reader: asyncio.StreamReader, size_limit: int | None,
         return b"", TOO_MUCH
     _drop_last(kept, _TERMINATOR)
     content = b"".join(kept)
-    kept.clear()
+    kept.clear()  # free the blocks before the split below copies the content again
     # Every line of the content ends with CRLF: the end of data's CRLF ends the last one.
     if len(content) > line_limit and max(map(len, content.split(b"\r\n"))) + 2 > line_limit:
         return b"", TOO_LONG

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from conftest import RelayProcess, relay_config, wait_for
+from relay.delivery import INLINE_READ_BYTES
 from upstream import Upstream, secret_forms
 
 BODY = (b"From: app@example.com\r\nTo: user@example.com\r\nSubject: hello\r\n"
@@ -71,7 +72,6 @@ def test_small_and_large_messages_are_relayed_whole(relay: RelayProcess,
                                                      upstream: Upstream) -> None:
     """Contents up to INLINE_READ_BYTES are read on the event loop, larger ones in a
     thread: both reach the upstream byte for byte."""
-    from relay.delivery import INLINE_READ_BYTES
     head = b"Subject: sizes\r\nMessage-ID: <%d@example.com>\r\n\r\n"
     line = b"y" * 998 + b"\r\n"
     bodies = {"small@example.com": head % 1 + line * 4,
