@@ -19,7 +19,7 @@ from .config import Config, keep_restart_only, load_config, restart_required
 from .delivery import Delivery
 from .entry import Entry
 from .errors import ConfigError
-from .listener import Handler, ServerFactory, local_hostname
+from .listener import ServerFactory, local_hostname
 from .log import log_event, setup_logging
 from .spool import Spool
 from .systemd import notify, watchdog_interval
@@ -64,8 +64,8 @@ class Daemon:
         for entry_id, when in due:
             self.delivery.schedule(entry_id, when)
         listen = self.config.listen
-        self._factory = ServerFactory(Handler(self.spool, listen, self._stored, local_hostname(),
-                                              self.clock))
+        self._factory = ServerFactory(self.spool, listen, self._stored, local_hostname(),
+                                      self.clock)
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(self._factory, host=listen.address,
                                                 port=listen.port)

@@ -36,10 +36,6 @@ def setup_logging(config: LogConfig, stream: Any = None) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(config.level.upper())
-    # aiosmtpd logs every command line at INFO (an AUTH line included) and every DATA
-    # line at DEBUG: credentials and contents must not reach the log at any level. Our
-    # own events say what an operator needs; aiosmtpd keeps its warnings.
-    logging.getLogger("mail.log").setLevel(logging.WARNING)
 
 
 class TextFormatter(logging.Formatter):

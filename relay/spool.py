@@ -49,6 +49,14 @@ ALL_DIRS = ("tmp", *QUEUE_DIRS, "corrupt", "state")
 OPEN_NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
+def is_unsafe_address(address: str) -> bool:
+    """True for an address that must never reach an upstream's MAIL or RCPT line: a CR,
+    LF or other control character, or a '<' or '>' that could end the path early and
+    smuggle a parameter after it (CVE-2026-53533). Quoted local parts may hold them in
+    RFC 5321's grammar; the relay refuses them at RCPT rather than relay them."""
+    return bool(_UNSAFE_IN_ADDRESS.search(address))
+
+
 def is_valid_id(entry_id: str) -> bool:
     """Queue IDs from outside (the command line) must match before they touch a path."""
     return bool(ID_PATTERN.match(entry_id))
@@ -513,7 +521,7 @@ def _entry_from_header(header: dict[str, Any], queue: Queue, where: str) -> Entr
     if not isinstance(sender, str) or not isinstance(recipients, list) or not recipients \
             or not all(isinstance(r, str) and r for r in recipients):
         raise CorruptEntry(where, "envelope sender or recipients malformed")
-    if any(_UNSAFE_IN_ADDRESS.search(a) for a in (sender, *recipients)):
+    if any(is_unsafe_address(a) for a in (sender, *recipients)):
         # The listener never stores these; a hand-edited file must not smuggle a CR/LF or
         # an extra <...> parameter onto the upstream's MAIL or RCPT line (CVE-2026-53533).
         raise CorruptEntry(where, "envelope address contains control characters or <>")

@@ -1,20 +1,19 @@
-"""relay/data.py against the rules of RFC 5321 read one line at a time, as aiosmtpd does.
+"""relay/data.py against the rules of RFC 5321 read one line at a time.
 
-The reference below is the plain reading of the rules; read_data must give the same
-content or refusal for any stream, however the stream arrives in pieces, and leave
-whatever follows the end of data in the reader.
+The reference below is the plain reading of the rules; DataReader must give the same
+content or refusal for any stream, however the stream arrives in pieces, and say where
+whatever follows the end of data begins.
 """
 
 from __future__ import annotations
 
-import asyncio
 import tracemalloc
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relay.data import TOO_LONG, TOO_MUCH, read_data
+from relay.data import TOO_LONG, TOO_MUCH, DataReader
 
 LINE_LIMIT = 12  # small, so that short random streams pass it often
 SIZE_LIMIT = 40
@@ -41,19 +40,15 @@ def reference(stream: bytes, size_limit: int, line_limit: int) -> tuple[bytes, s
     return b"".join(line[1:] if line.startswith(b".") else line for line in lines), None, rest
 
 
-async def run(pieces: list[bytes], size_limit: int, line_limit: int) -> tuple[bytes, str | None, bytes]:
-    """read_data over a reader fed `pieces` one event-loop turn apart; what is left after."""
-    reader = asyncio.StreamReader(limit=line_limit)
-
-    async def feed() -> None:
-        for piece in pieces:
-            reader.feed_data(piece)
-            await asyncio.sleep(0)
-        reader.feed_eof()
-    feeding = asyncio.create_task(feed())
-    content, refusal = await read_data(reader, size_limit, line_limit)
-    await feeding
-    return content, refusal, await reader.read()
+def run(pieces: list[bytes], size_limit: int, line_limit: int) -> tuple[bytes, str | None, bytes]:
+    """DataReader fed `pieces` in turn until the end of data; what follows it."""
+    reader = DataReader(size_limit, line_limit)
+    for number, piece in enumerate(pieces):
+        end = reader.feed(piece)
+        if end is not None:
+            content, refusal = reader.result()
+            return content, refusal, piece[end:] + b"".join(pieces[number + 1:])
+    raise AssertionError("the end of data was never found")
 
 
 def split(stream: bytes, cuts: list[int]) -> list[bytes]:
@@ -72,11 +67,11 @@ streams = st.builds(lambda text, extra: text + b"\r\n.\r\n" + extra if text else
 @settings(max_examples=400, deadline=None)
 @given(stream=streams, cuts=st.lists(st.integers(min_value=0), max_size=6),
        size_limit=st.sampled_from([SIZE_LIMIT, 0]))
-def test_read_data_agrees_with_the_line_by_line_rules(stream: bytes, cuts: list[int],
+def test_data_reader_agrees_with_the_line_by_line_rules(stream: bytes, cuts: list[int],
                                                       size_limit: int) -> None:
     expected_content, expected_refusal, expected_rest = reference(
         stream, size_limit or 10**9, LINE_LIMIT)
-    got = asyncio.run(run(split(stream, cuts), size_limit, LINE_LIMIT))
+    got = run(split(stream, cuts), size_limit, LINE_LIMIT)
     assert got == (expected_content, expected_refusal, expected_rest)
 
 
@@ -87,7 +82,7 @@ def test_read_data_agrees_with_the_line_by_line_rules(stream: bytes, cuts: list[
     (b"a\n.\r\nb\r.\r\n\r\n.\r\n", b"a\n.\r\nb\r.\r\n\r\n"),  # bare LF or CR: no end
 ])
 def test_end_of_data_and_transparency(stream: bytes, content: bytes) -> None:
-    assert asyncio.run(run([stream + b"QUIT\r\n"], 1000, 1000)) == (content, None, b"QUIT\r\n")
+    assert run([stream + b"QUIT\r\n"], 1000, 1000) == (content, None, b"QUIT\r\n")
 
 
 def test_nothing_past_the_size_limit_is_kept() -> None:
@@ -96,7 +91,7 @@ def test_nothing_past_the_size_limit_is_kept() -> None:
     pieces = [b"x" * 4096] * 256 + [b"\r\n.\r\n"]
     tracemalloc.start()
     try:
-        result = asyncio.run(run(pieces, 10_000, 1001))
+        result = run(pieces, 10_000, 1001)
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()

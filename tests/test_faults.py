@@ -70,7 +70,7 @@ def test_command_line_longer_than_512_octets_is_refused(holding_relay: RelayProc
     reply = session(holding_relay, b"EHLO c.example\r\nMAIL FROM:<" + b"a" * 600
                     + b"@example.com>\r\nNOOP\r\nQUIT\r\n")
     assert b"500 5.5.2 Error: command line too long" in reply
-    assert reply.rstrip().endswith(b"221 Bye")
+    assert reply.rstrip().endswith(b"221 2.0.0 Bye")
 
 
 @pytest.mark.plan(26)
