@@ -152,12 +152,18 @@ class Handler:
         except SpoolError as exc:
             log_event(logging.ERROR, entry_id, status="refused", reason=str(exc))
             return "452 4.3.1 Error: queue file write error"
-        log_event(logging.INFO, entry.id, client=_client_name(session),
+        fault_point("after-rename-before-250")
+        # Logged and handed to delivery just after the 250 is written, not before: the
+        # client waits for neither.
+        asyncio.get_running_loop().call_soon(self._stored, entry, _client_name(session),
+                                             message_id)
+        return f"250 2.0.0 Ok: queued as {entry.id}"
+
+    def _stored(self, entry: Entry, client: str, message_id: str) -> None:
+        log_event(logging.INFO, entry.id, client=client,
                   **{"from": entry.sender, "message-id": message_id}, size=entry.size,
                   nrcpt=len(entry.recipients), status="queued")
         self.on_stored(entry)
-        fault_point("after-rename-before-250")
-        return f"250 2.0.0 Ok: queued as {entry.id}"
 
     def _received_header(self, session: Session, transaction: Transaction, entry_id: str,
                          now: float) -> bytes:
