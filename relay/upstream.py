@@ -23,6 +23,11 @@ from .policy import AttemptResult, Reply, Stage, is_recipient_limit
 # longer suits bursts from one application, and a server that dropped an idle connection
 # is noticed by the RSET that precedes reuse.
 REUSE_IDLE_SECONDS = 10.0
+# A session whose last transaction just ended with the final dot's 2xx is in the initial
+# state already (RFC 5321 4.1.1.4): within this many seconds the next MAIL follows without
+# an RSET round trip. A server that closed it meanwhile fails that MAIL, and the message
+# goes out on a new session at once.
+RESET_FREE_SECONDS = 2.0
 
 
 def make_tls_context(config: UpstreamConfig) -> ssl.SSLContext | None:
@@ -59,6 +64,7 @@ class UpstreamSession:
         self._local_hostname = local_hostname or socket.getfqdn()
         self._smtp: aiosmtplib.SMTP | None = None
         self._last_used = 0.0
+        self._clean = False  # the last transaction ended with a 2xx to the final dot
 
     async def deliver(self, sender: str, recipients: list[str], content: bytes,
                       smtputf8: bool) -> AttemptResult:
@@ -69,7 +75,7 @@ class UpstreamSession:
         """
         relay = self.config.name
         try:
-            smtp = await self._ready_session()
+            smtp, unprobed = await self._ready_session()
         except SessionError as exc:
             stage = Stage.AUTH if exc.step == "auth" else Stage.SESSION
             return AttemptResult(relay=relay, error=exc.reply, stage=stage)
@@ -77,7 +83,17 @@ class UpstreamSession:
         remaining = recipients
         try:
             while True:
-                result = await self._transaction(smtp, sender, remaining, content, smtputf8)
+                try:
+                    result = await self._transaction(smtp, sender, remaining, content, smtputf8)
+                except SessionError as exc:
+                    if not (unprobed and exc.step == "mail"):
+                        raise
+                    # Reused without RSET and already gone: nothing of this message was
+                    # sent, so it goes on a new session now rather than after a backoff.
+                    await self.close()
+                    smtp = self._smtp = await self.open()
+                    result = await self._transaction(smtp, sender, remaining, content, smtputf8)
+                unprobed = False
                 replies.update(result.recipients)
                 over_limit = [r for r in remaining
                               if r in result.recipients and is_recipient_limit(result.recipients[r])]
@@ -96,6 +112,7 @@ class UpstreamSession:
 
     async def close(self) -> None:
         smtp, self._smtp = self._smtp, None
+        self._clean = False
         if smtp is None or not smtp.is_connected:
             return
         try:
@@ -103,17 +120,22 @@ class UpstreamSession:
         except (aiosmtplib.SMTPException, OSError):
             smtp.close()
 
-    async def _ready_session(self) -> aiosmtplib.SMTP:
+    async def _ready_session(self) -> tuple[aiosmtplib.SMTP, bool]:
+        """The session to send on, and whether it is reused without an RSET to prove it."""
+        clean, self._clean = self._clean, False
         if self._smtp is not None and self._smtp.is_connected:
-            if time.monotonic() - self._last_used < REUSE_IDLE_SECONDS:
+            idle = time.monotonic() - self._last_used
+            if clean and idle < RESET_FREE_SECONDS:
+                return self._smtp, True
+            if idle < REUSE_IDLE_SECONDS:
                 try:
                     await self._smtp.rset()
-                    return self._smtp
+                    return self._smtp, False
                 except (aiosmtplib.SMTPException, OSError):
                     pass
             await self.close()
         self._smtp = await self.open()
-        return self._smtp
+        return self._smtp, False
 
     async def open(self, report: Callable[[str, str], None] = _ignore) -> aiosmtplib.SMTP:
         """Connect, force TLS as configured, and log in; `report(step, detail)` hears each
@@ -176,7 +198,7 @@ class UpstreamSession:
         except ValueError as exc:  # aiosmtplib refuses to put this address on the wire
             return AttemptResult(relay=relay, error=_unsendable(exc), stage=Stage.MAIL)
         except (aiosmtplib.SMTPException, OSError) as exc:
-            raise SessionError(reply_of(exc)) from None
+            raise SessionError(reply_of(exc), "mail") from None
         replies: dict[str, Reply] = {}
         accepted: list[str] = []
         for recipient in recipients:
@@ -205,6 +227,7 @@ class UpstreamSession:
             raise SessionError(reply_of(exc)) from None
         done = Reply(response.code, _one_line(response.message))
         replies.update((r, done) for r in accepted)
+        self._clean = True
         return AttemptResult(relay=relay, recipients=replies)
 
 

@@ -247,6 +247,35 @@ def test_sessions_are_reused_one_login_per_worker(relay: RelayProcess,
     assert upstream.connections <= workers and upstream.auth_attempts <= workers
 
 
+def test_a_session_fresh_from_a_delivery_sends_the_next_mail_without_rset(
+        make_relay, tmp_path: Path, upstream: Upstream, ca_file: Path) -> None:
+    """Back-to-back messages on one worker share one session and no RSET: the final dot's
+    250 already left the upstream in its initial state (RFC 5321 4.1.1.4)."""
+    relay = make_relay(relay_config(tmp_path, upstream, ca_file,
+                                    upstream={"connections": 1}))
+    for n in range(5):
+        relay.send("app@example.com", [f"user{n}@example.com"], BODY)
+        wait_for(lambda n=n: upstream.delivered_to(f"user{n}@example.com"), what="delivery")
+    assert upstream.connections == 1 and upstream.rset_commands == 0
+
+
+def test_a_session_lost_before_mail_costs_no_attempt(make_relay, tmp_path: Path,
+                                                    upstream: Upstream, ca_file: Path) -> None:
+    """Reused without RSET, the session turns out dead at MAIL: nothing of the message was
+    sent, so it goes out at once on a new session, as its first attempt."""
+    relay = make_relay(relay_config(tmp_path, upstream, ca_file,
+                                    upstream={"connections": 1}))
+    relay.send("app@example.com", ["first@example.com"], BODY)
+    wait_for(lambda: upstream.delivered_to("first@example.com"), what="the first message")
+    upstream.abort_next_mail = True
+    second = relay.send("app@example.com", ["second@example.com"], BODY)
+    wait_for(lambda: upstream.delivered_to("second@example.com"), what="the second message")
+    assert upstream.connections == 2
+    wait_for(lambda: f"{second}: to=<second@example.com>" in relay.log(), what="its log line")
+    [line] = [line for line in relay.lines if f"{second}: to=" in line]
+    assert "attempt=1, status=sent" in line
+
+
 @pytest.mark.plan(78)
 def test_sigterm_exits_zero_and_keeps_undelivered_mail(tmp_path: Path, make_relay,
                                                        upstream: Upstream, ca_file: Path) -> None:

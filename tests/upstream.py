@@ -54,6 +54,8 @@ class Upstream:
         self.data_replies: list[str] = []
         self.auth_attempts = 0
         self.mail_commands = 0
+        self.rset_commands = 0
+        self.abort_next_mail = False  # drop the connection at the next MAIL, once
         self.password = PASSWORD
         self.data_delay = 0.0  # seconds before answering the final dot: a slow provider
         self.data_started = threading.Event()  # set when a final dot has been received
@@ -155,6 +157,10 @@ class Upstream:
     async def handle_MAIL(self, server: SMTP, session: Session, envelope: Envelope,
                           address: str, mail_options: list[str]) -> str:
         self.mail_commands += 1
+        if self.abort_next_mail:
+            self.abort_next_mail = False
+            server.transport.abort()
+            return "421 4.4.2 gone"
         if self.mail_reply:
             return self.mail_reply
         if self.random.random() < self.fail_rate:
@@ -163,6 +169,10 @@ class Upstream:
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
         return "250 2.1.0 Ok"
+
+    async def handle_RSET(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        self.rset_commands += 1
+        return "250 2.0.0 Ok"
 
     async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope,
                           address: str, rcpt_options: list[str]) -> str:
