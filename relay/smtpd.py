@@ -303,13 +303,8 @@ class SMTPServer(asyncio.Protocol):
             return
         syntax = "501 5.5.4 Syntax: MAIL FROM:<address>" + (
             " [SP <mail-parameters>]" if self._session.extended else "")
-        rest = _strip_keyword("FROM:", arg)
-        if not rest:
-            self._reply(syntax)
-            return
-        parsed = parse_path(rest)
+        parsed = self._path_argument("FROM:", arg, syntax)
         if parsed is None:
-            self._reply("553 5.1.3 Error: malformed address")
             return
         sender, params = parsed
         if params and not self._session.extended:
@@ -357,13 +352,8 @@ class SMTPServer(asyncio.Protocol):
             self._reply("503 5.5.1 Error: need MAIL command")
             return
         syntax = "501 5.5.4 Syntax: RCPT TO:<address>"
-        rest = _strip_keyword("TO:", arg)
-        if not rest:
-            self._reply(syntax)
-            return
-        parsed = parse_path(rest)
+        parsed = self._path_argument("TO:", arg, syntax)
         if parsed is None:
-            self._reply("553 5.1.3 Error: malformed address")
             return
         address, params = parsed
         if not address:
@@ -450,6 +440,17 @@ class SMTPServer(asyncio.Protocol):
 
     def _auth(self, arg: str) -> None:
         self._reply("503 5.5.1 Error: authentication not enabled")
+
+    def _path_argument(self, keyword: str, arg: str, syntax: str) -> tuple[str, str] | None:
+        """(address, parameters) after `keyword` (FROM: or TO:); None once refused."""
+        rest = _strip_keyword(keyword, arg)
+        if not rest:
+            self._reply(syntax)
+            return None
+        parsed = parse_path(rest)
+        if parsed is None:
+            self._reply("553 5.1.3 Error: malformed address")
+        return parsed
 
     def _needs_helo(self) -> bool:
         if self._session.host_name is None:
