@@ -21,7 +21,7 @@ def holding_relay(make_relay, tmp_path: Path) -> RelayProcess:
 
 def session(relay: RelayProcess, payload: bytes) -> bytes:
     """Send raw bytes (ending in QUIT) after the greeting; return all the relay said, up to
-    its 221 or its closing the connection. (No half-close: aiosmtpd takes EOF as a drop.)"""
+    its 221 or its closing the connection. (No half-close: the relay takes EOF as a drop.)"""
     with socket.create_connection(("127.0.0.1", relay.port), timeout=10) as sock:
         reader = sock.makefile("rb")
         assert reader.readline().startswith(b"220 ")
