@@ -8,6 +8,7 @@ unknown state. Knows nothing of the spool.
 
 from __future__ import annotations
 
+import re
 import socket
 import ssl
 import time
@@ -28,6 +29,8 @@ REUSE_IDLE_SECONDS = 10.0
 # an RSET round trip. A server that closed it meanwhile fails that MAIL, and the message
 # goes out on a new session at once.
 RESET_FREE_SECONDS = 2.0
+# A CR or LF that is not part of a CRLF (the same rule as aiosmtplib's own data()).
+_BARE_LINE_END = re.compile(rb"\r\n|\n|\r(?!\n)")
 
 
 def make_tls_context(config: UpstreamConfig) -> ssl.SSLContext | None:
@@ -214,7 +217,7 @@ class UpstreamSession:
         if not accepted:
             return AttemptResult(relay=relay, recipients=replies)
         try:
-            response = await smtp.data(content)
+            response = await _data(smtp, wire_form(content))
         except aiosmtplib.SMTPResponseException as exc:
             return AttemptResult(relay=relay, recipients=replies, error=_refusal(exc),
                                  stage=Stage.DATA)
@@ -229,6 +232,43 @@ class UpstreamSession:
         replies.update((r, done) for r in accepted)
         self._clean = True
         return AttemptResult(relay=relay, recipients=replies)
+
+
+def wire_form(content: bytes) -> bytes:
+    """`content` as DATA sends it (RFC 5321 4.5.2): every line ending in CRLF, a leading
+    dot doubled, then the final dot. The same bytes as aiosmtplib's data() produces, whose
+    two regular expressions over the whole message cost more CPU than the rest of a
+    delivery at 100 KiB; here a message that is already all CRLF lines, as everything the
+    listener accepts is, costs three counts and one replace in C."""
+    crlf = content.count(b"\r\n")
+    if content.count(b"\r") != crlf or content.count(b"\n") != crlf:
+        content = _BARE_LINE_END.sub(b"\r\n", content)
+    if not content.endswith(b"\r\n"):
+        content += b"\r\n"
+    stuffed = content.replace(b"\n.", b"\n..")
+    return b"".join((b"." if stuffed.startswith(b".") else b"", stuffed, b".\r\n"))
+
+
+async def _data(smtp: aiosmtplib.SMTP, wire: bytes) -> aiosmtplib.SMTPResponse:
+    """DATA with a message already in wire form: aiosmtplib's data() would transform it
+    again. Its protocol's write and read_response, back to back, keep replies paired with
+    commands as its own data() does; what it does on a lost or silent server (close the
+    session) is done here too."""
+    response = await smtp.execute_command(b"DATA")
+    if response.code != 354:
+        raise aiosmtplib.SMTPDataError(response.code, response.message)
+    protocol = smtp.protocol
+    if protocol is None:
+        raise aiosmtplib.SMTPServerDisconnected("Connection lost")
+    try:
+        protocol.write(wire)
+        response = await protocol.read_response(timeout=smtp.timeout)
+    except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError):
+        smtp.close()
+        raise
+    if response.code != 250:
+        raise aiosmtplib.SMTPDataError(response.code, response.message)
+    return response
 
 
 def likely_cause(error: SessionError, config: UpstreamConfig) -> str:

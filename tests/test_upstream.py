@@ -6,10 +6,13 @@ import asyncio
 from pathlib import Path
 
 import pytest
+from aiosmtplib.protocol import PERIOD_REGEX, normalize_message_line_endings
+from hypothesis import example, given
+from hypothesis import strategies as st
 
 from relay.config import UpstreamConfig
 from relay.policy import AttemptResult
-from relay.upstream import UpstreamSession, make_tls_context
+from relay.upstream import UpstreamSession, make_tls_context, wire_form
 from upstream import PASSWORD, USERNAME, Upstream
 
 
@@ -37,3 +40,15 @@ def test_address_the_client_refuses_to_send_fails_alone(upstream: Upstream,
     assert "cannot be sent safely" in result.recipients["a b@example.com"].text
     assert result.recipients["ok@example.com"].code == 250
     assert [t.recipients for t in upstream.messages()] == [("ok@example.com",)]
+
+
+@given(st.binary() | st.lists(st.sampled_from([b"\r\n", b"\r", b"\n", b".", b"..", b"a"]))
+       .map(b"".join))
+@example(b"")
+@example(b".\r\n")
+@example(b"a\r\n.b\r\n..\r\n")
+def test_wire_form_is_what_aiosmtplib_data_sends(content: bytes) -> None:
+    """The DATA bytes the relay sends are exactly those aiosmtplib's data() would send:
+    CRLF line ends, leading dots doubled, the final dot."""
+    expected = PERIOD_REGEX.sub(b"..", normalize_message_line_endings(content)) + b".\r\n"
+    assert wire_form(content) == expected
