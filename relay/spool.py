@@ -43,6 +43,7 @@ from .faults import fault_point
 
 MAGIC = b"RELAY-ENTRY 1\n"
 _UNSAFE_IN_ADDRESS = re.compile(r"[\x00-\x1f\x7f<>]")
+HEADER_READ = 8192  # the first read of an entry: its envelope, unless it has many recipients
 MAX_HEADER_BYTES = 64 * 1024 * 1024  # 100,000 recipients of 320 bytes fit with room to spare
 ID_PATTERN = re.compile(r"^[0-9A-F]{21}$")
 QUEUE_DIRS = tuple(q.value for q in Queue)
@@ -231,9 +232,10 @@ class Spool:
         """The message bytes (with our Received: header) of an entry."""
         path = self._file(entry.queue, entry.id)
         try:
-            with open(path, "rb") as f:
-                _read_header(f, str(path))
-                return f.read()
+            with open(path, "rb", buffering=0) as f:
+                _, offset = _read_header(f.fileno(), str(path))
+                f.seek(offset)
+                return f.readall()
         except OSError as exc:
             raise SpoolError(f"cannot read {path}: {exc.strerror}") from None
 
@@ -345,9 +347,14 @@ class Spool:
         """Every entry in the given queues, oldest first; unparsable ones as CorruptEntry."""
         names = sorted((name, queue) for queue in queues
                        for name in os.listdir(self.path / queue.value))
+        # Listed after the queues: a state record is written before its entry moves, so
+        # an entry listed above whose record is missing here had none when it was listed
+        # (or is being attempted right now). Most entries have none, and a failed open
+        # per entry was the largest cost of listing a big queue.
+        with_state = set(os.listdir(self.path / "state"))
         for name, queue in names:
             try:
-                yield self.load(queue, name)
+                yield self.load(queue, name, name in with_state)
             except FileNotFoundError:
                 continue  # moved on by the daemon while we listed
             except CorruptEntry as exc:
@@ -362,13 +369,20 @@ class Spool:
                 continue
         raise EntryNotFound(entry_id)
 
-    def load(self, queue: Queue, entry_id: str) -> Entry:
+    def load(self, queue: Queue, entry_id: str, has_state: bool = True) -> Entry:
+        """The entry and its state record; `has_state=False` (known from a listing of
+        state/) skips looking for the record."""
         # Plain string paths: `relay queue` loads every entry, and pathlib's joins cost
         # more than the two small reads.
         path = f"{self._root}/{queue.value}/{entry_id}"
-        with open(path, "rb") as f:
-            header = _read_header(f, path)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            header, _ = _read_header(fd, path)
+        finally:
+            os.close(fd)
         entry = _entry_from_header(header, queue, path)
+        if not has_state:
+            return entry
         state_path = f"{self._root}/state/{entry_id}"
         try:
             with open(state_path, "rb") as f:
@@ -497,22 +511,34 @@ def _unlink_quietly(path: Path) -> None:
         pass
 
 
-def _read_header(f: Any, where: str) -> dict[str, Any]:
-    if f.readline(len(MAGIC) + 1) != MAGIC:
+def _read_header(fd: int, where: str) -> tuple[dict[str, Any], int]:
+    """The envelope of the entry open at `fd`, and the offset where its content begins.
+    One read of a few KiB holds the envelope of almost every entry: `relay queue` reads
+    one per entry, so buffered line reads (and their syscalls) would dominate it."""
+    size = os.fstat(fd).st_size
+    head = os.read(fd, HEADER_READ)
+    if not head.startswith(MAGIC):
         raise CorruptEntry(where, "not a relay spool entry (bad or missing magic line)")
-    line = f.readline(MAX_HEADER_BYTES)
-    if not line.endswith(b"\n"):
+    limit = len(MAGIC) + MAX_HEADER_BYTES
+    end = head.find(b"\n", len(MAGIC))
+    while end < 0 and len(head) < min(size, limit):
+        more = os.read(fd, min(len(head), limit - len(head)))
+        if not more:
+            break
+        head += more
+        end = head.find(b"\n", max(len(head) - len(more), len(MAGIC)))
+    if end < 0 or end >= limit:
         raise CorruptEntry(where, "truncated envelope")
     try:
-        header = json.loads(line)
+        header = json.loads(head[len(MAGIC):end + 1])
     except ValueError as exc:
         raise CorruptEntry(where, f"unreadable envelope: {exc}") from None
     if not isinstance(header, dict):
         raise CorruptEntry(where, "envelope is not a JSON object")
-    body_bytes = os.fstat(f.fileno()).st_size - f.tell()
+    body_bytes = size - (end + 1)
     if header.get("size") != body_bytes:
         raise CorruptEntry(where, f"content is {body_bytes} bytes, envelope says {header.get('size')}")
-    return header
+    return header, end + 1
 
 
 def _entry_from_header(header: dict[str, Any], queue: Queue, where: str) -> Entry:
