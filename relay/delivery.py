@@ -28,12 +28,11 @@ from .upstream import UpstreamSession, make_tls_context
 
 logger = logging.getLogger("relay.delivery")
 
-# Claiming, reading and removing an entry are renames, small reads and unlinks, with no
-# fsync. They run on the event loop: a trip to a worker thread and back costs the loop
-# more (A/B at 16 sessions: 10-15% fewer messages a second with either the claim or the
-# removal in a thread), even counting an unlink's occasional wait behind the journal
-# commit of another thread's fsync (0.2 ms median, 1-2 ms at the 99th percentile).
-# Contents larger than this, and every update that fsyncs, go to a thread.
+# Claiming and reading an entry are a rename and small reads, with no fsync: they take
+# microseconds, less than a hop to a worker thread and back, which also contends for the
+# GIL with the listener. They run on the event loop; contents larger than this, and every
+# update that unlinks or fsyncs, go to a thread (an unlink can wait behind the journal
+# commit of another thread's fsync, and that wait must not stall every session).
 INLINE_READ_BYTES = 256 * 1024
 
 
@@ -255,7 +254,7 @@ class Delivery:
                                 self._rand())
         after = settled.entry
         if settled.disposition is Disposition.DELIVERED:
-            self.spool.remove(after)
+            await asyncio.to_thread(self.spool.remove, after)
         elif settled.disposition is Disposition.DEFERRED:
             after = await asyncio.to_thread(self.spool.defer, after)
             assert after.next_attempt is not None
