@@ -338,6 +338,7 @@ def plot(plan: Plan, figures: Figures, latency_samples: dict[str, list[float]],
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import NullFormatter, ScalarFormatter
     except ImportError:
         return False
     fig, axes = plt.subplots(1, len(plan.sizes) + 1, figsize=(4.2 * (len(plan.sizes) + 1), 3.6))
@@ -357,6 +358,13 @@ def plot(plan: Plan, figures: Figures, latency_samples: dict[str, list[float]],
         samples = sorted(v * 1000 for v in latency_samples[name])
         ax.plot(samples, [i / len(samples) for i in range(len(samples))], style, label=name)
     ax.set_xscale("log")
+    # Plain numbers on the major ticks only: the default labels the minor ones too, in
+    # powers of ten that run into each other.
+    ax.xaxis.set_major_formatter(ScalarFormatter())
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    every_ms = [v * 1000 for samples in latency_samples.values() for v in samples]
+    ax.set_xticks([t for t in (1, 2, 3, 5, 10, 20, 50, 100)
+                   if min(every_ms) / 1.5 <= t <= max(every_ms) * 1.5])
     ax.set_title("latency, new connection per 10 KiB")
     ax.set_xlabel("ms")
     ax.set_ylabel("fraction of sends")
