@@ -259,6 +259,40 @@ def test_a_session_fresh_from_a_delivery_sends_the_next_mail_without_rset(
     assert upstream.connections == 1 and upstream.rset_commands == 0
 
 
+def test_a_pipelining_upstream_gets_mail_rcpt_and_data_in_one_write(
+        relay: RelayProcess, upstream: Upstream) -> None:
+    """RFC 2920: with PIPELINING offered, the envelope and DATA go out together (one round
+    trip), the message after the 354 (a second one)."""
+    relay.send("app@example.com", ["one@example.com", "two@example.com"], BODY)
+    wait_for(lambda: upstream.delivered_to("two@example.com"), what="the delivery")
+    assert upstream.command_reads == [b"MAIL FROM:<app@example.com>\r\n"
+                                      b"RCPT TO:<one@example.com>\r\n"
+                                      b"RCPT TO:<two@example.com>\r\nDATA\r\n"]
+
+
+def test_an_upstream_without_pipelining_hears_one_command_at_a_time(
+        make_relay, make_upstream, tmp_path: Path, ca_file: Path) -> None:
+    """Without PIPELINING, each command waits for the reply to the one before."""
+    upstream = make_upstream(pipelining=False)
+    relay = make_relay(relay_config(tmp_path, upstream, ca_file))
+    relay.send("app@example.com", ["one@example.com", "two@example.com"], BODY)
+    [got] = wait_for(lambda: upstream.delivered_to("two@example.com"), what="the delivery")
+    assert got.recipients == ("one@example.com", "two@example.com")
+    assert upstream.command_reads == [b"MAIL FROM:<app@example.com>\r\n"]
+
+
+@pytest.mark.plan(60)
+def test_data_accepted_after_every_rcpt_refused_gets_an_empty_message(
+        relay: RelayProcess, upstream: Upstream) -> None:
+    """A pipelined DATA that the server takes although it refused every recipient gets
+    only the final dot (RFC 2920 3.1): the content is never sent, the entry fails."""
+    upstream.data_without_recipients = True
+    entry_id = relay.send("app@example.com", ["reject@example.com"], BODY)
+    wait_for(lambda: entry_id in relay.files("failed"), what="the failure")
+    assert upstream.data_seen == [b""]
+    assert upstream.messages() == []
+
+
 def test_a_session_lost_before_mail_costs_no_attempt(make_relay, tmp_path: Path,
                                                     upstream: Upstream, ca_file: Path) -> None:
     """Reused without RSET, the session turns out dead at MAIL: nothing of the message was

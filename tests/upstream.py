@@ -4,7 +4,8 @@ It records every transaction and what the relay did on the wire (TLS in effect, 
 seen, connections made). Replies are scripted by recipient (`tempfail@...` gets 451 at
 RCPT, `reject@...` 550, `drop@...` a reset connection), by attempt (`data_replies`: the
 next DATA answers, e.g. two 451s then 250) and per command (`mail_reply`, `auth_reply`,
-`starttls_reply`, `rcpt_replies`, `rcpt_limit`).
+`starttls_reply`, `rcpt_replies`, `rcpt_limit`). It offers PIPELINING, as providers do,
+unless told not to, and keeps each read that began with MAIL to show what was pipelined.
 """
 
 from __future__ import annotations
@@ -43,12 +44,14 @@ class Transaction:
 class Upstream:
     def __init__(self, tls_context: ssl.SSLContext | None, *, require_auth: bool = True,
                  offer_starttls: bool = True, implicit_tls: bool = False,
-                 smtputf8: bool = True) -> None:
+                 smtputf8: bool = True, pipelining: bool = True) -> None:
         # Implicit TLS (port 465) wraps the whole connection; STARTTLS is then not offered.
         self.implicit_context = tls_context if implicit_tls else None
         self.tls_context = tls_context if offer_starttls and not implicit_tls else None
         self.require_auth = require_auth
         self.smtputf8 = smtputf8
+        self.pipelining = pipelining  # advertised, as Mailgun and Postfix do
+        self.command_reads: list[bytes] = []  # each read that began with MAIL, as received
         self.transactions: list[Transaction] = []
         self.data_seen: list[bytes] = []  # every message whose final dot arrived, kept or not
         self.data_replies: list[str] = []
@@ -66,6 +69,9 @@ class Upstream:
         self.rcpt_limit = 0  # if set, RCPTs beyond it in one transaction get rcpt_limit_reply
         self.rcpt_limit_reply = "452 4.5.3 Error: too many recipients"
         self.reset_after_data = False  # reset the connection right after DATA's 250
+        # Answer DATA with 354 even when every RCPT was refused (RFC 2920 allows it; the
+        # client must then send an empty message, which is recorded but never kept).
+        self.data_without_recipients = False
         # With fail_rate > 0, MAIL resets the connection and DATA answers 451 at random,
         # each with that probability: an unreliable provider for soak tests.
         self.fail_rate = 0.0
@@ -154,6 +160,13 @@ class Upstream:
 
     # --- aiosmtpd hooks ----------------------------------------------------------------
 
+    async def handle_EHLO(self, server: SMTP, session: Session, envelope: Envelope,
+                          hostname: str, responses: list[str]) -> list[str]:
+        session.host_name = hostname
+        if self.pipelining:
+            responses.insert(-1, "250-PIPELINING")
+        return responses
+
     async def handle_MAIL(self, server: SMTP, session: Session, envelope: Envelope,
                           address: str, mail_options: list[str]) -> str:
         self.mail_commands += 1
@@ -208,6 +221,8 @@ class Upstream:
                 # The 250 is written before this callback runs, then the connection is
                 # reset: the client must count the message as delivered.
                 asyncio.get_running_loop().call_soon(server.transport.abort)
+            if envelope.rcpt_tos == ["nobody@invalid"]:
+                return "250 2.0.0 Ok: nothing to deliver"
             self.transactions.append(Transaction(
                 sender="" if envelope.mail_from == "<>" else str(envelope.mail_from),
                 recipients=tuple(envelope.rcpt_tos),
@@ -229,6 +244,17 @@ class _RecordingSMTP(SMTP):
             await self.push(self._upstream.starttls_reply)
             return
         await super().smtp_STARTTLS(arg)
+
+    async def smtp_DATA(self, arg: str) -> None:
+        if self._upstream.data_without_recipients and self.envelope is not None \
+                and not self.envelope.rcpt_tos:
+            self.envelope.rcpt_tos.append("nobody@invalid")
+        await super().smtp_DATA(arg)
+
+    def data_received(self, data: bytes) -> None:
+        if data.startswith(b"MAIL"):
+            self._upstream.command_reads.append(data)
+        super().data_received(data)
 
     def connection_lost(self, error: Exception | None) -> None:
         self._upstream._protocols.discard(self)
