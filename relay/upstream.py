@@ -189,6 +189,16 @@ class UpstreamSession:
                 step = "auth"
                 response = await smtp.login(config.username, config.password)
                 report(step, f"{response.code} {_one_line(response.message)}")
+            if smtp.is_ehlo_or_helo_needed:
+                # aiosmtplib greets lazily, from its own commands: without AUTH (and after
+                # STARTTLS) nothing has sent EHLO yet, and the transactions are ours.
+                step = "ehlo"
+                try:
+                    await smtp.ehlo()
+                except aiosmtplib.SMTPHeloError:
+                    if not smtp.is_connected:
+                        raise
+                    await smtp.helo()
         except BaseException as exc:
             smtp.close()
             if isinstance(exc, SessionError):

@@ -293,6 +293,20 @@ def test_data_accepted_after_every_rcpt_refused_gets_an_empty_message(
     assert upstream.messages() == []
 
 
+@pytest.mark.parametrize("tls", ["none", "starttls"])
+def test_an_upstream_without_auth_is_greeted_before_mail(
+        make_relay, make_upstream, tmp_path: Path, ca_file: Path, tls: str) -> None:
+    """No AUTH configured (an open relay on the provider's side, or a local smarthost),
+    in clear or after STARTTLS: EHLO goes before the first MAIL, and the mail is sent."""
+    upstream = make_upstream(require_auth=False, offer_starttls=tls == "starttls")
+    config = relay_config(tmp_path, upstream, ca_file, upstream={"tls": tls})
+    del config["upstream"]["username"], config["upstream"]["password_env"]
+    relay = make_relay(config)
+    relay.send("app@example.com", ["user@example.com"], BODY)
+    [got] = wait_for(lambda: upstream.delivered_to("user@example.com"), what="the delivery")
+    assert got.tls is (tls == "starttls") and not got.authenticated
+
+
 def test_a_session_lost_before_mail_costs_no_attempt(make_relay, tmp_path: Path,
                                                     upstream: Upstream, ca_file: Path) -> None:
     """Reused without RSET, the session turns out dead at MAIL: nothing of the message was
