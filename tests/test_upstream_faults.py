@@ -121,7 +121,8 @@ def test_reset_right_after_250_counts_as_delivered(tmp_path: Path, make_relay,
 @pytest.mark.plan(60)
 def test_every_recipient_refused_for_good_fails_the_message(relay: RelayProcess,
                                                             upstream: Upstream) -> None:
-    """550 to every RCPT: the entry goes to failed/ with each reply; no DATA is sent."""
+    """550 to every RCPT: the entry goes to failed/ with each reply; the content is never
+    sent."""
     entry_id = relay.send("app@example.com", ["reject1@example.com", "reject2@example.com"], BODY)
     wait_for(lambda: entry_id in relay.files("failed"), what="the failure")
     replies = [r["reply"] for r in relay.state(entry_id)["recipients"]]
@@ -132,7 +133,7 @@ def test_every_recipient_refused_for_good_fails_the_message(relay: RelayProcess,
 @pytest.mark.plan(60)
 def test_every_recipient_refused_for_now_defers_the_message(relay: RelayProcess,
                                                             upstream: Upstream) -> None:
-    """451 to every RCPT: deferred and retried, never failed; no DATA is sent."""
+    """451 to every RCPT: deferred and retried, never failed; the content is never sent."""
     entry_id = relay.send("app@example.com", ["tempfail1@example.com", "tempfail2@example.com"],
                           BODY)
     wait_for(lambda: len(relay.state(entry_id).get("attempts", [])) >= 2, what="a retry")
