@@ -231,12 +231,13 @@ def scale(plan: Plan, workdir: Path, figures: Figures) -> None:
         running.enter_context(relays["full"])
         figures.add("scale start-up", relays["full"].started_in)
         running.enter_context(relays["empty"])
-        started = time.monotonic()
-        listing = subprocess.run([sys.executable, "-m", "relay", "queue", "--json",
-                                  "--config", str(relays["full"].config_path)],
-                                 capture_output=True, check=True)
-        figures.add("scale queue --json", time.monotonic() - started)
-        assert len(json.loads(listing.stdout)) == plan.scale_entries
+        for _ in range(plan.repetitions):
+            started = time.monotonic()
+            listing = subprocess.run([sys.executable, "-m", "relay", "queue", "--json",
+                                      "--config", str(relays["full"].config_path)],
+                                     capture_output=True, check=True)
+            figures.add("scale queue --json", time.monotonic() - started)
+            assert len(json.loads(listing.stdout)) == plan.scale_entries
         figures.add("scale rss", rss_kib(relays["full"].pids()) / KIB)
         for repetition in range(plan.repetitions):
             for name in (["full", "empty"] if repetition % 2 == 0 else ["empty", "full"]):
