@@ -398,8 +398,9 @@ def test_mail_from_refused_temporarily_defers_and_permanently_fails(
     relay = make_relay(relay_config(tmp_path, upstream, ca_file,
                                     delivery={"retry_min": "1h", "retry_max": "2h"}))
     deferred = relay.send("app@example.com", ["user@example.com"], BODY)
-    wait_for(lambda: state_of_if_any(relay, deferred).get("last_error"), what="deferral")
-    assert relay.files("deferred") == [deferred]
+    # The state record is written before the entry moves: wait for both.
+    wait_for(lambda: relay.files("deferred") == [deferred]
+             and state_of_if_any(relay, deferred).get("last_error"), what="deferral")
     upstream.mail_reply = "553 5.1.8 Sender domain rejected"
     failed = relay.send("app@example.com", ["a@example.com", "b@example.com"], BODY)
     wait_for(lambda: relay.files("failed") == [failed], what="failure")

@@ -33,7 +33,10 @@ def session(relay: RelayProcess, payload: bytes) -> bytes:
 
 
 def queued(relay: RelayProcess) -> list[str]:
-    return relay.files("incoming") + relay.files("deferred") + relay.files("active")
+    """Entries not yet delivered. Listed in the order an entry moves (incoming/, active/,
+    deferred/) so that one moving meanwhile is never missed, and as a set, as it may then
+    be seen twice."""
+    return sorted({*relay.files("incoming"), *relay.files("active"), *relay.files("deferred")})
 
 
 @pytest.mark.plan(18, 100)
