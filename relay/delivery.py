@@ -37,20 +37,30 @@ INLINE_READ_BYTES = 256 * 1024
 
 
 class Scheduler:
-    """Which entry is due next. `_due` holds each ID's current due time; heap items that
-    disagree with it are stale (the entry was rescheduled) and are skipped."""
+    """Which entry is due next, and which idle worker hears of it. `_due` holds each ID's
+    current due time; heap items that disagree with it are stale (the entry was
+    rescheduled) and are skipped.
+
+    Each idle worker waits on a future of its own, and a change to the heap wakes one of
+    them, not all: with `upstream.connections` workers idle, waking every one of them for
+    each message cost more of the loop than the message's own delivery. The one woken
+    takes the entry, or sleeps until the earliest is due; one that takes an entry and
+    leaves more in the heap wakes the next, so that some worker always watches the
+    earliest. The worker that went idle last is woken first: its session is the one most
+    recently used, and the others' sessions can stay closed.
+    """
 
     def __init__(self, clock: Callable[[], float]) -> None:
         self._clock = clock
         self._heap: list[tuple[float, str]] = []
         self._due: dict[str, float] = {}
-        self._wakeup = asyncio.Event()
+        self._idle: list[asyncio.Future[None]] = []  # a stack: the latest idle on top
         self._closed = False
 
     def schedule(self, entry_id: str, due: float) -> None:
         self._due[entry_id] = due
         heapq.heappush(self._heap, (due, entry_id))
-        self._wakeup.set()
+        self._wake_one()
 
     def pop_due(self, now: float) -> str | None:
         """The ID of the earliest entry due at `now`, removed from the schedule; else None."""
@@ -68,24 +78,48 @@ class Scheduler:
 
     async def next_due(self) -> str | None:
         """Wait until some entry is due and return its ID; None once the scheduler is closed."""
+        loop = asyncio.get_running_loop()
         while not self._closed:
-            # Clearing before the check cannot lose a wakeup: nothing runs in between.
-            self._wakeup.clear()
             now = self._clock()
             entry_id = self.pop_due(now)
             if entry_id is not None:
+                if self._heap:
+                    self._wake_one()
                 return entry_id
-            timeout = max(self._heap[0][0] - now, 0.0) if self._heap else None
+            waiter: asyncio.Future[None] = loop.create_future()
+            self._idle.append(waiter)
+            timer = loop.call_later(self._heap[0][0] - now, _wake, waiter) if self._heap else None
             try:
-                await asyncio.wait_for(self._wakeup.wait(), timeout)
-            except TimeoutError:
-                pass
+                await waiter
+            except asyncio.CancelledError:
+                if waiter.done() and not waiter.cancelled():
+                    self._wake_one()  # woken, then cancelled: the wakeup was someone's
+                raise
+            finally:
+                if timer is not None:
+                    timer.cancel()
+                if waiter in self._idle:  # woken by its timer: still on the stack
+                    self._idle.remove(waiter)
         return None
 
     def close(self) -> None:
         """Make every waiting and future next_due() return None."""
         self._closed = True
-        self._wakeup.set()
+        while self._idle:
+            self._wake_one()
+
+    def _wake_one(self) -> None:
+        while self._idle:
+            if _wake(self._idle.pop()):
+                return
+
+
+def _wake(waiter: asyncio.Future[None]) -> bool:
+    """Wake a waiting worker; False if it had stopped waiting (woken or cancelled)."""
+    if waiter.done():
+        return False
+    waiter.set_result(None)
+    return True
 
 
 class Delivery:
