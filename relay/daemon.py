@@ -23,6 +23,7 @@ from .listener import ServerFactory, local_hostname
 from .log import log_event, setup_logging
 from .spool import Spool
 from .systemd import notify, watchdog_interval
+from .writer import SpoolWriter
 
 # How long SIGTERM waits for deliveries in flight; systemd's TimeoutStopSec must exceed it.
 DRAIN_SECONDS = 10.0
@@ -36,7 +37,8 @@ class Daemon:
         self.config = config
         self.spool = Spool(config.spool.path, config.spool.min_free)
         self.clock = SteadyClock()
-        self.delivery = Delivery(self.spool, config, clock=self.clock)
+        self.writer = SpoolWriter(self.spool)
+        self.delivery = Delivery(self.spool, self.writer, config, clock=self.clock)
         self._reported_skew = 0.0
         self._factory: ServerFactory | None = None
         self._server: asyncio.Server | None = None
@@ -64,8 +66,9 @@ class Daemon:
         for entry_id, when in due:
             self.delivery.schedule(entry_id, when)
         listen = self.config.listen
-        self._factory = ServerFactory(self.spool, listen, self._stored, local_hostname(),
-                                      self.clock)
+        self.writer.start()
+        self._factory = ServerFactory(self.spool, self.writer, listen, self._stored,
+                                      local_hostname(), self.clock)
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(self._factory, host=listen.address,
                                                 port=listen.port)
@@ -154,6 +157,7 @@ class Daemon:
         for task in self._tasks:
             task.cancel()
         await self.delivery.stop(DRAIN_SECONDS)
+        await self.writer.close()
         self.spool.unlock()
         if self._server is not None:
             log_event(logging.INFO, None, event="stop", status="stopped")
@@ -163,9 +167,10 @@ async def serve(config: Config) -> None:
     """Run until SIGTERM or SIGINT; raises what Daemon.start raises."""
     daemon = Daemon(config)
     loop = asyncio.get_running_loop()
-    # Spool work runs in threads that mostly wait on fsync: enough of them for every
-    # session storing at once and every delivery worker, so the disk sees the requests
-    # together (and directory fsyncs are shared) instead of six at a time.
+    # State records (deferrals, failures) are written in threads that mostly wait on
+    # fsync: enough of them for every delivery worker at once, so that the disk sees the
+    # requests together (and directory fsyncs are shared) instead of six at a time.
+    # Stores and removals have a thread of their own (relay.writer).
     loop.set_default_executor(ThreadPoolExecutor(max_workers=SPOOL_THREADS,
                                                  thread_name_prefix="spool"))
     for signum in (signal.SIGTERM, signal.SIGINT):

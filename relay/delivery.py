@@ -25,14 +25,16 @@ from .log import log_event
 from .policy import Disposition
 from .spool import Spool
 from .upstream import UpstreamSession, make_tls_context
+from .writer import SpoolWriter
 
 logger = logging.getLogger("relay.delivery")
 
 # Claiming and reading an entry are a rename and small reads, with no fsync: they take
 # microseconds, less than a hop to a worker thread and back, which also contends for the
-# GIL with the listener. They run on the event loop; contents larger than this, and every
-# update that unlinks or fsyncs, go to a thread (an unlink can wait behind the journal
-# commit of another thread's fsync, and that wait must not stall every session).
+# GIL with the listener. They run on the event loop. Contents larger than this and state
+# records (which fsync) go to a worker thread, removals to the spool writer's: an unlink
+# can wait behind the journal commit of an fsync, and that wait must not stall every
+# session.
 INLINE_READ_BYTES = 256 * 1024
 
 
@@ -123,9 +125,11 @@ def _wake(waiter: asyncio.Future[None]) -> bool:
 
 
 class Delivery:
-    def __init__(self, spool: Spool, config: Config, clock: Callable[[], float] = time.time,
+    def __init__(self, spool: Spool, writer: SpoolWriter, config: Config,
+                 clock: Callable[[], float] = time.time,
                  rand: Callable[[], float] = random.random) -> None:
         self.spool = spool
+        self.writer = writer
         self.config = config
         self.scheduler = Scheduler(clock)
         self._clock = clock
@@ -288,7 +292,7 @@ class Delivery:
                                 self._rand())
         after = settled.entry
         if settled.disposition is Disposition.DELIVERED:
-            await asyncio.to_thread(self.spool.remove, after)
+            await self.writer.remove(after)
         elif settled.disposition is Disposition.DEFERRED:
             after = await asyncio.to_thread(self.spool.defer, after)
             assert after.next_attempt is not None

@@ -58,6 +58,22 @@ class Attempt:
 
 
 @dataclass(frozen=True)
+class NewEntry:
+    """A message received and not yet stored: what the spool needs to publish it."""
+
+    id: str
+    sender: str
+    recipients: tuple[str, ...]
+    parts: tuple[bytes, ...]  # the content in pieces, the headers we add first
+    arrived: float
+    smtputf8: bool
+
+    @property
+    def size(self) -> int:
+        return sum(len(part) for part in self.parts)
+
+
+@dataclass(frozen=True)
 class Entry:
     """Everything known about one queued message except its content."""
 

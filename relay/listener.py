@@ -3,7 +3,7 @@
 The SMTP protocol (relay.smtpd) asks it at each step. It checks that the client may
 connect (allow networks, connection limit), validates the sender and each recipient with
 email-validator (syntax only, never DNS), enforces the recipient limit and free space,
-prepends a Received: header and hands the message to the spool in a worker thread.
+prepends a Received: header and hands the message to the spool writer's thread.
 `250 ... queued as ID` is sent only after the spool returned, that is after the entry is
 durable; a spool failure is answered 452. It never delivers.
 """
@@ -24,13 +24,14 @@ from typing import Any
 from email_validator import EmailNotValidError, validate_email
 
 from .config import IPNetwork, ListenConfig
-from .entry import Entry
+from .entry import Entry, NewEntry
 from .errors import SpoolError, SpoolFull
 from .faults import fault_point
 from .headers import field_value, split_header
 from .log import log_event
 from .smtpd import Session, SMTPServer, Transaction
 from .spool import Spool, is_unsafe_address, new_id
+from .writer import SpoolWriter
 
 logger = logging.getLogger("relay.listener")
 
@@ -96,10 +97,11 @@ class Handler:
     """The listener's policy, asked by the SMTP protocol (relay.smtpd) at each step.
     `on_stored` is told of each entry once it is durable."""
 
-    def __init__(self, spool: Spool, config: ListenConfig, gate: Gate,
+    def __init__(self, spool: Spool, writer: SpoolWriter, config: ListenConfig, gate: Gate,
                  on_stored: Callable[[Entry], None], hostname: str,
                  clock: Callable[[], float] = time.time) -> None:
         self.spool = spool
+        self.writer = writer
         self.config = config
         self.gate = gate
         self.on_stored = on_stored
@@ -149,9 +151,9 @@ class Handler:
             message_id = f"<{entry_id}@{self.hostname}>"
             added.append(f"Message-ID: {message_id}\r\n".encode())
         try:
-            entry = await asyncio.to_thread(
-                self.spool.store, entry_id, transaction.sender, transaction.recipients,
-                [*added, content], now, transaction.smtputf8)
+            entry = await self.writer.store(NewEntry(
+                entry_id, transaction.sender, tuple(transaction.recipients),
+                (*added, content), now, transaction.smtputf8))
         except SpoolFull:
             return "452 4.3.1 Error: insufficient system storage"
         except SpoolError as exc:
@@ -189,10 +191,11 @@ class ServerFactory:
     """Makes one protocol per connection from the current listen config, so a reload's new
     limits apply to every connection made after it (sessions in progress keep theirs)."""
 
-    def __init__(self, spool: Spool, config: ListenConfig, on_stored: Callable[[Entry], None],
-                 hostname: str, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, spool: Spool, writer: SpoolWriter, config: ListenConfig,
+                 on_stored: Callable[[Entry], None], hostname: str,
+                 clock: Callable[[], float] = time.time) -> None:
         self.gate = Gate(config.allow, config.max_connections)
-        self.handler = Handler(spool, config, self.gate, on_stored, hostname, clock)
+        self.handler = Handler(spool, writer, config, self.gate, on_stored, hostname, clock)
 
     def reconfigure(self, config: ListenConfig) -> None:
         self.handler.config = config

@@ -23,6 +23,7 @@ asyncio or policy; its methods block and are called from worker threads.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
@@ -37,7 +38,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from .entry import Attempt, Entry, Queue, Recipient, Status
+from .entry import Attempt, Entry, NewEntry, Queue, Recipient, Status
 from .errors import CorruptEntry, EntryBusy, EntryNotFound, SpoolError, SpoolFull, SpoolLocked
 from .faults import fault_point
 
@@ -117,51 +118,108 @@ class Spool:
 
     def check_room(self, size: int) -> None:
         """Raise SpoolFull unless `size` more bytes leave at least min_free on the disk."""
+        if self._free_bytes() - size < self.min_free:
+            raise SpoolFull("insufficient free space in the spool")
+
+    def _free_bytes(self) -> int:
         try:
             stat = os.statvfs(self.path)
         except OSError as exc:
             raise SpoolError(f"cannot stat spool filesystem: {exc.strerror}") from None
-        if stat.f_bavail * stat.f_frsize - size < self.min_free:
-            raise SpoolFull("insufficient free space in the spool")
+        return stat.f_bavail * stat.f_frsize
 
     def store(self, entry_id: str, sender: str, recipients: list[str], parts: list[bytes],
               arrived: float, smtputf8: bool) -> Entry:
-        """Publish a new entry durably and return it; only then may the client hear 250.
+        """Publish one new entry durably and return it; only then may the client hear 250."""
+        new = NewEntry(entry_id, sender, tuple(recipients), tuple(parts), arrived, smtputf8)
+        result = self.store_many([new])[0]
+        if isinstance(result, Exception):
+            raise result
+        return result
 
-        The order is what makes it crash-safe: the complete file is written and fsynced
+    def store_many(self, batch: list[NewEntry]) -> list[Entry | Exception]:
+        """Publish new entries durably; for each, its Entry, or the exception that kept it
+        out of the queue (SpoolFull, SpoolError, or a bug's). Only an Entry may hear 250.
+
+        The order is what makes it crash-safe: each complete file is written and fsynced
         under tmp/, then renamed into incoming/, then incoming/ itself is fsynced so the
-        new name survives a power cut. A crash before the rename leaves only tmp/ debris,
-        which recover() sweeps; after the directory fsync the entry exists for good.
-        Two fsyncs per message, and nothing proportional to the size of the queue.
+        new names survive a power cut. A crash before a rename leaves only tmp/ debris,
+        which recover() sweeps; after the directory fsync the entries exist for good.
+        The files are written, then fsynced, then renamed, each step for the whole batch,
+        so that the renames do not join the journal commits of the fsyncs. One fsync per
+        message and one directory fsync for the batch, and nothing proportional to the
+        size of the queue.
         """
-        size = sum(len(p) for p in parts)
-        self.check_room(size)
-        header = {"id": entry_id, "sender": sender, "recipients": recipients,
-                  "arrived": arrived, "size": size, "smtputf8": smtputf8}
-        head = MAGIC + json.dumps(header, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
-        tmp = self.path / "tmp" / entry_id
+        results: dict[int, Entry | Exception] = {}
         try:
-            fault_point("before-spool-write")
-            _write_durably(tmp, [head, *parts])
-            fault_point("after-fsync-before-rename")
-            published = self._file(Queue.INCOMING, entry_id)
-            os.rename(tmp, published)
+            free = self._free_bytes()
+        except SpoolError as exc:
+            return [exc] * len(batch)
+        written: list[tuple[int, int]] = []  # (index in batch, open descriptor in tmp/)
+        for index, new in enumerate(batch):
+            if free - new.size < self.min_free:
+                results[index] = SpoolFull("insufficient free space in the spool")
+                continue
+            free -= new.size
+            try:
+                written.append((index, self._write_tmp(new)))
+            except Exception as exc:
+                results[index] = exc
+        synced: list[int] = []
+        for index, fd in written:
+            try:
+                self._fsync_tmp(batch[index], fd)
+            except Exception as exc:
+                results[index] = exc
+            else:
+                synced.append(index)
+        published: list[int] = []
+        for index in synced:
+            try:
+                self._rename_into_incoming(batch[index])
+            except Exception as exc:
+                results[index] = exc
+            else:
+                published.append(index)
+        if published:
             try:
                 self._sync_dir(Queue.INCOMING.value)
-            except OSError:
-                # Not durable, and the client will hear an error and send it again.
-                _unlink_quietly(published)
-                raise
-        except BaseException as exc:
-            _unlink_quietly(tmp)
-            if not isinstance(exc, OSError):
-                raise
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise SpoolFull(f"spool write failed: {exc.strerror}") from None
-            raise SpoolError(f"spool write failed: {exc.strerror}") from None
-        return Entry(id=entry_id, queue=Queue.INCOMING, sender=sender,
-                     recipients=tuple(Recipient(a) for a in recipients), arrived=arrived,
-                     size=size, smtputf8=smtputf8)
+            except OSError as exc:
+                # Not durable: the clients will hear an error and send them again.
+                for index in published:
+                    _unlink_quietly(self._file(Queue.INCOMING, batch[index].id))
+                    results[index] = SpoolError(f"spool write failed: {exc.strerror}")
+            else:
+                for index in published:
+                    new = batch[index]
+                    results[index] = Entry(
+                        id=new.id, queue=Queue.INCOMING, sender=new.sender,
+                        recipients=tuple(Recipient(a) for a in new.recipients),
+                        arrived=new.arrived, size=new.size, smtputf8=new.smtputf8)
+        return [results[index] for index in range(len(batch))]
+
+    def _write_tmp(self, new: NewEntry) -> int:
+        """Create the entry's file in tmp/ and write it; return the open descriptor."""
+        header = {"id": new.id, "sender": new.sender, "recipients": list(new.recipients),
+                  "arrived": new.arrived, "size": new.size, "smtputf8": new.smtputf8}
+        head = MAGIC + json.dumps(header, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
+        tmp = self.path / "tmp" / new.id
+        with _failed_write_removes(tmp):
+            fault_point("before-spool-write")
+            return _create(tmp, [head, *new.parts])
+
+    def _fsync_tmp(self, new: NewEntry, fd: int) -> None:
+        with _failed_write_removes(self.path / "tmp" / new.id):
+            try:
+                _fsync_once(fd)
+            finally:
+                os.close(fd)
+
+    def _rename_into_incoming(self, new: NewEntry) -> None:
+        tmp = self.path / "tmp" / new.id
+        with _failed_write_removes(tmp):
+            fault_point("after-fsync-before-rename")
+            os.rename(tmp, self._file(Queue.INCOMING, new.id))
 
     # --- start-up -----------------------------------------------------------------------
 
@@ -487,6 +545,16 @@ def _fsync_directory(path: Path) -> None:
 
 def _write_durably(path: Path, parts: list[bytes]) -> None:
     """Create `path` (never through a symlink, never over an existing file), write, fsync."""
+    fd = _create(path, parts)
+    try:
+        _fsync_once(fd)
+    finally:
+        os.close(fd)
+
+
+def _create(path: Path, parts: list[bytes]) -> int:
+    """Create `path` (never through a symlink, never over an existing file) holding
+    `parts`; return the open descriptor."""
     fd = os.open(path, OPEN_NEW, 0o600)
     try:
         view_parts = [memoryview(p) for p in parts if p]
@@ -497,11 +565,31 @@ def _write_durably(path: Path, parts: list[bytes]) -> None:
                 view_parts.pop(0)
             if view_parts:
                 view_parts[0] = view_parts[0][written:]
-        # An fsync error means the data may be gone: the caller discards the file and
-        # never retries fsync on this descriptor (PostgreSQL's "fsyncgate" lesson).
-        os.fsync(fd)
-    finally:
+    except BaseException:
         os.close(fd)
+        raise
+    return fd
+
+
+def _fsync_once(fd: int) -> None:
+    # An fsync error means the data may be gone: the caller discards the file and never
+    # retries fsync on this descriptor (PostgreSQL's "fsyncgate" lesson).
+    os.fsync(fd)
+
+
+@contextlib.contextmanager
+def _failed_write_removes(tmp: Path) -> Iterator[None]:
+    """A failed write of `tmp` leaves nothing behind and raises SpoolFull (no space) or
+    SpoolError; a bug's exception passes through."""
+    try:
+        yield
+    except BaseException as exc:
+        _unlink_quietly(tmp)
+        if not isinstance(exc, OSError):
+            raise
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise SpoolFull(f"spool write failed: {exc.strerror}") from None
+        raise SpoolError(f"spool write failed: {exc.strerror}") from None
 
 
 def _unlink_quietly(path: Path) -> None:

@@ -1,0 +1,163 @@
+"""The spool writer: batched durable stores, removals, and shutdown, on a real spool."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import stat
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from relay.entry import Entry, NewEntry, Queue
+from relay.errors import SpoolError, SpoolFull
+from relay.spool import Spool, new_id
+from relay.writer import SpoolWriter
+
+CONTENT = b"Subject: test\r\n\r\nbody\r\n"
+
+
+@pytest.fixture
+def spool(tmp_path: Path) -> Spool:
+    spool = Spool(tmp_path / "spool")
+    spool.open()
+    return spool
+
+
+def new_entry(size: int = 0) -> NewEntry:
+    return NewEntry(new_id(time.time()), "s@example.com", ("r@example.net",),
+                    (b"Received: x\r\n", CONTENT + b"x" * size), time.time(), False)
+
+
+def with_writer(spool: Spool, scenario: Callable[[SpoolWriter], Awaitable[Any]]) -> Any:
+    async def main() -> Any:
+        writer = SpoolWriter(spool)
+        writer.start()
+        try:
+            return await asyncio.wait_for(scenario(writer), 30)
+        finally:
+            await writer.close()
+    return asyncio.run(main())
+
+
+def slow_directory_fsyncs(monkeypatch: pytest.MonkeyPatch, fail: bool = False) -> list[float]:
+    """Make each directory fsync take 50 ms (or fail with EIO); returns their start times."""
+    started: list[float] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            started.append(time.monotonic())
+            time.sleep(0.05)
+            if fail:
+                raise OSError(errno.EIO, "Input/output error")
+        real_fsync(fd)
+    monkeypatch.setattr(os, "fsync", fsync)
+    return started
+
+
+def test_stores_waiting_together_share_one_directory_fsync(
+        spool: Spool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Twelve stores submitted while the writer is busy are published by fewer directory
+    fsyncs than stores, and each returns an entry that is in incoming/ with its content."""
+    syncs = slow_directory_fsyncs(monkeypatch)
+
+    async def scenario(writer: SpoolWriter) -> list[Entry]:
+        return await asyncio.gather(*(writer.store(new_entry()) for _ in range(12)))
+    entries = with_writer(spool, scenario)
+    assert len({e.id for e in entries}) == 12 and len(syncs) < 12
+    for entry in entries:
+        assert entry.queue is Queue.INCOMING
+        assert spool.content(entry) == b"Received: x\r\n" + CONTENT
+    assert os.listdir(spool.path / "tmp") == []
+
+
+def test_a_store_resolves_only_after_the_directory_fsync_that_covers_it(
+        spool: Spool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The store's result arrives after a directory fsync that began after its rename."""
+    syncs = slow_directory_fsyncs(monkeypatch)
+    real_rename = os.rename
+    renamed: list[float] = []
+
+    def rename(src: Any, dst: Any) -> None:
+        real_rename(src, dst)
+        renamed.append(time.monotonic())
+    monkeypatch.setattr(os, "rename", rename)
+
+    async def scenario(writer: SpoolWriter) -> float:
+        await writer.store(new_entry())
+        return time.monotonic()
+    resolved = with_writer(spool, scenario)
+    assert len(renamed) == 1 and any(renamed[0] <= s and s + 0.05 <= resolved for s in syncs)
+
+
+def test_a_store_that_does_not_fit_fails_alone(spool: Spool) -> None:
+    """With room for a small message only, the large one in the same batch is refused
+    with SpoolFull and leaves nothing behind; the small one is stored."""
+    free = os.statvfs(spool.path)
+    spool.min_free = free.f_bavail * free.f_frsize - 1_000_000
+
+    async def scenario(writer: SpoolWriter) -> list[Any]:
+        return await asyncio.gather(writer.store(new_entry()),
+                                    writer.store(new_entry(size=2_000_000)),
+                                    return_exceptions=True)
+    small, large = with_writer(spool, scenario)
+    assert isinstance(small, Entry) and isinstance(large, SpoolFull)
+    assert os.listdir(spool.path / "incoming") == [small.id]
+    assert os.listdir(spool.path / "tmp") == []
+
+
+def test_a_failed_directory_fsync_fails_the_whole_batch_and_publishes_nothing(
+        spool: Spool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """EIO from the directory fsync: every store it was to cover raises SpoolError and
+    none of them stays in incoming/, so no client hears 250 for a name that may vanish."""
+    slow_directory_fsyncs(monkeypatch, fail=True)
+
+    async def scenario(writer: SpoolWriter) -> list[Any]:
+        return await asyncio.gather(*(writer.store(new_entry()) for _ in range(4)),
+                                    return_exceptions=True)
+    results = with_writer(spool, scenario)
+    assert all(isinstance(r, SpoolError) for r in results)
+    assert os.listdir(spool.path / "incoming") == []
+
+
+def test_remove_deletes_the_entry_and_its_state_record(spool: Spool) -> None:
+    """A delivered entry's file and state record are gone once remove() returns."""
+    entry_id = new_id(time.time())
+    spool.store(entry_id, "s@example.com", ["r@example.net"], [CONTENT], time.time(), False)
+    active = spool.claim(entry_id, time.time())
+    assert active is not None
+    (spool.path / "state" / entry_id).write_bytes(b"{}")
+
+    async def scenario(writer: SpoolWriter) -> None:
+        await writer.remove(active)
+    with_writer(spool, scenario)
+    assert os.listdir(spool.path / "active") == [] and os.listdir(spool.path / "state") == []
+
+
+def test_close_finishes_what_was_submitted_then_refuses_more(
+        spool: Spool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Stores submitted before close() complete; a store after it raises SpoolError."""
+    slow_directory_fsyncs(monkeypatch)
+
+    async def main() -> tuple[list[Entry], BaseException | None]:
+        writer = SpoolWriter(spool)
+        writer.start()
+        pending = [asyncio.ensure_future(writer.store(new_entry())) for _ in range(3)]
+        await asyncio.sleep(0)  # submitted
+        await writer.close()
+        stored = await asyncio.gather(*pending)
+        try:
+            await writer.store(new_entry())
+        except SpoolError as exc:
+            return stored, exc
+        return stored, None
+    stored, refused = asyncio.run(main())
+    assert len(stored) == 3 and isinstance(refused, SpoolError)
+    assert sorted(os.listdir(spool.path / "incoming")) == sorted(e.id for e in stored)
+    assert not any(t.name == "spool-writer" for t in threading.enumerate())
