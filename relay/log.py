@@ -36,6 +36,12 @@ def setup_logging(config: LogConfig, stream: Any = None) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(config.level.upper())
+    # Neither format shows the caller, thread or process, so logging need not look them up
+    # for each record (the logging HOWTO's "Optimization"): 3 us of 15 per event line.
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
 
 
 class TextFormatter(logging.Formatter):
