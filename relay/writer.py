@@ -11,8 +11,8 @@ directory fsync (Spool.store_many), the delivered entries are removed (and no un
 waits behind another thread's fsync), and the loop is woken once for all of them.
 
 A store's future resolves only once its entry is durable: the 250 still waits for the
-disk. State records (deferrals, failures) and operator actions keep using the default
-executor; they are rare, and each is its own fsync.
+disk. State records (deferrals, failures) keep the default executor: each is an fsync
+of its own, and a burst of them while the upstream is down must not hold new mail up.
 """
 
 from __future__ import annotations
