@@ -21,6 +21,7 @@ import pytest
 import trustme
 import yaml
 
+from relay.spool import Spool
 from upstream import PASSWORD, USERNAME, Upstream
 
 PASSWORD_ENV = "RELAY_TEST_UPSTREAM_PASSWORD"
@@ -45,6 +46,14 @@ def holds_for(condition: Callable[[], Any], seconds: float, what: str = "conditi
     while time.monotonic() < deadline:
         assert condition(), f"{what} stopped holding"
         time.sleep(0.02)
+
+
+@pytest.fixture
+def spool(tmp_path: Path) -> Spool:
+    """An empty spool of our own in the test's temp dir."""
+    spool = Spool(tmp_path / "spool")
+    spool.open()
+    return spool
 
 
 @pytest.fixture(scope="session")

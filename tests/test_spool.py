@@ -21,13 +21,6 @@ from relay.spool import Spool, new_id
 CONTENT = b"Subject: test\r\n\r\nbody\r\n"
 
 
-@pytest.fixture
-def spool(tmp_path: Path) -> Spool:
-    spool = Spool(tmp_path / "spool")
-    spool.open()
-    return spool
-
-
 def store(spool: Spool, recipients: tuple[str, ...] = ("a@example.com",)) -> str:
     entry_id = new_id(time.time())
     spool.store(entry_id, "s@example.com", list(recipients), [b"Received: x\r\n", CONTENT],

@@ -9,7 +9,6 @@ import stat
 import threading
 import time
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -20,13 +19,6 @@ from relay.spool import Spool, new_id
 from relay.writer import SpoolWriter
 
 CONTENT = b"Subject: test\r\n\r\nbody\r\n"
-
-
-@pytest.fixture
-def spool(tmp_path: Path) -> Spool:
-    spool = Spool(tmp_path / "spool")
-    spool.open()
-    return spool
 
 
 def new_entry(size: int = 0) -> NewEntry:
