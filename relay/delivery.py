@@ -43,13 +43,14 @@ class Scheduler:
     current due time; heap items that disagree with it are stale (the entry was
     rescheduled) and are skipped.
 
-    Each idle worker waits on a future of its own, and a change to the heap wakes one of
+    Each idle worker waits on a future of its own, and an entry that is due wakes one of
     them, not all: with `upstream.connections` workers idle, waking every one of them for
-    each message cost more of the loop than the message's own delivery. The one woken
-    takes the entry, or sleeps until the earliest is due; one that takes an entry and
-    leaves more in the heap wakes the next, so that some worker always watches the
-    earliest. The worker that went idle last is woken first: its session is the one most
-    recently used, and the others' sessions can stay closed.
+    each message cost more of the loop than the message's own delivery. Entries due
+    later are watched by one timer, armed for the earliest of them, which wakes a worker
+    when it fires; so a spool of 100,000 deferred entries costs nothing per new message.
+    A worker that takes an entry while another is due wakes the next. The worker that
+    went idle last is woken first: its session is the one most recently used, and the
+    others' sessions can stay closed.
     """
 
     def __init__(self, clock: Callable[[], float]) -> None:
@@ -57,12 +58,14 @@ class Scheduler:
         self._heap: list[tuple[float, str]] = []
         self._due: dict[str, float] = {}
         self._idle: list[asyncio.Future[None]] = []  # a stack: the latest idle on top
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_due = 0.0  # when the timer fires, if it is armed
         self._closed = False
 
     def schedule(self, entry_id: str, due: float) -> None:
         self._due[entry_id] = due
         heapq.heappush(self._heap, (due, entry_id))
-        self._wake_one()
+        self._watch(self._clock())
 
     def pop_due(self, now: float) -> str | None:
         """The ID of the earliest entry due at `now`, removed from the schedule; else None."""
@@ -85,12 +88,11 @@ class Scheduler:
             now = self._clock()
             entry_id = self.pop_due(now)
             if entry_id is not None:
-                if self._heap:
-                    self._wake_one()
+                self._watch(now)
                 return entry_id
+            self._watch(now)  # nothing is due: the timer must be armed for the earliest
             waiter: asyncio.Future[None] = loop.create_future()
             self._idle.append(waiter)
-            timer = loop.call_later(self._heap[0][0] - now, _wake, waiter) if self._heap else None
             try:
                 await waiter
             except asyncio.CancelledError:
@@ -98,17 +100,35 @@ class Scheduler:
                     self._wake_one()  # woken, then cancelled: the wakeup was someone's
                 raise
             finally:
-                if timer is not None:
-                    timer.cancel()
-                if waiter in self._idle:  # woken by its timer: still on the stack
+                if waiter in self._idle:
                     self._idle.remove(waiter)
         return None
 
     def close(self) -> None:
         """Make every waiting and future next_due() return None."""
         self._closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         while self._idle:
             self._wake_one()
+
+    def _watch(self, now: float) -> None:
+        """Wake a worker if the earliest entry is due, else have the timer fire when it is."""
+        if not self._heap or self._closed:
+            return
+        earliest = self._heap[0][0]  # perhaps stale: then the worker finds nothing and sleeps
+        if earliest <= now:
+            self._wake_one()
+        elif self._timer is None or earliest < self._timer_due:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer_due = earliest
+            self._timer = asyncio.get_running_loop().call_later(earliest - now, self._fire)
+
+    def _fire(self) -> None:
+        self._timer = None
+        self._watch(self._clock())
 
     def _wake_one(self) -> None:
         while self._idle:

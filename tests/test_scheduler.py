@@ -58,18 +58,32 @@ def test_entries_due_together_reach_as_many_workers() -> None:
     run(scenario)
 
 
-def test_a_worker_taking_an_entry_hands_the_rest_of_the_heap_on() -> None:
-    """The worker watching the earliest entry takes it and wakes another for the next one,
-    which no other idle worker was watching."""
+def test_the_next_entry_due_later_is_watched_after_one_is_taken() -> None:
+    """After a worker takes the entry the timer woke it for, the next one, due later,
+    still reaches an idle worker when it is due."""
     async def scenario(scheduler: Scheduler) -> None:
         workers = await idle_workers(scheduler, 2)
         now = time.time()
         scheduler.schedule("X", now + 0.1)
-        await settle()  # the latest idle worker now sleeps until X is due
-        scheduler.schedule("Y", now + 0.2)  # wakes that same worker, which still watches X
-        await settle()
+        scheduler.schedule("Y", now + 0.2)
         done, _ = await asyncio.wait(workers, timeout=5)
         assert sorted(str(w.result()) for w in done) == ["X", "Y"]
+    run(scenario)
+
+
+def test_entries_falling_due_together_wake_a_worker_each() -> None:
+    """Three entries due at the same moment: the timer wakes one worker, which passes
+    the others on, and three workers take one each."""
+    async def scenario(scheduler: Scheduler) -> None:
+        workers = await idle_workers(scheduler, 4)
+        due = time.time() + 0.1
+        for entry_id in ("A", "B", "C"):
+            scheduler.schedule(entry_id, due)
+        await asyncio.wait(workers, timeout=5, return_when=asyncio.FIRST_COMPLETED)
+        await settle()
+        assert sorted(str(w.result()) for w in workers if w.done()) == ["A", "B", "C"]
+        scheduler.close()
+        await asyncio.gather(*workers)
     run(scenario)
 
 
@@ -79,12 +93,27 @@ def test_an_entry_due_later_is_returned_when_due_not_before() -> None:
         workers = await idle_workers(scheduler, 2)
         due = time.time() + 0.2
         scheduler.schedule("later", due)
+        await settle()
+        assert not any(w.done() for w in workers)
         assert await asyncio.wait_for(asyncio.shield(asyncio.wait(
             workers, return_when=asyncio.FIRST_COMPLETED)), 5)
         assert time.time() >= due
         assert sorted(str(w.result()) for w in workers if w.done()) == ["later"]
         scheduler.close()
         await asyncio.gather(*workers)
+    run(scenario)
+
+
+def test_a_rescheduled_entry_is_returned_at_its_new_time() -> None:
+    """An entry moved from 0.05 s to 0.2 s ahead: its old heap item wakes nobody into
+    taking it early, and it is returned once the new time has come."""
+    async def scenario(scheduler: Scheduler) -> None:
+        workers = await idle_workers(scheduler, 1)
+        now = time.time()
+        scheduler.schedule("A", now + 0.05)
+        scheduler.schedule("A", now + 0.2)
+        assert await asyncio.wait_for(workers[0], 5) == "A"
+        assert time.time() >= now + 0.2
     run(scenario)
 
 
