@@ -27,7 +27,7 @@ from .writer import SpoolWriter
 
 # How long SIGTERM waits for deliveries in flight; systemd's TimeoutStopSec must exceed it.
 DRAIN_SECONDS = 10.0
-SPOOL_THREADS = 64
+SPOOL_THREADS = 32
 HOUSEKEEPING_SECONDS = 10.0  # how often STATUS= is refreshed and the clock compared
 CLOCK_JUMP_SECONDS = 60.0  # a step of the system clock worth a warning
 
@@ -168,9 +168,10 @@ async def serve(config: Config) -> None:
     daemon = Daemon(config)
     loop = asyncio.get_running_loop()
     # State records (deferrals, failures) are written in threads that mostly wait on
-    # fsync: enough of them for every delivery worker at once, so that the disk sees the
+    # fsync: enough of them for many delivery workers at once, so that the disk sees the
     # requests together (and directory fsyncs are shared) instead of six at a time.
-    # Stores and removals have a thread of their own (relay.writer).
+    # Stores and removals have a thread of their own (relay.writer). With the loop's,
+    # that stays well under the unit's TasksMax=64 (config/relay.service).
     loop.set_default_executor(ThreadPoolExecutor(max_workers=SPOOL_THREADS,
                                                  thread_name_prefix="spool"))
     for signum in (signal.SIGTERM, signal.SIGINT):
