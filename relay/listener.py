@@ -178,7 +178,7 @@ class Handler:
         carry CR or LF, which must never become a header of its own."""
         helo = _sanitize(session.host_name or "unknown")
         protocol = "UTF8SMTP" if transaction.smtputf8 else ("ESMTP" if session.extended else "SMTP")
-        stamp = email.utils.format_datetime(datetime.datetime.fromtimestamp(now, datetime.UTC))
+        stamp = _date(int(now))
         recipients = transaction.recipients
         recipient = f"\r\n\tfor <{_sanitize(recipients[0])}>" if len(recipients) == 1 else ""
         header = (f"Received: from {helo} ({_client_name(session)})\r\n"
@@ -211,6 +211,12 @@ class ServerFactory:
 def local_hostname() -> str:
     """The name we greet with; gethostname, not getfqdn, which may block on DNS."""
     return _sanitize(socket.gethostname()) or "localhost"
+
+
+@functools.lru_cache(maxsize=2)
+def _date(second: int) -> str:
+    """RFC 5322 date of a second: every message received in the same second shares it."""
+    return email.utils.format_datetime(datetime.datetime.fromtimestamp(second, datetime.UTC))
 
 
 def _client_name(session: Session) -> str:
