@@ -80,8 +80,8 @@ class Daemon:
                   spool=str(self.spool.path), queued=len(due), upstream=self._upstream_text())
         notify("READY=1")
 
-    def _stored(self, entry: Entry) -> None:
-        self.delivery.schedule(entry.id)
+    def _stored(self, entry: Entry, parts: tuple[bytes, ...]) -> None:
+        self.delivery.schedule_new(entry, parts)
 
     def _upstream_text(self) -> str:
         upstream = self.config.upstream

@@ -36,6 +36,11 @@ logger = logging.getLogger("relay.delivery")
 # can wait behind the journal commit of an fsync, and that wait must not stall every
 # session.
 INLINE_READ_BYTES = 256 * 1024
+# A message the listener has just stored is kept in memory until its first attempt (which
+# normally follows at once), if it is no larger than INLINE_READ_BYTES and the ones kept
+# so far come to no more than this: during an outage or a backlog the rest are read back
+# from the spool as usual.
+FRESH_BYTES = 16 * 1024 * 1024
 
 
 class Scheduler:
@@ -162,9 +167,25 @@ class Delivery:
         # in once per message, until a reload or until retry_max has passed.
         self._paused_until: float | None = None
         self._resumed = asyncio.Event()
+        # Entries stored by this process and not yet attempted, with their content.
+        self._fresh: dict[str, tuple[Entry, tuple[bytes, ...]]] = {}
+        self._fresh_bytes = 0
 
     def schedule(self, entry_id: str, due: float = 0.0) -> None:
         self.scheduler.schedule(entry_id, due)
+
+    def schedule_new(self, entry: Entry, parts: tuple[bytes, ...]) -> None:
+        """A message the listener has just stored, due now, with the content it holds.
+
+        Its first attempt then needs no read of the spool: the file it wrote is immutable
+        and no state record exists before a first attempt (Spool.claim_new). Reading the
+        envelope and the content back cost the event loop two opens, two reads and a
+        failed open per message, time that a session waiting for its reply had to wait too.
+        """
+        if entry.size <= INLINE_READ_BYTES and self._fresh_bytes + entry.size <= FRESH_BYTES:
+            self._fresh[entry.id] = (entry, parts)
+            self._fresh_bytes += entry.size
+        self.scheduler.schedule(entry.id, 0.0)
 
     async def watch_incoming(self, interval: float = 1.0) -> None:
         """Schedule whatever operators put into incoming/ (flush, release, requeue).
@@ -277,8 +298,15 @@ class Delivery:
                 pass
 
     async def _process(self, entry_id: str, session: UpstreamSession | None) -> None:
+        fresh = self._fresh.pop(entry_id, None)
+        content: bytes | None = None
         try:
-            entry = self.spool.claim(entry_id, self._clock())
+            if fresh is None:
+                entry = self.spool.claim(entry_id, self._clock())
+            else:
+                self._fresh_bytes -= fresh[0].size
+                entry = self.spool.claim_new(fresh[0])
+                content = b"".join(fresh[1])
         except CorruptEntry as exc:
             log_event(logging.ERROR, entry_id, status="corrupt", reason=exc.reason,
                       moved_to="corrupt/")
@@ -286,7 +314,7 @@ class Delivery:
         if entry is None:
             return
         try:
-            await self._attempt(entry, session)
+            await self._attempt(entry, session, content)
         except BaseException:
             # Cancelled (shutdown past the grace period) or failed before the outcome was
             # recorded: hand the entry back untouched, to be tried again after retry_min.
@@ -295,15 +323,16 @@ class Delivery:
             self.schedule(entry.id, due)
             raise
 
-    async def _attempt(self, entry: Entry, session: UpstreamSession | None) -> None:
+    async def _attempt(self, entry: Entry, session: UpstreamSession | None,
+                       content: bytes | None) -> None:
+        """One attempt at the entry's pending recipients; `content` if already in hand."""
         if session is None:
             waiting = await asyncio.to_thread(self.spool.defer, policy.await_upstream(entry))
             log_event(logging.INFO, entry.id, status="deferred", reply=waiting.last_error)
             return
-        if entry.size <= INLINE_READ_BYTES:
-            content = self.spool.content(entry)
-        else:
-            content = await asyncio.to_thread(self.spool.content, entry)
+        if content is None:
+            content = (self.spool.content(entry) if entry.size <= INLINE_READ_BYTES
+                       else await asyncio.to_thread(self.spool.content, entry))
         pending = [r.address for r in entry.pending]
         started = self._clock()
         result = await session.deliver(entry.sender, pending, content, entry.smtputf8)

@@ -95,10 +95,10 @@ class Gate:
 
 class Handler:
     """The listener's policy, asked by the SMTP protocol (relay.smtpd) at each step.
-    `on_stored` is told of each entry once it is durable."""
+    `on_stored` is told of each entry once it is durable, with the content it holds."""
 
     def __init__(self, spool: Spool, writer: SpoolWriter, config: ListenConfig, gate: Gate,
-                 on_stored: Callable[[Entry], None], hostname: str,
+                 on_stored: Callable[[Entry, tuple[bytes, ...]], None], hostname: str,
                  clock: Callable[[], float] = time.time) -> None:
         self.spool = spool
         self.writer = writer
@@ -150,10 +150,10 @@ class Handler:
             # so a duplicate delivery can be recognised downstream.
             message_id = f"<{entry_id}@{self.hostname}>"
             added.append(f"Message-ID: {message_id}\r\n".encode())
+        new = NewEntry(entry_id, transaction.sender, tuple(transaction.recipients),
+                       (*added, content), now, transaction.smtputf8)
         try:
-            entry = await self.writer.store(NewEntry(
-                entry_id, transaction.sender, tuple(transaction.recipients),
-                (*added, content), now, transaction.smtputf8))
+            entry = await self.writer.store(new)
         except SpoolFull:
             return "452 4.3.1 Error: insufficient system storage"
         except SpoolError as exc:
@@ -162,15 +162,16 @@ class Handler:
         fault_point("after-rename-before-250")
         # Logged and handed to delivery just after the 250 is written, not before: the
         # client waits for neither.
-        asyncio.get_running_loop().call_soon(self._stored, entry, _client_name(session),
-                                             message_id)
+        asyncio.get_running_loop().call_soon(self._stored, entry, new.parts,
+                                             _client_name(session), message_id)
         return f"250 2.0.0 Ok: queued as {entry.id}"
 
-    def _stored(self, entry: Entry, client: str, message_id: str) -> None:
+    def _stored(self, entry: Entry, parts: tuple[bytes, ...], client: str,
+                message_id: str) -> None:
         log_event(logging.INFO, entry.id, client=client,
                   **{"from": entry.sender, "message-id": message_id}, size=entry.size,
                   nrcpt=len(entry.recipients), status="queued")
-        self.on_stored(entry)
+        self.on_stored(entry, parts)
 
     def _received_header(self, session: Session, transaction: Transaction, entry_id: str,
                          now: float) -> bytes:
@@ -192,7 +193,7 @@ class ServerFactory:
     limits apply to every connection made after it (sessions in progress keep theirs)."""
 
     def __init__(self, spool: Spool, writer: SpoolWriter, config: ListenConfig,
-                 on_stored: Callable[[Entry], None], hostname: str,
+                 on_stored: Callable[[Entry, tuple[bytes, ...]], None], hostname: str,
                  clock: Callable[[], float] = time.time) -> None:
         self.gate = Gate(config.allow, config.max_connections)
         self.handler = Handler(spool, writer, config, self.gate, on_stored, hostname, clock)

@@ -286,6 +286,17 @@ class Spool:
             return self._load_or_quarantine(Queue.ACTIVE, entry_id)
         return None
 
+    def claim_new(self, entry: Entry) -> Entry | None:
+        """claim() for an entry this process has stored and not yet attempted, whose
+        envelope it still holds: a published file never changes, and its state record is
+        written only by an attempt (a requeue writes one for failed entries only), so the
+        rename into active/ is all there is to do. None if it has left incoming/."""
+        try:
+            os.rename(self._file(Queue.INCOMING, entry.id), self._file(Queue.ACTIVE, entry.id))
+        except FileNotFoundError:
+            return None
+        return entry.with_queue(Queue.ACTIVE)
+
     def content(self, entry: Entry) -> bytes:
         """The message bytes (with our Received: header) of an entry."""
         path = self._file(entry.queue, entry.id)

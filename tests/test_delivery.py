@@ -70,8 +70,9 @@ def test_8bit_body_utf8_addresses_and_leading_dots_survive(relay: RelayProcess,
 
 def test_small_and_large_messages_are_relayed_whole(relay: RelayProcess,
                                                      upstream: Upstream) -> None:
-    """Contents up to INLINE_READ_BYTES are read on the event loop, larger ones in a
-    thread: both reach the upstream byte for byte."""
+    """Contents up to INLINE_READ_BYTES go out from memory on their first attempt (or are
+    read on the event loop), larger ones are read in a thread: both reach the upstream
+    byte for byte."""
     head = b"Subject: sizes\r\nMessage-ID: <%d@example.com>\r\n\r\n"
     line = b"y" * 998 + b"\r\n"
     bodies = {"small@example.com": head % 1 + line * 4,
