@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from relay.entry import Queue, Status
 from relay.errors import CorruptEntry, SpoolError, SpoolFull, SpoolLocked
-from relay.spool import Spool, new_id
+from relay.spool import HEADER_READ, Spool, new_id
 
 CONTENT = b"Subject: test\r\n\r\nbody\r\n"
 
@@ -267,6 +267,21 @@ def test_corrupt_entry_is_moved_aside_on_claim(spool: Spool, name: str, data: by
     with pytest.raises(CorruptEntry):
         spool.claim(entry_id, time.time())
     assert os.listdir(spool.path / "corrupt") == [entry_id]
+
+
+@pytest.mark.plan(41)
+@pytest.mark.parametrize("size", [HEADER_READ // 2, HEADER_READ - 200, HEADER_READ * 3])
+def test_a_truncated_entry_is_corrupt_whether_its_first_read_holds_it_all(
+        spool: Spool, size: int) -> None:
+    """The content length is checked against the envelope both when one read holds the
+    whole file and when it does not (then the size comes from fstat)."""
+    entry_id = new_id(time.time())
+    spool.store(entry_id, "s@example.com", ["a@example.com"], [b"x" * size], time.time(), False)
+    path = spool.path / "incoming" / entry_id
+    assert spool.load(Queue.INCOMING, entry_id).size == size
+    path.write_bytes(path.read_bytes()[:-1])
+    with pytest.raises(CorruptEntry, match="envelope says"):
+        spool.load(Queue.INCOMING, entry_id)
 
 
 @pytest.mark.plan(41)
