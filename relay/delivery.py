@@ -341,11 +341,8 @@ class Delivery:
                                 self._rand())
         after = settled.entry
         if settled.disposition is Disposition.DELIVERED:
-            # Logged before the removal, which the writer logs when it is done.
-            self._log_outcome(entry, after, settled.disposition)
-            self.writer.remove(after)
-            return
-        if settled.disposition is Disposition.DEFERRED:
+            await self.writer.remove(after)
+        elif settled.disposition is Disposition.DEFERRED:
             after = await asyncio.to_thread(self.spool.defer, after)
             assert after.next_attempt is not None
             self.schedule(after.id, after.next_attempt)
@@ -365,6 +362,8 @@ class Delivery:
             level = logging.INFO if status == "sent" else logging.WARNING
             log_event(level, after.id, to=new.address, relay=attempt.relay, delay=delay,
                       attempt=len(after.attempts), status=status, reply=new.reply)
-        if disposition is Disposition.FAILED:
+        if disposition is Disposition.DELIVERED:
+            log_event(logging.INFO, after.id, status="removed")
+        elif disposition is Disposition.FAILED:
             log_event(logging.WARNING, after.id, status="failed", reason=after.last_error,
                       moved_to="failed/")

@@ -7,28 +7,25 @@ at once the loop queued behind 16 threads at each of its own sends and receives 
 GIL's convoy effect). A hop between the loop and a thread took 1.5-3 ms at 16 sessions,
 and the relay spent more CPU switching threads than running Python. Here the one
 thread takes whatever is waiting: the new entries are published together with one
-directory fsync (Spool.store_many), and the loop is woken once for all of them. Then
-the delivered entries are removed (no unlink waits behind another thread's fsync).
+directory fsync (Spool.store_many), the delivered entries are removed (and no unlink
+waits behind another thread's fsync), and the loop is woken once for all of them.
 
 A store's future resolves only once its entry is durable: the 250 still waits for the
-disk. A removal is not waited for: nothing on the loop depends on it, so it costs the
-loop no wakeup, and the thread logs it. Until it is done the entry is in active/, where
-a crash leaves it to be delivered again, the duplicate the contract allows for a message
-the upstream accepted in the instant before the crash. State records (deferrals, failures) keep the default executor: each is an fsync
+disk. State records (deferrals, failures) keep the default executor: each is an fsync
 of its own, and a burst of them while the upstream is down must not hold new mail up.
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
 import threading
-from typing import Any
+from typing import Any, TypeVar
 
 from .entry import Entry, NewEntry
 from .errors import SpoolError
-from .log import log_event
 from .spool import Spool
+
+T = TypeVar("T")
 
 
 class SpoolWriter:
@@ -36,7 +33,7 @@ class SpoolWriter:
         self._spool = spool
         self._work = threading.Condition()
         self._stores: list[tuple[NewEntry, asyncio.Future[Entry]]] = []
-        self._removals: list[Entry] = []
+        self._removals: list[tuple[Entry, asyncio.Future[None]]] = []
         self._closing = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -49,19 +46,11 @@ class SpoolWriter:
 
     async def store(self, new: NewEntry) -> Entry:
         """Publish `new` durably. Raises what Spool.store_many reports for it."""
-        future: asyncio.Future[Entry] = asyncio.get_running_loop().create_future()
-        with self._work:
-            self._check_running()
-            self._stores.append((new, future))
-            self._work.notify()
-        return await future
+        return await self._submit(self._stores, new)
 
-    def remove(self, entry: Entry) -> None:
-        """Delete a delivered entry and its state record (Spool.remove) soon, and log it."""
-        with self._work:
-            self._check_running()
-            self._removals.append(entry)
-            self._work.notify()
+    async def remove(self, entry: Entry) -> None:
+        """Delete a delivered entry and its state record (Spool.remove)."""
+        await self._submit(self._removals, entry)
 
     async def close(self) -> None:
         """Finish what was submitted, then stop the thread."""
@@ -71,9 +60,14 @@ class SpoolWriter:
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join)
 
-    def _check_running(self) -> None:
-        if self._closing or self._thread is None:
-            raise SpoolError("the spool writer is not running")
+    async def _submit(self, queue: list[tuple[Any, asyncio.Future[T]]], item: Any) -> T:
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        with self._work:
+            if self._closing or self._thread is None:
+                raise SpoolError("the spool writer is not running")
+            queue.append((item, future))
+            self._work.notify()
+        return await future
 
     # --- the thread ---------------------------------------------------------------------
 
@@ -86,10 +80,10 @@ class SpoolWriter:
                     return
                 stores, self._stores = self._stores, []
                 removals, self._removals = self._removals, []
-            if stores:
-                self._settle(stores, self._store_all([new for new, _ in stores]))
-            for entry in removals:
-                self._remove(entry)
+            waiting: list[tuple[Any, asyncio.Future[Any]]] = [*stores, *removals]
+            results: list[Any] = self._store_all([new for new, _ in stores]) if stores else []
+            results += [self._remove(entry) for entry, _ in removals]
+            self._settle(waiting, results)
 
     def _store_all(self, batch: list[NewEntry]) -> list[Entry | Exception]:
         try:
@@ -97,15 +91,12 @@ class SpoolWriter:
         except Exception as exc:  # a bug: every caller in the batch hears of it
             return [exc] * len(batch)
 
-    def _remove(self, entry: Entry) -> None:
+    def _remove(self, entry: Entry) -> None | Exception:
         try:
             self._spool.remove(entry)
         except Exception as exc:
-            # Delivered, and maybe still in active/: the next start would put it back in
-            # incoming/ and send it once more. A duplicate, never a loss.
-            log_event(logging.ERROR, entry.id, status="not removed", reason=str(exc))
-            return
-        log_event(logging.INFO, entry.id, status="removed")
+            return exc
+        return None
 
     def _settle(self, waiting: list[tuple[Any, asyncio.Future[Any]]],
                 results: list[Any]) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import logging
 import os
 import stat
 import threading
@@ -119,49 +118,18 @@ def test_a_failed_directory_fsync_fails_the_whole_batch_and_publishes_nothing(
     assert os.listdir(spool.path / "incoming") == []
 
 
-def claimed_with_state(spool: Spool) -> Entry:
+def test_remove_deletes_the_entry_and_its_state_record(spool: Spool) -> None:
+    """A delivered entry's file and state record are gone once remove() returns."""
     entry_id = new_id(time.time())
     spool.store(entry_id, "s@example.com", ["r@example.net"], [CONTENT], time.time(), False)
     active = spool.claim(entry_id, time.time())
     assert active is not None
     (spool.path / "state" / entry_id).write_bytes(b"{}")
-    return active
-
-
-def test_remove_deletes_the_entry_and_its_state_record_and_logs_it(
-        spool: Spool, caplog: pytest.LogCaptureFixture) -> None:
-    """remove() returns at once; the thread deletes the delivered entry's file and state
-    record, and then logs the removal."""
-    active = claimed_with_state(spool)
 
     async def scenario(writer: SpoolWriter) -> None:
-        writer.remove(active)
-    with caplog.at_level(logging.INFO, logger="relay"):
-        with_writer(spool, scenario)  # close() drains what was submitted
+        await writer.remove(active)
+    with_writer(spool, scenario)
     assert os.listdir(spool.path / "active") == [] and os.listdir(spool.path / "state") == []
-    assert f"{active.id}: status=removed" in caplog.text
-
-
-def test_a_failed_removal_is_logged_and_the_writer_serves_on(
-        spool: Spool, monkeypatch: pytest.MonkeyPatch,
-        caplog: pytest.LogCaptureFixture) -> None:
-    """An unlink that fails leaves the entry in active/ (to be sent again after a restart,
-    never lost), says so in the log, and the next store is still published."""
-    active = claimed_with_state(spool)
-
-    def failing_remove(entry: Entry) -> None:
-        raise OSError(errno.EIO, "Input/output error")
-    monkeypatch.setattr(spool, "remove", failing_remove)
-
-    async def scenario(writer: SpoolWriter) -> Entry:
-        writer.remove(active)
-        return await writer.store(new_entry())
-    with caplog.at_level(logging.INFO, logger="relay"):
-        stored = with_writer(spool, scenario)
-    assert os.listdir(spool.path / "active") == [active.id]
-    assert os.listdir(spool.path / "incoming") == [stored.id]
-    assert f"{active.id}: status=not removed" in caplog.text
-    assert "status=removed" not in caplog.text
 
 
 def test_close_finishes_what_was_submitted_then_refuses_more(
