@@ -203,20 +203,20 @@ class Spool:
         header = {"id": new.id, "sender": new.sender, "recipients": list(new.recipients),
                   "arrived": new.arrived, "size": new.size, "smtputf8": new.smtputf8}
         head = MAGIC + json.dumps(header, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
-        tmp = f"{self._root}/tmp/{new.id}"
+        tmp = self._tmp_file(new.id)
         with _failed_write_removes(tmp):
             fault_point("before-spool-write")
             return _create(tmp, [head, *new.parts])
 
     def _fsync_tmp(self, new: NewEntry, fd: int) -> None:
-        with _failed_write_removes(f"{self._root}/tmp/{new.id}"):
+        with _failed_write_removes(self._tmp_file(new.id)):
             try:
                 _fsync_once(fd)
             finally:
                 os.close(fd)
 
     def _rename_into_incoming(self, new: NewEntry) -> None:
-        tmp = f"{self._root}/tmp/{new.id}"
+        tmp = self._tmp_file(new.id)
         with _failed_write_removes(tmp):
             fault_point("after-fsync-before-rename")
             os.rename(tmp, self._file(Queue.INCOMING, new.id))
@@ -329,7 +329,7 @@ class Spool:
         the upstream's 250. Every later crash finds it gone.
         """
         os.unlink(self._file(entry.queue, entry.id))
-        _unlink_quietly(f"{self._root}/state/{entry.id}")
+        _unlink_quietly(self._state_file(entry.id))
 
     def unclaim(self, entry: Entry, due: float) -> None:
         """Give an active entry back, deferred until `due`, if it is still in active/ (an
@@ -452,7 +452,7 @@ class Spool:
         entry = _entry_from_header(header, queue, path)
         if not has_state:
             return entry
-        state_path = f"{self._root}/state/{entry_id}"
+        state_path = self._state_file(entry_id)
         try:
             with open(state_path, "rb") as f:
                 state = json.loads(f.read())
@@ -468,6 +468,12 @@ class Spool:
         # A string, not a Path: every message passes through several of these joins, on
         # the event loop or ahead of its fsync, and pathlib's cost more than the syscalls.
         return f"{self._root}/{queue.value}/{entry_id}"
+
+    def _tmp_file(self, entry_id: str) -> str:
+        return f"{self._root}/tmp/{entry_id}"
+
+    def _state_file(self, entry_id: str) -> str:
+        return f"{self._root}/state/{entry_id}"
 
     def _move(self, entry: Entry, queue: Queue) -> Entry:
         os.rename(self._file(entry.queue, entry.id), self._file(queue, entry.id))
