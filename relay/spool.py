@@ -49,6 +49,7 @@ MAX_HEADER_BYTES = 64 * 1024 * 1024  # 100,000 recipients of 320 bytes fit with 
 ID_PATTERN = re.compile(r"^[0-9A-F]{21}$")
 QUEUE_DIRS = tuple(q.value for q in Queue)
 ALL_DIRS = ("tmp", *QUEUE_DIRS, "corrupt", "state")
+_decode_json = json.JSONDecoder().decode
 OPEN_NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
@@ -639,7 +640,9 @@ def _read_header(fd: int, where: str) -> tuple[dict[str, Any], int]:
     if end < 0 or end >= limit:
         raise CorruptEntry(where, "truncated envelope")
     try:
-        header = json.loads(head[len(MAGIC):end + 1])
+        # Decoded to text first: json.loads would sniff bytes for UTF-16 and -32, which
+        # the spool never writes, and build a decoder per call.
+        header = _decode_json(head[len(MAGIC):end + 1].decode())
     except ValueError as exc:
         raise CorruptEntry(where, f"unreadable envelope: {exc}") from None
     if not isinstance(header, dict):
@@ -658,12 +661,15 @@ def _entry_from_header(header: dict[str, Any], queue: Queue, where: str) -> Entr
         raise CorruptEntry(where, f"envelope lacks {exc}") from None
     if not (isinstance(entry_id, str) and is_valid_id(entry_id) and where.endswith(entry_id)):
         raise CorruptEntry(where, "envelope ID does not match the file name")
-    if not isinstance(sender, str) or not isinstance(recipients, list) or not recipients \
-            or not all(isinstance(r, str) and r for r in recipients):
+    # One join and one search over all the addresses (a space is not among the unsafe
+    # characters), not a check per address: `relay queue` checks every one of every entry.
+    try:
+        addresses = " ".join((sender, *recipients)) if isinstance(recipients, list) else None
+    except TypeError:  # a non-string among them
+        addresses = None
+    if addresses is None or not recipients or "" in recipients:
         raise CorruptEntry(where, "envelope sender or recipients malformed")
-    # One search over them all (a space is not among the unsafe characters): `relay
-    # queue` checks every address of every entry.
-    if _UNSAFE_IN_ADDRESS.search(" ".join((sender, *recipients))):
+    if _UNSAFE_IN_ADDRESS.search(addresses):
         # The listener never stores these; a hand-edited file must not smuggle a CR/LF or
         # an extra <...> parameter onto the upstream's MAIL or RCPT line (CVE-2026-53533).
         raise CorruptEntry(where, "envelope address contains control characters or <>")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import json
 import os
 import stat
 import threading
@@ -267,6 +268,38 @@ def test_corrupt_entry_is_moved_aside_on_claim(spool: Spool, name: str, data: by
     with pytest.raises(CorruptEntry):
         spool.claim(entry_id, time.time())
     assert os.listdir(spool.path / "corrupt") == [entry_id]
+
+
+@pytest.mark.plan(41)
+@pytest.mark.parametrize("change, reason", [
+    ({"recipients": "a@example.com"}, "sender or recipients malformed"),
+    ({"recipients": []}, "sender or recipients malformed"),
+    ({"recipients": ["a@example.com", 7]}, "sender or recipients malformed"),
+    ({"recipients": ["a@example.com", ""]}, "sender or recipients malformed"),
+    ({"sender": None}, "sender or recipients malformed"),
+    ({"sender": "s@example.com\r\nRSET"}, "control characters"),
+    ({"arrived": "yesterday"}, "arrival time"),
+])
+def test_an_envelope_of_the_wrong_shape_is_corrupt(spool: Spool, change: dict[str, object],
+                                                   reason: str) -> None:
+    """Each envelope field is checked for its type and shape, and the reason is named."""
+    entry_id = store(spool)
+    path = spool.path / "incoming" / entry_id
+    magic, envelope, content = path.read_bytes().split(b"\n", 2)
+    envelope = json.dumps({**json.loads(envelope), **change}).encode()
+    path.write_bytes(b"\n".join((magic, envelope, content)))
+    with pytest.raises(CorruptEntry, match=reason):
+        spool.load(Queue.INCOMING, entry_id)
+
+
+@pytest.mark.plan(41)
+def test_an_envelope_that_is_not_utf8_is_corrupt(spool: Spool) -> None:
+    """The spool writes envelopes as UTF-8 only; other bytes are unreadable, not guessed."""
+    entry_id = store(spool)
+    path = spool.path / "incoming" / entry_id
+    path.write_bytes(path.read_bytes().replace(b"s@example.com", b"s\xff@example.com"))
+    with pytest.raises(CorruptEntry, match="unreadable envelope"):
+        spool.load(Queue.INCOMING, entry_id)
 
 
 @pytest.mark.plan(41)
