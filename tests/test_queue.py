@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import random
 import re
 import threading
+import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from conftest import RelayProcess, relay_config, wait_for
+from relay import cli
+from relay.spool import Spool, new_id
 from upstream import Upstream
 
 BODY = b"From: app@example.com\r\nSubject: queue test\r\n\r\nbody\r\n"
@@ -243,3 +248,15 @@ def test_actions_racing_deliveries_end_each_message_in_exactly_one_place(
     for entry_id in ids:
         places = [delivered.count(entry_id), entry_id in deleted, entry_id in held]
         assert sum(places) == 1, (entry_id, places, outputs)
+
+
+def test_listing_in_process_leaves_the_garbage_collector_as_it_found_it(
+        spool: Spool, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The listing pauses the cyclic collector while it builds, and turns it back on."""
+    entry_id = new_id(time.time())
+    spool.store(entry_id, "app@example.com", ["u@example.com"], [BODY], time.time(), False)
+    config = tmp_path / "relay.yaml"
+    config.write_text(yaml.safe_dump({"spool": {"path": str(spool.path)}}))
+    assert cli.main(["queue", "--json", "--config", str(config)]) == 0
+    assert [item["id"] for item in json.loads(capsys.readouterr().out)] == [entry_id]
+    assert gc.isenabled()
