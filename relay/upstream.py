@@ -40,6 +40,8 @@ REUSE_IDLE_SECONDS = 10.0
 RESET_FREE_SECONDS = 2.0
 # A CR or LF that is not part of a CRLF (the same rule as aiosmtplib's own data()).
 _BARE_LINE_END = re.compile(rb"\r\n|\n|\r(?!\n)")
+_BARE_CR = re.compile(rb"\r(?!\n)")
+_DOT_AT_LINE_START = re.compile(rb"\n\.")
 # Bounds on what the upstream may send, as aiosmtplib's: a reply line, a whole reply
 # (continuation lines included), and everything unread at once.
 MAX_REPLY_LINE = 8192
@@ -429,15 +431,21 @@ def wire_form(content: bytes) -> bytes:
     """`content` as DATA sends it (RFC 5321 4.5.2): every line ending in CRLF, a leading
     dot doubled, then the final dot. The same bytes as aiosmtplib's data() produces, whose
     two regular expressions over the whole message cost more CPU than the rest of a
-    delivery at 100 KiB; here a message that is already all CRLF lines, as everything the
-    listener accepts is, costs three counts and one replace in C."""
-    crlf = content.count(b"\r\n")
-    if content.count(b"\r") != crlf or content.count(b"\n") != crlf:
+    delivery at 100 KiB. Here a message of CRLF lines with no line that starts with a dot
+    costs four scans in C and is not copied before the final join.
+
+    The scans are the fast kinds: a count of one byte, and a search that leads with a
+    literal byte (which the regular expression engine finds with memchr); a count or an
+    `in` of a two-byte string took twice as long. With no CR that lacks its LF, as many
+    CRs as LFs means that every LF has its CR.
+    """
+    if content.count(b"\r") != content.count(b"\n") or _BARE_CR.search(content):
         content = _BARE_LINE_END.sub(b"\r\n", content)
     if not content.endswith(b"\r\n"):
         content += b"\r\n"
-    stuffed = content.replace(b"\n.", b"\n..")
-    return b"".join((b"." if stuffed.startswith(b".") else b"", stuffed, b".\r\n"))
+    if _DOT_AT_LINE_START.search(content):
+        content = content.replace(b"\n.", b"\n..")
+    return b"".join((b"." if content.startswith(b".") else b"", content, b".\r\n"))
 
 
 def likely_cause(error: SessionError, config: UpstreamConfig) -> str:
