@@ -47,6 +47,8 @@ _DOT_AT_LINE_START = re.compile(rb"\n\.")
 MAX_REPLY_LINE = 8192
 MAX_REPLY = 4 * MAX_REPLY_LINE
 MAX_UNREAD = 1024 * 1024
+# Replies are read into a buffer the session keeps, for the reason relay.smtpd gives.
+RECEIVE_BUFFER = MAX_REPLY_LINE
 QUIT_SECONDS = 5.0
 
 
@@ -297,7 +299,7 @@ class ReplyTimeout(SessionError):
     """No complete reply within the timeout: the session is out of step and closed."""
 
 
-class _Link(asyncio.Protocol):
+class _Link(asyncio.BufferedProtocol):
     """The upstream connection once aiosmtplib has set it up, taken over to send commands
     and read replies, pipelined or one at a time. Replies are read strictly in order and
     bounded in size; anything that leaves the session out of step (a timeout, a garbled
@@ -311,6 +313,7 @@ class _Link(asyncio.Protocol):
         self.timeout = timeout
         self._transport = cast(asyncio.Transport, transport)
         self._buffer = bytearray()
+        self._received = memoryview(bytearray(RECEIVE_BUFFER))
         self._waiter: asyncio.Future[None] | None = None
         self._lost: str | None = None
         transport.set_protocol(self)
@@ -364,10 +367,13 @@ class _Link(asyncio.Protocol):
         self._lost = self._lost or why
         self._transport.abort()
 
-    # --- asyncio.Protocol -----------------------------------------------------------------
+    # --- asyncio.BufferedProtocol ---------------------------------------------------------
 
-    def data_received(self, data: bytes) -> None:
-        self._buffer += data
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._received
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self._buffer += self._received[:nbytes]
         if len(self._buffer) > MAX_UNREAD:
             self.abort("the upstream sent more than it was asked for")
         self._wake()
