@@ -3,9 +3,10 @@
 Why not aiosmtpd's protocol: every connection there costs about 180 us of introspection
 before the greeting, every command a coroutine round trip and its own send, every MAIL
 and RCPT a new class from its address parser; with one message per connection, as web
-applications send, that was most of the relay's CPU (docs/BENCHMARKS.md). This is a plain
-asyncio.Protocol: input is parsed as it arrives, replies to the commands of one read go
-out in one write (RFC 2920 lets a server buffer them), and only DATA's spooling awaits.
+applications send, that was most of the relay's CPU (docs/BENCHMARKS.md). This is an
+asyncio.BufferedProtocol: input is parsed as it arrives, replies to the commands of one
+read go out in one write (RFC 2920 lets a server buffer them), and only DATA's spooling
+awaits.
 
 It owns the protocol, not the policy: `handler` decides about clients, senders,
 recipients and messages (relay.listener), and a refusal it returns is sent as it is.
