@@ -661,15 +661,15 @@ def _entry_from_header(header: dict[str, Any], queue: Queue, where: str) -> Entr
         raise CorruptEntry(where, f"envelope lacks {exc}") from None
     if not (isinstance(entry_id, str) and is_valid_id(entry_id) and where.endswith(entry_id)):
         raise CorruptEntry(where, "envelope ID does not match the file name")
-    # One join and one search over all the addresses (a space is not among the unsafe
-    # characters), not a check per address: `relay queue` checks every one of every entry.
-    try:
-        addresses = " ".join((sender, *recipients)) if isinstance(recipients, list) else None
-    except TypeError:  # a non-string among them
-        addresses = None
-    if addresses is None or not recipients or "" in recipients:
+    if not isinstance(recipients, list) or not recipients or "" in recipients:
         raise CorruptEntry(where, "envelope sender or recipients malformed")
-    if _UNSAFE_IN_ADDRESS.search(addresses):
+    # One join and one check over all the addresses (a space is not among the unsafe
+    # characters), not one per address: `relay queue` checks every one of every entry.
+    try:
+        addresses = " ".join((sender, *recipients))
+    except TypeError:  # a non-string among them
+        raise CorruptEntry(where, "envelope sender or recipients malformed") from None
+    if is_unsafe_address(addresses):
         # The listener never stores these; a hand-edited file must not smuggle a CR/LF or
         # an extra <...> parameter onto the upstream's MAIL or RCPT line (CVE-2026-53533).
         raise CorruptEntry(where, "envelope address contains control characters or <>")

@@ -7,8 +7,8 @@ replies) is escaped so a control character can never act on the operator's termi
 from __future__ import annotations
 
 import email.parser
-import functools
 import email.policy
+import functools
 import time
 from collections import Counter
 from typing import Any
