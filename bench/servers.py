@@ -1,10 +1,12 @@
 """The processes a benchmark run starts: Postfix as a throwaway null client, the relay, and
-the sinks each relays to. Everything listens on 127.0.0.1, ephemeral ports, in a temp dir.
+the sinks each relays to. Everything listens on 127.0.0.1, on free ports, in a temp dir.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import random
 import re
 import shutil
 import signal
@@ -22,9 +24,15 @@ POSTFIX_CONCURRENCY = 20  # Postfix's default_destination_concurrency_limit
 
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A free port below the kernel's ephemeral range. One from the range, let go until the
+    server binds it, could be given to any connect() meanwhile, wait_listening's probes of
+    that very port included (a socket connected to itself)."""
+    ephemeral = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    for port in random.sample(range(10000, ephemeral), 100):
+        with contextlib.suppress(OSError), socket.socket() as sock:
+            sock.bind(("127.0.0.1", port))
+            return port
+    raise RuntimeError("no free port on 127.0.0.1")
 
 
 def wait_listening(port: int, process: subprocess.Popen[bytes] | None = None,

@@ -17,7 +17,6 @@ from __future__ import annotations
 import random
 import re
 import smtplib
-import socket
 import threading
 import time
 from collections import Counter
@@ -26,6 +25,7 @@ from pathlib import Path
 import pytest
 
 from conftest import RelayProcess, relay_config, wait_for
+from ports import reusable_port
 from upstream import Upstream
 
 CLIENTS = 8
@@ -37,11 +37,6 @@ RECEIVED_ID = re.compile(rb"^\tby .* with E?SMTP id (\w+)", re.MULTILINE)
 
 pytestmark = pytest.mark.soak
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def message_id_in(path: Path) -> str | None:
@@ -99,7 +94,7 @@ def test_crash_soak_reconciles_by_message_id(tmp_path: Path, make_relay, upstrea
     chance = random.Random(84)
     upstream.fail_rate = 0.1
     config = relay_config(tmp_path, upstream, ca_file, log={"level": "info"},
-                          listen={"port": free_port()},
+                          listen={"port": reusable_port()},
                           delivery={"retry_min": "100ms", "retry_max": "1s"},
                           upstream={"connections": 4})
     relays: list[RelayProcess] = [make_relay(config)]

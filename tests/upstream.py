@@ -1,4 +1,4 @@
-"""A real upstream for tests: aiosmtpd on 127.0.0.1, ephemeral port, STARTTLS and AUTH.
+"""A real upstream for tests: aiosmtpd on 127.0.0.1, a free port, STARTTLS and AUTH.
 
 It records every transaction and what the relay did on the wire (TLS in effect, AUTH
 seen, connections made). Replies are scripted by recipient (`tempfail@...` gets 451 at
@@ -18,6 +18,8 @@ import threading
 from dataclasses import dataclass
 
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
+
+from ports import reusable_port
 
 USERNAME = "postmaster@mg.example.com"
 PASSWORD = "s3cret-Upstream-Pa55"
@@ -77,7 +79,7 @@ class Upstream:
         self.fail_rate = 0.0
         self.random = random.Random(0)
         self.connections = 0
-        self.port = 0
+        self.port = reusable_port()  # tests stop and restart the upstream on this port
         self._lock = threading.Lock()
         self._loop = asyncio.new_event_loop()
         self._server: asyncio.Server | None = None
