@@ -38,7 +38,8 @@ class Daemon:
         self.spool = Spool(config.spool.path, config.spool.min_free)
         self.clock = SteadyClock()
         self.writer = SpoolWriter(self.spool)
-        self.delivery = Delivery(self.spool, self.writer, config, clock=self.clock)
+        self.delivery = Delivery(self.spool, self.writer, config, clock=self.clock,
+                                 client_sessions=self._client_sessions)
         self._reported_skew = 0.0
         self._factory: ServerFactory | None = None
         self._server: asyncio.Server | None = None
@@ -82,6 +83,9 @@ class Daemon:
 
     def _stored(self, entry: Entry, parts: tuple[bytes, ...]) -> None:
         self.delivery.schedule_new(entry, parts)
+
+    def _client_sessions(self) -> int:
+        return self._factory.gate.active if self._factory is not None else 0
 
     def _upstream_text(self) -> str:
         upstream = self.config.upstream

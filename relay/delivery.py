@@ -41,6 +41,18 @@ INLINE_READ_BYTES = 256 * 1024
 # so far come to no more than this: during an outage or a backlog the rest are read back
 # from the spool as usual.
 FRESH_BYTES = 16 * 1024 * 1024
+# Delivery shares the event loop with the listener, and a session waits for each of its
+# replies while the loop runs whatever else is ready: with one client sending message
+# after message, the previous message's delivery (its upstream transaction, removal and
+# log lines, about 0.3 ms of the loop) fell between the next message's commands and
+# delayed every one of them. But while a message's fsyncs run, its session waits for the
+# disk and the loop is idle. So while a few client sessions are open, a worker starts on
+# its entry when a batch of stores begins its fsyncs, or after LISTENER_QUIET_WAIT if
+# none does: a relay whose clients are idle delivers a few milliseconds later, nothing
+# more. With more sessions than QUIET_SESSIONS the loop is seldom idle, and the wait
+# only added to its work (16 sessions: about 5% fewer messages in alternating runs).
+LISTENER_QUIET_WAIT = 0.005
+QUIET_SESSIONS = 4
 
 
 class Scheduler:
@@ -152,10 +164,12 @@ def _wake(waiter: asyncio.Future[None]) -> bool:
 class Delivery:
     def __init__(self, spool: Spool, writer: SpoolWriter, config: Config,
                  clock: Callable[[], float] = time.time,
-                 rand: Callable[[], float] = random.random) -> None:
+                 rand: Callable[[], float] = random.random,
+                 client_sessions: Callable[[], int] = lambda: 0) -> None:
         self.spool = spool
         self.writer = writer
         self.config = config
+        self._client_sessions = client_sessions  # how many the listener has open now
         self.scheduler = Scheduler(clock)
         self._clock = clock
         self._rand = rand
@@ -258,6 +272,8 @@ class Delivery:
                 entry_id = await self.scheduler.next_due()
                 if entry_id is None:
                     return
+                if 0 < self._client_sessions() <= QUIET_SESSIONS:
+                    await self.writer.disk_wait(LISTENER_QUIET_WAIT)
                 if generation != self._generation:
                     if session is not None:
                         await session.close()

@@ -33,7 +33,7 @@ import re
 import secrets
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -138,9 +138,11 @@ class Spool:
             raise result
         return result
 
-    def store_many(self, batch: list[NewEntry]) -> list[Entry | Exception]:
+    def store_many(self, batch: list[NewEntry],
+                   syncing: Callable[[], None] = lambda: None) -> list[Entry | Exception]:
         """Publish new entries durably; for each, its Entry, or the exception that kept it
         out of the queue (SpoolFull, SpoolError, or a bug's). Only an Entry may hear 250.
+        `syncing` is called as the fsyncs begin, once every file is written.
 
         The order is what makes it crash-safe: each complete file is written and fsynced
         under tmp/, then renamed into incoming/, then incoming/ itself is fsynced so the
@@ -166,6 +168,8 @@ class Spool:
                 written.append((index, self._write_tmp(new)))
             except Exception as exc:
                 results[index] = exc
+        if written:
+            syncing()
         synced: list[int] = []
         for index, fd in written:
             try:

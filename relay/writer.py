@@ -13,12 +13,17 @@ waits behind another thread's fsync), and the loop is woken once for all of them
 A store's future resolves only once its entry is durable: the 250 still waits for the
 disk. State records (deferrals, failures) keep the default executor: each is an fsync
 of its own, and a burst of them while the upstream is down must not hold new mail up.
+
+While a batch waits for its fsyncs, its sessions wait too, and the loop has nothing of
+theirs to do: `disk_wait` lets delivery do its work in that moment (relay.delivery says
+why), so the thread tells the loop when a batch's fsyncs begin, if anyone is waiting.
 """
 
 from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 from .entry import Entry, NewEntry
@@ -37,6 +42,10 @@ class SpoolWriter:
         self._closing = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
+        # Loop side of disk_wait: whether a batch is in its fsyncs now, and who waits for
+        # the next one. The thread only reads whether the list is empty.
+        self._syncing = False
+        self._disk_waiters: list[asyncio.Future[None]] = []
 
     def start(self) -> None:
         """Start the thread; call from the event loop that will await the results."""
@@ -51,6 +60,22 @@ class SpoolWriter:
     async def remove(self, entry: Entry) -> None:
         """Delete a delivered entry and its state record (Spool.remove)."""
         await self._submit(self._removals, entry)
+
+    async def disk_wait(self, bound: float) -> None:
+        """Return once a batch of stores is waiting for the disk: at once if one is now,
+        else when the next one starts its fsyncs, or after `bound` seconds."""
+        if self._syncing:
+            return
+        loop = asyncio.get_running_loop()
+        waiter = loop.create_future()
+        self._disk_waiters.append(waiter)
+        timer = loop.call_later(bound, _wake, waiter)
+        try:
+            await waiter
+        finally:
+            timer.cancel()
+            if waiter in self._disk_waiters:
+                self._disk_waiters.remove(waiter)
 
     async def close(self) -> None:
         """Finish what was submitted, then stop the thread."""
@@ -83,13 +108,24 @@ class SpoolWriter:
             waiting: list[tuple[Any, asyncio.Future[Any]]] = [*stores, *removals]
             results: list[Any] = self._store_all([new for new, _ in stores]) if stores else []
             results += [self._remove(entry) for entry, _ in removals]
-            self._settle(waiting, results)
+            self._settle(waiting, results, synced=bool(stores))
 
     def _store_all(self, batch: list[NewEntry]) -> list[Entry | Exception]:
         try:
-            return self._spool.store_many(batch)
+            return self._spool.store_many(batch, syncing=self._tell_syncing)
         except Exception as exc:  # a bug: every caller in the batch hears of it
             return [exc] * len(batch)
+
+    def _tell_syncing(self) -> None:
+        """In the thread, as a batch's fsyncs begin: wake disk_wait's waiters, if any (a
+        stale look at the list costs a waiter at most its bound, or the loop a wakeup)."""
+        if self._disk_waiters:
+            self._call_soon(self._syncing_started)
+
+    def _syncing_started(self) -> None:
+        self._syncing = True
+        while self._disk_waiters:
+            _wake(self._disk_waiters.pop())
 
     def _remove(self, entry: Entry) -> None | Exception:
         try:
@@ -99,13 +135,27 @@ class SpoolWriter:
         return None
 
     def _settle(self, waiting: list[tuple[Any, asyncio.Future[Any]]],
-                results: list[Any]) -> None:
+                results: list[Any], synced: bool) -> None:
         """Hand the results to the loop in one wakeup."""
+        self._call_soon(self._resolve, waiting, results, synced)
+
+    def _call_soon(self, callback: Callable[..., None], *args: Any) -> None:
         assert self._loop is not None
         try:
-            self._loop.call_soon_threadsafe(_resolve, waiting, results)
+            self._loop.call_soon_threadsafe(callback, *args)
         except RuntimeError:
             pass  # the loop has closed: nobody is waiting any more (the entries are on disk)
+
+    def _resolve(self, waiting: list[tuple[Any, asyncio.Future[Any]]], results: list[Any],
+                 synced: bool) -> None:
+        if synced:
+            self._syncing = False
+        _resolve(waiting, results)
+
+
+def _wake(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
 
 
 def _resolve(waiting: list[tuple[Any, asyncio.Future[Any]]], results: list[Any]) -> None:

@@ -118,6 +118,40 @@ def test_a_failed_directory_fsync_fails_the_whole_batch_and_publishes_nothing(
     assert os.listdir(spool.path / "incoming") == []
 
 
+def test_disk_wait_returns_as_a_batch_begins_its_fsyncs(
+        spool: Spool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A waiter is woken while the store it waited for is still syncing; a second waiter,
+    arriving during those fsyncs, returns at once."""
+    slow_directory_fsyncs(monkeypatch)
+
+    async def scenario(writer: SpoolWriter) -> tuple[bool, bool]:
+        first = asyncio.ensure_future(writer.disk_wait(30))
+        await asyncio.sleep(0)  # waiting
+        store = asyncio.ensure_future(writer.store(new_entry()))
+        await asyncio.wait_for(first, 10)
+        woken_during_store = not store.done()
+        await asyncio.wait_for(writer.disk_wait(30), 1)
+        again_during_store = not store.done()
+        await store
+        return woken_during_store, again_during_store
+    assert with_writer(spool, scenario) == (True, True)
+
+
+def test_disk_wait_gives_up_after_its_bound_once_nothing_is_syncing(spool: Spool) -> None:
+    """With no store at all, and again once the batch that woke a waiter has been
+    settled, a wait lasts its bound."""
+    async def scenario(writer: SpoolWriter) -> float:
+        await asyncio.wait_for(writer.disk_wait(0.05), 5)
+        waiting = asyncio.ensure_future(writer.disk_wait(30))
+        await asyncio.sleep(0)  # waiting
+        await writer.store(new_entry())
+        await asyncio.wait_for(waiting, 1)
+        started = time.monotonic()
+        await asyncio.wait_for(writer.disk_wait(0.05), 5)
+        return time.monotonic() - started
+    assert with_writer(spool, scenario) >= 0.04
+
+
 def test_remove_deletes_the_entry_and_its_state_record(spool: Spool) -> None:
     """A delivered entry's file and state record are gone once remove() returns."""
     entry_id = new_id(time.time())
