@@ -207,6 +207,43 @@ def test_deferred_entry_is_not_claimed_before_it_is_due(spool: Spool) -> None:
     assert spool.claim(entry_id, time.time() + 3601) is not None
 
 
+def deferred_for_an_hour(spool: Spool) -> Path:
+    entry = spool.claim(store(spool), time.time())
+    assert entry is not None
+    spool.defer(replace(entry, attempts=(), next_attempt=time.time() + 3600))
+    return spool.path / "deferred" / entry.id
+
+
+def test_reading_a_deferred_entry_leaves_its_access_time(spool: Spool) -> None:
+    """Its mtime (the next attempt) is ahead of its atime, so under relatime any plain
+    read would write a new atime: listing, loading and reading the content do not."""
+    path = deferred_for_an_hour(spool)
+    before = os.stat(path).st_atime_ns
+    assert [e.id for e in spool.entries()] == [path.name]
+    entry = spool.find(path.name)
+    assert spool.content(entry).endswith(CONTENT)
+    assert os.stat(path).st_atime_ns == before
+    path.read_bytes()
+    if os.stat(path).st_atime_ns == before:
+        pytest.skip("this filesystem does not update access times (noatime)")
+
+
+def test_a_spool_file_of_another_owner_is_read_all_the_same(
+        spool: Spool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """O_NOATIME is refused (EPERM) for a file the reader does not own: it is read
+    without it."""
+    path = deferred_for_an_hour(spool)
+    real_open = os.open
+
+    def owner_only(file: str | Path, flags: int, *args: int) -> int:
+        if flags & os.O_NOATIME:
+            raise PermissionError(errno.EPERM, "Operation not permitted")
+        return real_open(file, flags, *args)
+    monkeypatch.setattr(os, "open", owner_only)
+    entry = spool.find(path.name)
+    assert spool.content(entry).endswith(CONTENT)
+
+
 def test_unclaim_defers_an_interrupted_entry_untouched(spool: Spool) -> None:
     """An attempt cut short gives the entry back deferred until `due`, state unchanged."""
     entry_id = store(spool, ("a@example.com", "b@example.com"))
