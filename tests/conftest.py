@@ -193,6 +193,19 @@ class RelayProcess:
     def files(self, queue: str) -> list[str]:
         return sorted(os.listdir(self.spool / queue))
 
+    def debris(self) -> list[str]:
+        """What tmp/ holds besides the emptied files of delivered entries kept for reuse
+        (relay.spool.SPARES): a write left behind."""
+        left = []
+        for name in self.files("tmp"):
+            try:
+                kept = name.endswith(".spare") and (self.spool / "tmp" / name).stat().st_size == 0
+            except FileNotFoundError:
+                continue  # taken for a new entry meanwhile
+            if not kept:
+                left.append(name)
+        return left
+
     def cli(self, *args: str, stdin: bytes = b"") -> subprocess.CompletedProcess[str]:
         """Run `relay ARGS --config <this relay's config>` and capture its output."""
         return run_cli(self.client_config_path, *args, stdin=stdin)

@@ -64,7 +64,7 @@ def test_line_longer_than_1000_octets_is_refused_and_nothing_spooled(
                     b"RCPT TO:<u@example.com>\r\nDATA\r\nSubject: long\r\n\r\n"
                     + b"x" * 2000 + b"\r\n.\r\nQUIT\r\n")
     assert b"500 5.5.2 Error: line too long" in reply
-    assert queued(holding_relay) == [] and holding_relay.files("tmp") == []
+    assert queued(holding_relay) == [] and holding_relay.debris() == []
 
 
 @pytest.mark.plan(8)
@@ -85,7 +85,7 @@ def test_client_vanishing_mid_data_leaves_nothing(holding_relay: RelayProcess) -
                                   b"Subject: ok\r\n\r\nx\r\n")
     # Once deferred, its state record is written: tmp/ must then hold nothing at all.
     wait_for(lambda: holding_relay.files("deferred") == [entry_id], what="the one entry")
-    assert queued(holding_relay) == [entry_id] and holding_relay.files("tmp") == []
+    assert queued(holding_relay) == [entry_id] and holding_relay.debris() == []
 
 
 @pytest.mark.plan(22)
@@ -192,7 +192,7 @@ def test_endless_line_in_data_is_refused_with_bounded_memory(holding_relay: Rela
     assert not reply.startswith(b"250")
     assert holding_relay.process is not None and holding_relay.process.poll() is None
     assert holding_relay.rss_kib() < 200 * 1024
-    assert queued(holding_relay) == [] and holding_relay.files("tmp") == []
+    assert queued(holding_relay) == [] and holding_relay.debris() == []
 
 
 @pytest.mark.plan(21)

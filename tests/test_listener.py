@@ -131,7 +131,7 @@ def test_oversized_data_is_refused_and_nothing_spooled(make_relay, tmp_path: Pat
         code, reply = smtp.data(b"Subject: big\r\n\r\n" + b"x" * 70 + b"\r\n" * 1 +
                                 (b"y" * 78 + b"\r\n") * 200)
     assert (code, reply[:5]) == (552, b"5.3.4")
-    assert queued(relay) == [] and relay.files("tmp") == []
+    assert queued(relay) == [] and relay.debris() == []
 
 
 @pytest.mark.plan(13)
@@ -210,7 +210,7 @@ def test_spool_write_failure_gets_451_and_the_listener_keeps_serving(
         smtp.rcpt("user@example.com")
         code, reply = smtp.data(BODY)
     assert (code, reply[:5]) == (452, b"4.3.1")
-    assert holding_relay.files("tmp") == []
+    assert holding_relay.debris() == []
     incoming.unlink()
     incoming.mkdir(mode=0o700)
     assert holding_relay.send("app@example.com", ["user@example.com"], BODY)
@@ -319,7 +319,7 @@ def test_trickled_data_is_cut_off_at_the_timeout_and_nothing_is_kept(make_relay,
         except OSError:
             pass
     assert not said.startswith(b"250")
-    assert queued(relay) == [] and relay.files("tmp") == []
+    assert queued(relay) == [] and relay.debris() == []
 
 
 @pytest.mark.plan(23)
@@ -339,7 +339,7 @@ def test_exception_in_the_data_handler_answers_451_and_is_logged_once(make_relay
     assert still_serving.startswith(b"250")
     wait_for(lambda: "InjectedFault" in relay.log(), what="the error in the log")
     assert sum("SMTP session error" in line for line in relay.lines) == 1
-    assert queued(relay) == [] and relay.files("tmp") == []
+    assert queued(relay) == [] and relay.debris() == []
 
 
 @pytest.mark.plan(77)
@@ -372,7 +372,7 @@ def test_sigterm_mid_data_closes_the_listener_and_never_says_250_without_the_mes
     if reply.startswith(b"250"):
         assert len(stored) == 1
     else:
-        assert stored == [] and relay.files("tmp") == []
+        assert stored == [] and relay.debris() == []
 
 
 @pytest.mark.plan(3, 90)

@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 from relay.entry import Queue, Status
 from relay.errors import CorruptEntry, SpoolError, SpoolFull, SpoolLocked
+import relay.spool
 from relay.spool import HEADER_READ, Spool, new_id
 
 CONTENT = b"Subject: test\r\n\r\nbody\r\n"
@@ -280,6 +281,52 @@ def test_remove_deletes_entry_and_state(spool: Spool) -> None:
     assert entry is not None
     spool.remove(entry)
     assert os.listdir(spool.path / "active") == [] and os.listdir(spool.path / "state") == []
+
+
+def delivered(spool: Spool, content: bytes) -> str:
+    """Store an entry with `content`, claim it and remove it, as a delivery does."""
+    entry_id = new_id(time.time())
+    spool.store(entry_id, "s@example.com", ["r@example.net"], [content], time.time(), False)
+    entry = spool.claim(entry_id, time.time())
+    assert entry is not None
+    spool.remove(entry)
+    return entry_id
+
+
+def test_a_removed_entry_leaves_an_empty_file_that_the_next_store_takes(spool: Spool) -> None:
+    """The delivered message is gone from its file at once; the next entry is written
+    into that file (the same inode), holding its own content and nothing of the old."""
+    old = delivered(spool, b"Subject: old\r\n\r\n" + b"o" * 20_000)
+    [spare] = os.listdir(spool.path / "tmp")
+    assert spare == f"{old}.spare" and (spool.path / "tmp" / spare).stat().st_size == 0
+    inode = (spool.path / "tmp" / spare).stat().st_ino
+    entry_id = store(spool)
+    assert os.listdir(spool.path / "tmp") == []
+    assert (spool.path / "incoming" / entry_id).stat().st_ino == inode
+    assert spool.content(spool.find(entry_id)) == b"Received: x\r\n" + CONTENT
+    assert stat.S_IMODE((spool.path / "incoming" / entry_id).stat().st_mode) == 0o600
+
+
+def test_only_so_many_emptied_files_are_kept(spool: Spool,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past SPARES, a delivered entry's file is unlinked."""
+    monkeypatch.setattr(relay.spool, "SPARES", 2)
+    claimed = [spool.claim(store(spool), time.time()) for _ in range(3)]
+    for entry in claimed:
+        assert entry is not None
+        spool.remove(entry)
+    assert len(os.listdir(spool.path / "tmp")) == 2
+    assert os.listdir(spool.path / "active") == []
+
+
+def test_emptied_files_swept_from_tmp_are_not_missed(spool: Spool) -> None:
+    """recover() (or an operator) empties tmp/ of the kept files: the next store creates
+    a file of its own."""
+    delivered(spool, CONTENT)
+    spool.recover()
+    assert os.listdir(spool.path / "tmp") == []
+    entry_id = store(spool)
+    assert spool.content(spool.find(entry_id)) == b"Received: x\r\n" + CONTENT
 
 
 @pytest.mark.plan(41, 67)
