@@ -104,11 +104,16 @@ class SpoolWriter:
                 if not (self._stores or self._removals):
                     return
                 stores, self._stores = self._stores, []
-                removals, self._removals = self._removals, []
-            waiting: list[tuple[Any, asyncio.Future[Any]]] = [*stores, *removals]
             results: list[Any] = self._store_all([new for new, _ in stores]) if stores else []
+            # Removals are taken once the stores are done, so that those handed over
+            # meanwhile (a delivery in the disk's wait, relay.delivery) go in this pass and
+            # are settled with the batch, in one wakeup of the loop. In a pass of their
+            # own, their unlinks and their worker's next steps fell among the next
+            # message's commands.
+            with self._work:
+                removals, self._removals = self._removals, []
             results += [self._remove(entry) for entry, _ in removals]
-            self._settle(waiting, results, synced=bool(stores))
+            self._settle([*stores, *removals], results, synced=bool(stores))
 
     def _store_all(self, batch: list[NewEntry]) -> list[Entry | Exception]:
         try:

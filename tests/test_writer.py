@@ -152,6 +152,39 @@ def test_disk_wait_gives_up_after_its_bound_once_nothing_is_syncing(spool: Spool
     assert with_writer(spool, scenario) >= 0.04
 
 
+def test_a_removal_handed_over_during_a_batch_is_settled_with_it(
+        spool: Spool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A delivered entry handed over while a batch is in its fsyncs is removed in that
+    pass, and the batch's store is answered only with it, in one wakeup of the loop."""
+    slow_directory_fsyncs(monkeypatch)
+    entry_id = new_id(time.time())
+    spool.store(entry_id, "s@example.com", ["r@example.net"], [CONTENT], time.time(), False)
+    active = spool.claim(entry_id, time.time())
+    assert active is not None
+    removed: list[float] = []
+    real_remove = spool.remove
+
+    def slow_remove(entry: Entry) -> None:
+        time.sleep(0.05)
+        real_remove(entry)
+        removed.append(time.monotonic())
+    monkeypatch.setattr(spool, "remove", slow_remove)
+
+    async def scenario(writer: SpoolWriter) -> float:
+        waiting = asyncio.ensure_future(writer.disk_wait(30))
+        await asyncio.sleep(0)  # waiting
+        store = asyncio.ensure_future(writer.store(new_entry()))
+        await asyncio.wait_for(waiting, 10)  # the batch is in its fsyncs
+        removal = asyncio.ensure_future(writer.remove(active))
+        await store
+        stored = time.monotonic()
+        await removal
+        return stored
+    stored = with_writer(spool, scenario)
+    assert len(removed) == 1 and removed[0] <= stored
+    assert os.listdir(spool.path / "active") == []
+
+
 def test_remove_deletes_the_entry_and_its_state_record(spool: Spool) -> None:
     """A delivered entry's file and state record are gone once remove() returns."""
     entry_id = new_id(time.time())
