@@ -68,16 +68,19 @@ def no_bound(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_with_a_session_open_a_worker_waits_for_a_store_to_reach_the_disk(
         tmp_path: Path, upstream: Upstream, ca_file: Path) -> None:
-    """The entry is not sent while nothing is stored; the next store's fsyncs let it go
+    """The entry is not sent while nothing is stored, and waits claimed, in active/ (in
+    incoming/ the watcher could schedule it twice); the next store's fsyncs let it go
     (that store's own entry then waits for the one after it, or for the bound)."""
-    async def scenario(writer: SpoolWriter, delivery: Delivery) -> tuple[bool, bool]:
+    async def scenario(writer: SpoolWriter, delivery: Delivery) -> tuple[bool, str, bool]:
         first = new_entry("first@example.com")
         delivery.schedule_new(await writer.store(first), first.parts)
         sent_alone = await until(lambda: bool(upstream.messages()), 0.5)
+        [where] = [queue for queue in ("incoming", "active")
+                   if (tmp_path / "spool" / queue / first.id).exists()]
         await writer.store(new_entry("second@example.com"))
         sent_after = await until(lambda: bool(upstream.delivered_to("first@example.com")), 15)
-        return sent_alone, sent_after
-    assert run_delivery(tmp_path, upstream, ca_file, 1, scenario) == (False, True)
+        return sent_alone, where, sent_after
+    assert run_delivery(tmp_path, upstream, ca_file, 1, scenario) == (False, "active", True)
 
 
 @pytest.mark.parametrize("sessions", [0, QUIET_SESSIONS + 1])
