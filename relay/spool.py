@@ -54,8 +54,8 @@ _decode_json = json.JSONDecoder().decode
 OPEN_NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 OPEN_SPARE = os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC
 OPEN_READ = os.O_RDONLY | os.O_CLOEXEC
-# A delivered entry's file is emptied and kept in tmp/ for a new entry, up to this many,
-# rather than unlinked: see Spool.remove.
+# A delivered entry's file is kept in tmp/ for a new entry, up to this many, rather than
+# unlinked: see Spool.remove.
 SPARES = 64
 
 
@@ -88,9 +88,11 @@ class Spool:
         self.min_free = min_free
         self._lock_fd: int | None = None
         self._syncs = {name: _GroupSync(self.path / name) for name in ALL_DIRS}
-        # Emptied files in tmp/, each to become a new entry's file (remove, _write_tmp).
-        # Whichever thread stores and removes uses it; list.pop and append are atomic.
+        # Delivered entries' files in tmp/, each to become a new entry's file (remove,
+        # _write_tmp). Whichever thread stores and removes uses them; list.pop and append
+        # are atomic.
         self._spares: list[str] = []
+        self.spares_hold_mail = False  # whether any may still hold a delivered message
 
     # --- set-up -------------------------------------------------------------------------
 
@@ -221,9 +223,7 @@ class Spool:
         with _failed_write_removes(tmp):
             fault_point("before-spool-write")
             if self._take_spare(tmp):
-                fd = os.open(tmp, OPEN_SPARE)
-                _write_all(fd, [head, *new.parts])
-                return fd
+                return _overwrite(tmp, [head, *new.parts])
             return _create(tmp, [head, *new.parts])
 
     def _take_spare(self, tmp: str) -> bool:
@@ -353,13 +353,16 @@ class Spool:
     def remove(self, entry: Entry) -> None:
         """Delete a delivered entry and its state record.
 
-        The file leaves the queue by a rename into tmp/ and is emptied there, and the next
-        new entry is written into it (up to SPARES are kept; more are unlinked). On ext4
-        a new file's inode is looked for among the free ones, and without a journal the
-        ones freed in the last half minute are passed over one by one: with a relay
-        deleting as fast as it creates, and 100,000 deferred entries filling the nearby
-        inodes, that search took about a fifth of the relay's CPU. A reused file has its
-        inode already. Emptied before it is kept, it holds no delivered mail.
+        The file leaves the queue by a rename into tmp/, and the next new entry is written
+        over it (up to SPARES are kept; more are unlinked). On ext4 a new file's inode is
+        looked for among the free ones, and without a journal the ones freed in the last
+        half minute are passed over one by one: with a relay deleting as fast as it
+        creates, and 100,000 deferred entries filling the nearby inodes, that search took
+        about a fifth of the relay's CPU. A reused file has its inode already, and its
+        blocks: written over, it needs no allocation, and its old blocks are not freed
+        (on a disk mounted with `discard`, emptying a file waited about 70 us for the
+        disk). Until then it holds the delivered message, so whoever removes empties the
+        spares once idle (empty_spares).
 
         No directory fsync, as in Postfix: a power cut could bring the entry back, and it
         would be delivered once more, the same duplicate as a crash in the instant after
@@ -369,15 +372,23 @@ class Spool:
         if len(self._spares) < SPARES:
             spare = f"{self._root}/tmp/{entry.id}.spare"
             os.rename(path, spare)
-            try:
-                os.truncate(spare, 0)
-            except OSError:
-                os.unlink(spare)
-            else:
-                self._spares.append(spare)
+            self._spares.append(spare)
+            self.spares_hold_mail = True
         else:
             os.unlink(path)
         _unlink_quietly(self._state_file(entry.id))
+
+    def empty_spares(self) -> None:
+        """Empty the kept files of delivered entries (Spool.remove), so that no delivered
+        message lingers in tmp/ while the relay is idle; one that fails to empty goes."""
+        self.spares_hold_mail = False
+        for spare in list(self._spares):
+            try:
+                os.truncate(spare, 0)
+            except FileNotFoundError:
+                pass  # taken for a new entry meanwhile, or swept
+            except OSError:
+                _unlink_quietly(spare)
 
     def unclaim(self, entry: Entry, due: float) -> None:
         """Give an active entry back, deferred until `due`, if it is still in active/ (an
@@ -636,6 +647,19 @@ def _create(path: str | Path, parts: list[bytes]) -> int:
     `parts`; return the open descriptor."""
     fd = os.open(path, OPEN_NEW, 0o600)
     _write_all(fd, parts)
+    return fd
+
+
+def _overwrite(path: str, parts: list[bytes]) -> int:
+    """Write `parts` over the existing file at `path` (never through a symlink), cut it to
+    their length, and return the open descriptor."""
+    fd = os.open(path, OPEN_SPARE)
+    _write_all(fd, parts)
+    try:
+        os.ftruncate(fd, sum(len(part) for part in parts))
+    except BaseException:
+        os.close(fd)
+        raise
     return fd
 
 

@@ -17,6 +17,10 @@ of its own, and a burst of them while the upstream is down must not hold new mai
 While a batch waits for its fsyncs, its sessions wait too, and the loop has nothing of
 theirs to do: `disk_wait` lets delivery do its work in that moment (relay.delivery says
 why), so the thread tells the loop when a batch's fsyncs begin, if anyone is waiting.
+
+A removed entry's file is kept for the next store to write over (Spool.remove); the
+thread empties those it still holds once it has had nothing to do for SPARES_LINGER
+seconds, and when it stops, so that delivered mail does not stay in tmp/.
 """
 
 from __future__ import annotations
@@ -31,6 +35,8 @@ from .errors import SpoolError
 from .spool import Spool
 
 T = TypeVar("T")
+
+SPARES_LINGER = 1.0
 
 
 class SpoolWriter:
@@ -99,11 +105,15 @@ class SpoolWriter:
     def _run(self) -> None:
         while True:
             with self._work:
-                while not (self._stores or self._removals or self._closing):
-                    self._work.wait()
-                if not (self._stores or self._removals):
-                    return
+                linger = SPARES_LINGER if self._spool.spares_hold_mail else None
+                busy = self._work.wait_for(self._has_work, timeout=linger)
+                stopping = busy and not (self._stores or self._removals)
                 stores, self._stores = self._stores, []
+            if not busy or stopping:
+                self._spool.empty_spares()
+                if stopping:
+                    return
+                continue
             results: list[Any] = self._store_all([new for new, _ in stores]) if stores else []
             # Removals are taken once the stores are done, so that those handed over
             # meanwhile (a delivery in the disk's wait, relay.delivery) go in this pass and
@@ -114,6 +124,9 @@ class SpoolWriter:
                 removals, self._removals = self._removals, []
             results += [self._remove(entry) for entry, _ in removals]
             self._settle([*stores, *removals], results, synced=bool(stores))
+
+    def _has_work(self) -> bool:
+        return bool(self._stores or self._removals or self._closing)
 
     def _store_all(self, batch: list[NewEntry]) -> list[Entry | Exception]:
         try:

@@ -194,17 +194,9 @@ class RelayProcess:
         return sorted(os.listdir(self.spool / queue))
 
     def debris(self) -> list[str]:
-        """What tmp/ holds besides the emptied files of delivered entries kept for reuse
+        """What tmp/ holds besides the files of delivered entries kept for reuse
         (relay.spool.SPARES): a write left behind."""
-        left = []
-        for name in self.files("tmp"):
-            try:
-                kept = name.endswith(".spare") and (self.spool / "tmp" / name).stat().st_size == 0
-            except FileNotFoundError:
-                continue  # taken for a new entry meanwhile
-            if not kept:
-                left.append(name)
-        return left
+        return [name for name in self.files("tmp") if not name.endswith(".spare")]
 
     def cli(self, *args: str, stdin: bytes = b"") -> subprocess.CompletedProcess[str]:
         """Run `relay ARGS --config <this relay's config>` and capture its output."""

@@ -293,18 +293,39 @@ def delivered(spool: Spool, content: bytes) -> str:
     return entry_id
 
 
-def test_a_removed_entry_leaves_an_empty_file_that_the_next_store_takes(spool: Spool) -> None:
-    """The delivered message is gone from its file at once; the next entry is written
-    into that file (the same inode), holding its own content and nothing of the old."""
-    old = delivered(spool, b"Subject: old\r\n\r\n" + b"o" * 20_000)
+@pytest.mark.parametrize("old_size", [20_000, 10])
+def test_the_next_store_writes_over_a_removed_entrys_file(spool: Spool, old_size: int) -> None:
+    """A delivered entry's file is kept in tmp/, and the next entry is written into it
+    (the same inode): with exactly its own content, whether the old one was longer or
+    shorter."""
+    old = delivered(spool, b"Subject: old\r\n\r\n" + b"o" * old_size)
     [spare] = os.listdir(spool.path / "tmp")
-    assert spare == f"{old}.spare" and (spool.path / "tmp" / spare).stat().st_size == 0
+    assert spare == f"{old}.spare"
     inode = (spool.path / "tmp" / spare).stat().st_ino
     entry_id = store(spool)
     assert os.listdir(spool.path / "tmp") == []
-    assert (spool.path / "incoming" / entry_id).stat().st_ino == inode
+    path = spool.path / "incoming" / entry_id
+    assert path.stat().st_ino == inode
     assert spool.content(spool.find(entry_id)) == b"Received: x\r\n" + CONTENT
-    assert stat.S_IMODE((spool.path / "incoming" / entry_id).stat().st_mode) == 0o600
+    assert b"ooo" not in path.read_bytes()
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+
+
+def test_emptying_the_spares_leaves_no_delivered_mail(spool: Spool) -> None:
+    """empty_spares() empties every kept file; the next store still takes one."""
+    claimed = [spool.claim(store(spool), time.time()) for _ in range(2)]
+    for entry in claimed:
+        assert entry is not None
+        spool.remove(entry)
+    assert spool.spares_hold_mail
+    spool.empty_spares()
+    spares = os.listdir(spool.path / "tmp")
+    assert len(spares) == 2 and not spool.spares_hold_mail
+    assert all((spool.path / "tmp" / name).stat().st_size == 0 for name in spares)
+    inodes = {(spool.path / "tmp" / name).stat().st_ino for name in spares}
+    entry_id = store(spool)
+    assert (spool.path / "incoming" / entry_id).stat().st_ino in inodes
+    assert spool.content(spool.find(entry_id)) == b"Received: x\r\n" + CONTENT
 
 
 def test_only_so_many_emptied_files_are_kept(spool: Spool,

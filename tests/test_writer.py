@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+import relay.writer
 from relay.entry import Entry, NewEntry, Queue
 from relay.errors import SpoolError, SpoolFull
 from relay.spool import Spool, new_id
@@ -24,6 +25,15 @@ CONTENT = b"Subject: test\r\n\r\nbody\r\n"
 def new_entry(size: int = 0) -> NewEntry:
     return NewEntry(new_id(time.time()), "s@example.com", ("r@example.net",),
                     (b"Received: x\r\n", CONTENT + b"x" * size), time.time(), False)
+
+
+def delivered_entry(spool: Spool) -> Entry:
+    """An entry stored and claimed, ready for remove()."""
+    entry_id = new_id(time.time())
+    spool.store(entry_id, "s@example.com", ["r@example.net"], [CONTENT], time.time(), False)
+    active = spool.claim(entry_id, time.time())
+    assert active is not None
+    return active
 
 
 def with_writer(spool: Spool, scenario: Callable[[SpoolWriter], Awaitable[Any]]) -> Any:
@@ -187,16 +197,50 @@ def test_a_removal_handed_over_during_a_batch_is_settled_with_it(
 
 def test_remove_deletes_the_entry_and_its_state_record(spool: Spool) -> None:
     """A delivered entry's file and state record are gone once remove() returns."""
-    entry_id = new_id(time.time())
-    spool.store(entry_id, "s@example.com", ["r@example.net"], [CONTENT], time.time(), False)
-    active = spool.claim(entry_id, time.time())
-    assert active is not None
-    (spool.path / "state" / entry_id).write_bytes(b"{}")
+    active = delivered_entry(spool)
+    (spool.path / "state" / active.id).write_bytes(b"{}")
 
     async def scenario(writer: SpoolWriter) -> None:
         await writer.remove(active)
     with_writer(spool, scenario)
     assert os.listdir(spool.path / "active") == [] and os.listdir(spool.path / "state") == []
+
+
+def spare_sizes(spool: Spool) -> list[int]:
+    return [(spool.path / "tmp" / name).stat().st_size for name in os.listdir(spool.path / "tmp")]
+
+
+def test_the_writer_empties_the_spares_once_idle(
+        spool: Spool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A removed entry's file is kept holding the message; after SPARES_LINGER without
+    work the thread empties it."""
+    monkeypatch.setattr(relay.writer, "SPARES_LINGER", 0.2)
+    entry = delivered_entry(spool)
+
+    async def scenario(writer: SpoolWriter) -> tuple[list[int], list[int]]:
+        await writer.remove(entry)
+        kept = spare_sizes(spool)
+        deadline = time.monotonic() + 10
+        while spare_sizes(spool) != [0] and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        return kept, spare_sizes(spool)
+    kept, later = with_writer(spool, scenario)
+    assert len(kept) == 1 and kept[0] > len(CONTENT)
+    assert later == [0]
+
+
+def test_the_writer_empties_the_spares_when_it_stops(
+        spool: Spool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """close() leaves no delivered message in tmp/, however recent."""
+    monkeypatch.setattr(relay.writer, "SPARES_LINGER", 3600)
+    entry = delivered_entry(spool)
+
+    async def scenario(writer: SpoolWriter) -> list[int]:
+        await writer.remove(entry)
+        return spare_sizes(spool)
+    kept = with_writer(spool, scenario)
+    assert len(kept) == 1 and kept[0] > len(CONTENT)
+    assert spare_sizes(spool) == [0]
 
 
 def test_close_finishes_what_was_submitted_then_refuses_more(
