@@ -193,6 +193,12 @@ class RelayProcess:
     def files(self, queue: str) -> list[str]:
         return sorted(os.listdir(self.spool / queue))
 
+    def queued(self) -> list[str]:
+        """Entries not yet delivered. Listed in the order an entry moves (incoming/, active/,
+        deferred/) so that one moving meanwhile is never missed, and as a set, as it may then
+        be seen twice."""
+        return sorted({*self.files("incoming"), *self.files("active"), *self.files("deferred")})
+
     def debris(self) -> list[str]:
         """What tmp/ holds besides the files of delivered entries kept for reuse
         (relay.spool.SPARES): a write left behind."""

@@ -32,13 +32,6 @@ def session(relay: RelayProcess, payload: bytes) -> bytes:
         return said + line
 
 
-def queued(relay: RelayProcess) -> list[str]:
-    """Entries not yet delivered. Listed in the order an entry moves (incoming/, active/,
-    deferred/) so that one moving meanwhile is never missed, and as a set, as it may then
-    be seen twice."""
-    return sorted({*relay.files("incoming"), *relay.files("active"), *relay.files("deferred")})
-
-
 @pytest.mark.plan(18, 100)
 def test_smuggled_end_of_data_sequences_stay_inside_one_message(relay: RelayProcess,
                                                                 upstream: Upstream) -> None:
@@ -64,7 +57,7 @@ def test_line_longer_than_1000_octets_is_refused_and_nothing_spooled(
                     b"RCPT TO:<u@example.com>\r\nDATA\r\nSubject: long\r\n\r\n"
                     + b"x" * 2000 + b"\r\n.\r\nQUIT\r\n")
     assert b"500 5.5.2 Error: line too long" in reply
-    assert queued(holding_relay) == [] and holding_relay.debris() == []
+    assert holding_relay.queued() == [] and holding_relay.debris() == []
 
 
 @pytest.mark.plan(8)
@@ -85,7 +78,7 @@ def test_client_vanishing_mid_data_leaves_nothing(holding_relay: RelayProcess) -
                                   b"Subject: ok\r\n\r\nx\r\n")
     # Once deferred, its state record is written: tmp/ must then hold nothing at all.
     wait_for(lambda: holding_relay.files("deferred") == [entry_id], what="the one entry")
-    assert queued(holding_relay) == [entry_id] and holding_relay.debris() == []
+    assert holding_relay.queued() == [entry_id] and holding_relay.debris() == []
 
 
 @pytest.mark.plan(22)
@@ -192,7 +185,7 @@ def test_endless_line_in_data_is_refused_with_bounded_memory(holding_relay: Rela
     assert not reply.startswith(b"250")
     assert holding_relay.process is not None and holding_relay.process.poll() is None
     assert holding_relay.rss_kib() < 200 * 1024
-    assert queued(holding_relay) == [] and holding_relay.debris() == []
+    assert holding_relay.queued() == [] and holding_relay.debris() == []
 
 
 @pytest.mark.plan(21)
@@ -206,7 +199,7 @@ def test_whole_session_sent_before_the_greeting_is_processed_in_order(
                      b"QUIT\r\n")
         replies = [line for line in sock.makefile("rb") if line[3:4] == b" "]
     assert [r[:3] for r in replies] == [b"220", b"250", b"250", b"250", b"354", b"250", b"221"]
-    wait_for(lambda: len(queued(holding_relay)) == 1, what="the one message")
-    [entry_id] = queued(holding_relay)
+    wait_for(lambda: len(holding_relay.queued()) == 1, what="the one message")
+    [entry_id] = holding_relay.queued()
     shown = holding_relay.cli("queue", "show", entry_id, "--body").stdout
     assert "MAIL FROM:<evil@example.com>" in shown  # body text, never a command

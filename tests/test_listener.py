@@ -23,13 +23,6 @@ def holding_relay(make_relay, tmp_path: Path) -> RelayProcess:
     return make_relay(relay_config(tmp_path, None, None))
 
 
-def queued(relay: RelayProcess) -> list[str]:
-    """Entries not yet delivered. Listed in the order an entry moves (incoming/, active/,
-    deferred/) so that one moving meanwhile is never missed, and as a set, as it may then
-    be seen twice."""
-    return sorted({*relay.files("incoming"), *relay.files("active"), *relay.files("deferred")})
-
-
 def raw_session(relay: RelayProcess, payload: bytes, replies: int) -> list[bytes]:
     """Send raw bytes at once (pipelined) and read `replies` reply lines (final lines only)."""
     with socket.create_connection(("127.0.0.1", relay.port), timeout=10) as sock:
@@ -98,7 +91,7 @@ def test_invalid_recipient_gets_553_and_valid_ones_still_queue(holding_relay: Re
         assert code == 553
         assert smtp.rcpt("ok@example.com")[0] == 250
         assert smtp.data(BODY)[0] == 250
-    wait_for(lambda: len(queued(holding_relay)) == 1, what="one queued entry")
+    wait_for(lambda: len(holding_relay.queued()) == 1, what="one queued entry")
 
 
 @pytest.mark.plan(16)
@@ -131,7 +124,7 @@ def test_oversized_data_is_refused_and_nothing_spooled(make_relay, tmp_path: Pat
         code, reply = smtp.data(b"Subject: big\r\n\r\n" + b"x" * 70 + b"\r\n" * 1 +
                                 (b"y" * 78 + b"\r\n") * 200)
     assert (code, reply[:5]) == (552, b"5.3.4")
-    assert queued(relay) == [] and relay.debris() == []
+    assert relay.queued() == [] and relay.debris() == []
 
 
 @pytest.mark.plan(13)
@@ -194,7 +187,7 @@ def test_low_disk_space_gets_452_4_3_1(make_relay, tmp_path: Path) -> None:
         smtp.ehlo()
         code, reply = smtp.mail("app@example.com")
     assert (code, reply[:5]) == (452, b"4.3.1")
-    assert queued(relay) == []
+    assert relay.queued() == []
 
 
 @pytest.mark.plan(38)
@@ -241,7 +234,7 @@ def test_pipelined_transactions_with_rset_queue_independently(holding_relay: Rel
                b"Subject: 3\r\n\r\nthree\r\n.\r\nQUIT\r\n")
     replies = raw_session(holding_relay, payload, 13)
     assert sum(r.startswith(b"250 2.0.0 Ok: queued") for r in replies) == 2
-    wait_for(lambda: len(queued(holding_relay)) == 2, what="two entries")
+    wait_for(lambda: len(holding_relay.queued()) == 2, what="two entries")
 
 
 @pytest.mark.plan(95)
@@ -271,7 +264,7 @@ def test_smtplib_sendmail_round_trip_is_fast(holding_relay: RelayProcess) -> Non
     with holding_relay.client() as smtp:
         refused = smtp.sendmail("app@example.com", ["user@example.com"], BODY)
     assert refused == {}
-    assert queued(holding_relay)  # on disk the moment 250 was heard
+    assert holding_relay.queued()  # on disk the moment 250 was heard
     with pytest.raises(smtplib.SMTPRecipientsRefused):
         with holding_relay.client() as smtp:
             smtp.sendmail("app@example.com", ["bad address"], BODY)
@@ -319,7 +312,7 @@ def test_trickled_data_is_cut_off_at_the_timeout_and_nothing_is_kept(make_relay,
         except OSError:
             pass
     assert not said.startswith(b"250")
-    assert queued(relay) == [] and relay.debris() == []
+    assert relay.queued() == [] and relay.debris() == []
 
 
 @pytest.mark.plan(23)
@@ -339,7 +332,7 @@ def test_exception_in_the_data_handler_answers_451_and_is_logged_once(make_relay
     assert still_serving.startswith(b"250")
     wait_for(lambda: "InjectedFault" in relay.log(), what="the error in the log")
     assert sum("SMTP session error" in line for line in relay.lines) == 1
-    assert queued(relay) == [] and relay.debris() == []
+    assert relay.queued() == [] and relay.debris() == []
 
 
 @pytest.mark.plan(77)
