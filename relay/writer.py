@@ -28,13 +28,11 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
 from .entry import Entry, NewEntry
 from .errors import SpoolError
 from .spool import Spool
-
-T = TypeVar("T")
 
 SPARES_LINGER = 1.0
 
@@ -61,11 +59,11 @@ class SpoolWriter:
 
     async def store(self, new: NewEntry) -> Entry:
         """Publish `new` durably. Raises what Spool.store_many reports for it."""
-        return await self._submit(self._stores, new)
+        return await self._submit(new, removal=False)
 
     async def remove(self, entry: Entry) -> None:
         """Delete a delivered entry and its state record (Spool.remove)."""
-        await self._submit(self._removals, entry)
+        await self._submit(entry, removal=True)
 
     async def disk_wait(self, bound: float) -> None:
         """Return once a batch of stores is waiting for the disk: at once if one is now,
@@ -91,12 +89,14 @@ class SpoolWriter:
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join)
 
-    async def _submit(self, queue: list[tuple[Any, asyncio.Future[T]]], item: Any) -> T:
-        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+    async def _submit(self, item: Any, removal: bool) -> Any:
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         with self._work:
             if self._closing or self._thread is None:
                 raise SpoolError("the spool writer is not running")
-            queue.append((item, future))
+            # The list is looked up under the lock: the thread swaps in a new one as it
+            # takes a batch, and an item added to the one it took would never be answered.
+            (self._removals if removal else self._stores).append((item, future))
             self._work.notify()
         return await future
 

@@ -195,6 +195,50 @@ def test_a_removal_handed_over_during_a_batch_is_settled_with_it(
     assert os.listdir(spool.path / "active") == []
 
 
+class LateLock(threading.Condition):
+    """The writer's condition, where the loop's second acquire waits until the thread
+    has taken the batch holding the first store: a store handed over just as its batch
+    is taken."""
+
+    def __init__(self, batch_taken: threading.Event) -> None:
+        super().__init__()
+        self.batch_taken = batch_taken
+        self.loop_acquires = 0
+
+    def __enter__(self) -> bool:
+        if threading.current_thread() is threading.main_thread():
+            self.loop_acquires += 1
+            if self.loop_acquires == 2:
+                self.batch_taken.wait(10)
+        return super().__enter__()
+
+
+def test_a_store_handed_over_as_a_batch_is_taken_is_answered(spool: Spool) -> None:
+    """The second store reaches the writer's lock only after the thread has swapped out
+    the list holding the first: it must go into the next batch and be answered."""
+    batch_taken = threading.Event()
+
+    async def main() -> list[Entry]:
+        writer = SpoolWriter(spool)
+        writer._work = LateLock(batch_taken)
+        real_store_all = writer._store_all
+
+        def store_all(batch: list[NewEntry]) -> list[Entry | Exception]:
+            batch_taken.set()
+            return real_store_all(batch)
+        writer._store_all = store_all  # type: ignore[method-assign]
+        writer.start()
+        try:
+            first = asyncio.ensure_future(writer.store(new_entry()))
+            await asyncio.sleep(0)  # handed over
+            second = asyncio.ensure_future(writer.store(new_entry()))
+            return await asyncio.wait_for(asyncio.gather(first, second), 10)
+        finally:
+            await writer.close()
+    stored = asyncio.run(main())
+    assert sorted(os.listdir(spool.path / "incoming")) == sorted(e.id for e in stored)
+
+
 def test_remove_deletes_the_entry_and_its_state_record(spool: Spool) -> None:
     """A delivered entry's file and state record are gone once remove() returns."""
     active = delivered_entry(spool)
