@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, replace
+from typing import Protocol
 
 
 class Queue(enum.Enum):
@@ -57,9 +58,18 @@ class Attempt:
     duration: float
 
 
+class Written(Protocol):
+    """Content already written to the entry's file in tmp/ (relay.spool.Draft)."""
+
+    size: int
+
+    def finish(self) -> int: ...
+
+
 @dataclass(frozen=True)
 class NewEntry:
-    """A message received and not yet stored: what the spool needs to publish it."""
+    """A message received and not yet stored: what the spool needs to publish it, the
+    content either in memory (`parts`) or already written to its file (`draft`)."""
 
     id: str
     sender: str
@@ -67,9 +77,12 @@ class NewEntry:
     parts: tuple[bytes, ...]  # the content in pieces, the headers we add first
     arrived: float
     smtputf8: bool
+    draft: Written | None = None
 
     @property
     def size(self) -> int:
+        if self.draft is not None:
+            return self.draft.size
         return sum(len(part) for part in self.parts)
 
 

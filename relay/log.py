@@ -36,6 +36,10 @@ def setup_logging(config: LogConfig, stream: Any = None) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(config.level.upper())
+    # aiosmtpd narrates every command at INFO and every unknown one at WARNING; the
+    # listener logs what matters in the relay's own words, so its lines are for debugging.
+    logging.getLogger("mail.log").setLevel(
+        logging.DEBUG if config.level == "debug" else logging.ERROR)
     # Neither format shows the caller, thread or process, so logging need not look them up
     # for each record (the logging HOWTO's "Optimization"): 3 us of 15 per event line.
     logging._srcfile = None

@@ -57,6 +57,7 @@ OPEN_READ = os.O_RDONLY | os.O_CLOEXEC
 # A delivered entry's file is kept in tmp/ for a new entry, up to this many, rather than
 # unlinked: see Spool.remove.
 SPARES = 64
+SIZE_FIELD = 20  # digits kept for the size in the envelope: any size a disk can hold
 
 
 def is_unsafe_address(address: str) -> bool:
@@ -79,6 +80,60 @@ def new_id(now: float) -> str:
     created with O_EXCL): the process's Mersenne Twister, seeded from the OS at start,
     spares every message a getrandom() system call."""
     return f"{int(now * 1_000_000):013X}{random.getrandbits(32):08X}"
+
+
+def envelope_head(entry_id: str, sender: str, recipients: tuple[str, ...], arrived: float,
+                  smtputf8: bool, size: int) -> bytes:
+    """The magic line and the one-line JSON envelope that begin an entry's file. The size
+    comes last, right-aligned in a field of fixed width (JSON allows the spaces), so that a
+    draft can write it once its content is complete without moving anything."""
+    fields = {"id": entry_id, "sender": sender, "recipients": list(recipients),
+              "arrived": arrived, "smtputf8": smtputf8}
+    text = json.dumps(fields, ensure_ascii=False, separators=(",", ":"))
+    return MAGIC + f'{text[:-1]},"size":{size:>{SIZE_FIELD}}}}'.encode() + b"\n"
+
+
+class Draft:
+    """A new entry's file in tmp/, written as its content arrives; Spool.store_many
+    finishes and publishes it like any other. Its writes go to the page cache, so they may
+    run on the event loop; a failed write raises SpoolFull or SpoolError, and the draft is
+    then discarded."""
+
+    def __init__(self, path: str, fd: int, head_size: int) -> None:
+        self.path = path
+        self._fd: int | None = fd
+        self._head_size = head_size
+        self.size = 0  # content written so far
+
+    def write(self, parts: list[bytes]) -> None:
+        assert self._fd is not None
+        fd, self._fd = self._fd, None  # _write_all closes it if it fails
+        with _failed_write_removes(self.path):
+            _write_all(fd, parts)
+        self._fd = fd
+        self.size += sum(len(part) for part in parts)
+
+    def finish(self) -> int:
+        """Write the size into the envelope and cut the file to its length (it may be a
+        reused one); return the descriptor for the fsync. Blocks: the writer thread's."""
+        assert self._fd is not None
+        fd, self._fd = self._fd, None
+        with _failed_write_removes(self.path):
+            try:
+                os.pwrite(fd, f"{self.size:>{SIZE_FIELD}}".encode(),
+                          self._head_size - len(b"}\n") - SIZE_FIELD)
+                os.ftruncate(fd, self._head_size + self.size)
+            except BaseException:
+                os.close(fd)
+                raise
+        return fd
+
+    def discard(self) -> None:
+        """Give the draft up: nothing of it stays."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        _unlink_quietly(self.path)
 
 
 class Spool:
@@ -171,7 +226,7 @@ class Spool:
             return [exc] * len(batch)
         written: list[tuple[int, int]] = []  # (index in batch, open descriptor in tmp/)
         for index, new in enumerate(batch):
-            if free - new.size < self.min_free:
+            if new.draft is None and free - new.size < self.min_free:
                 results[index] = SpoolFull("insufficient free space in the spool")
                 continue
             free -= new.size
@@ -215,16 +270,32 @@ class Spool:
         return [results[index] for index in range(len(batch))]
 
     def _write_tmp(self, new: NewEntry) -> int:
-        """Create the entry's file in tmp/ and write it; return the open descriptor."""
-        header = {"id": new.id, "sender": new.sender, "recipients": list(new.recipients),
-                  "arrived": new.arrived, "size": new.size, "smtputf8": new.smtputf8}
-        head = MAGIC + json.dumps(header, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
+        """Create the entry's file in tmp/ and write it, or finish the draft it was written
+        to; return the open descriptor."""
+        if new.draft is not None:
+            return new.draft.finish()
+        head = envelope_head(new.id, new.sender, new.recipients, new.arrived, new.smtputf8,
+                             new.size)
         tmp = self._tmp_file(new.id)
         with _failed_write_removes(tmp):
             fault_point("before-spool-write")
             if self._take_spare(tmp):
                 return _overwrite(tmp, [head, *new.parts])
             return _create(tmp, [head, *new.parts])
+
+    def draft(self, entry_id: str, sender: str, recipients: tuple[str, ...], arrived: float,
+              smtputf8: bool) -> Draft:
+        """Start the file of a new entry whose content is still arriving (a large message:
+        it goes to disk as it comes rather than into memory). Raises SpoolFull or SpoolError."""
+        tmp = self._tmp_file(entry_id)
+        head = envelope_head(entry_id, sender, recipients, arrived, smtputf8, 0)
+        with _failed_write_removes(tmp):
+            fault_point("before-spool-write")
+            if self._take_spare(tmp):
+                fd = _overwrite(tmp, [head])
+            else:
+                fd = _create(tmp, [head])
+        return Draft(tmp, fd, len(head))
 
     def _take_spare(self, tmp: str) -> bool:
         """Rename a spare file, if there is one, to `tmp`; whether one was taken."""

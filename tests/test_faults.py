@@ -65,7 +65,7 @@ def test_command_line_longer_than_512_octets_is_refused(holding_relay: RelayProc
     """Plan #8: an overlong command gets 500 and the session goes on."""
     reply = session(holding_relay, b"EHLO c.example\r\nMAIL FROM:<" + b"a" * 600
                     + b"@example.com>\r\nNOOP\r\nQUIT\r\n")
-    assert b"500 5.5.2 Error: command line too long" in reply
+    assert b"500 5.5.2 Command line too long" in reply
     assert reply.rstrip().endswith(b"221 2.0.0 Bye")
 
 
@@ -164,10 +164,11 @@ def test_upstream_closing_an_idle_reused_session_is_survived(relay: RelayProcess
 
 @pytest.mark.plan(6)
 def test_noop_slowloris_is_cut_off(holding_relay: RelayProcess) -> None:
-    """NOOPs keep resetting the idle timer; after 20 of them the session is closed."""
+    """NOOPs keep resetting the idle timer; after 20 commands without mail (EHLO counts)
+    the session is closed."""
     reply = session(holding_relay, b"EHLO c.example\r\n" + b"NOOP\r\n" * 25)
-    assert reply.count(b"250 ") == 21  # EHLO's last line and 20 NOOPs
-    assert b"421 4.7.0 NOOP sent too many times" in reply
+    assert reply.count(b"250 ") == 20  # EHLO's last line and 19 NOOPs
+    assert reply.endswith(b"421 4.7.0 Error: too many commands without mail\r\n")
 
 
 @pytest.mark.plan(10)

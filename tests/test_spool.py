@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relay.entry import Queue, Status
+from relay.entry import NewEntry, Queue, Status
 from relay.errors import CorruptEntry, SpoolError, SpoolFull, SpoolLocked
 import relay.spool
 from relay.spool import HEADER_READ, Spool, new_id
@@ -436,3 +436,54 @@ def test_any_bytes_parse_or_raise_corrupt_entry(tmp_path_factory: pytest.TempPat
         spool.load(Queue.INCOMING, entry_id)
     except CorruptEntry:
         pass
+
+
+def publish(spool: Spool, new: NewEntry) -> str:
+    [result] = spool.store_many([new])
+    assert not isinstance(result, Exception), result
+    return result.id
+
+
+@pytest.mark.parametrize("old_size", [0, 3_000_000, 10])
+def test_a_draft_is_published_with_its_size_and_exact_content(spool: Spool,
+                                                              old_size: int) -> None:
+    """Content written to a draft as it arrives (into a new file, or over a delivered
+    entry's longer or shorter one) is published like any entry, its size filled in."""
+    if old_size:
+        delivered(spool, b"Subject: old\r\n\r\n" + b"o" * old_size)
+    entry_id = new_id(time.time())
+    draft = spool.draft(entry_id, "s@example.com", ("r@example.net",), time.time(), False)
+    pieces = [b"Received: x\r\n", b"Subject: big\r\n\r\n", b"b" * 1_000_000, b"\r\nend\r\n"]
+    for piece in pieces:
+        draft.write([piece])
+    assert draft.size == sum(map(len, pieces))
+    publish(spool, NewEntry(entry_id, "s@example.com", ("r@example.net",), (), time.time(),
+                            False, draft=draft))
+    entry = spool.find(entry_id)
+    assert entry.size == draft.size and entry.recipients[0].address == "r@example.net"
+    assert spool.content(entry) == b"".join(pieces)
+    assert stat.S_IMODE((spool.path / "incoming" / entry_id).stat().st_mode) == 0o600
+    assert [name for name in os.listdir(spool.path / "tmp") if not name.endswith(".spare")] == []
+
+
+def test_a_discarded_draft_leaves_nothing(spool: Spool) -> None:
+    entry_id = new_id(time.time())
+    draft = spool.draft(entry_id, "s@example.com", ("r@example.net",), time.time(), False)
+    draft.write([b"x" * 10_000])
+    draft.discard()
+    assert os.listdir(spool.path / "tmp") == []
+
+
+def test_a_draft_that_fills_the_disk_is_refused_and_removed(
+        spool: Spool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """ENOSPC while content arrives: SpoolFull, and the draft's file is gone."""
+    entry_id = new_id(time.time())
+    draft = spool.draft(entry_id, "s@example.com", ("r@example.net",), time.time(), False)
+
+    def full(fd: int, buffers: object) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(os, "writev", full)
+    with pytest.raises(SpoolFull):
+        draft.write([b"x" * 10])
+    draft.discard()
+    assert os.listdir(spool.path / "tmp") == []

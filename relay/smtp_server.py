@@ -1,0 +1,349 @@
+"""The listener's SMTP sessions: aiosmtpd's `SMTP`, with the few overrides the relay needs.
+
+aiosmtpd speaks the protocol: it reads and parses every command, checks sequence and
+syntax, and calls the relay's policy (relay.listener) through its handler hooks. This
+subclass changes only what the contract or a profile requires. Each override is small,
+was written against aiosmtpd 1.4.6, and is pinned by tests/test_smtp_server.py, which
+fails if aiosmtpd changes what it relies on:
+
+- `push`: replies get RFC 3463 enhanced status codes where aiosmtpd's have none, and
+  never echo more than a bounded part of what the client sent (RFC 5321 4.5.3.1.5). The
+  replies to the commands of one read go out in one write (RFC 2920 lets a server buffer
+  them; aiosmtpd writes and drains each). A reply that ends the session ends it at once:
+  nothing the client sent after it in the same read is acted on.
+- Limits per session, as Postfix's smtpd_junk_command_limit and smtpd_hard_error_limit:
+  commands that carry no mail (NOOP, RSET, VRFY, EXPN, HELP, EHLO, HELO) and error
+  replies are counted, both counts start again with each message queued, and past the
+  limit the session ends with 421.
+- The idle timeout aborts the connection instead of closing it, so that a client that
+  does not read its replies cannot keep its slot, and it waits while a message is being
+  stored.
+- DATA is read in blocks and written to the spool as it arrives (relay.data has the
+  rules), not line by line into memory.
+- Admission (allowed networks, connection limit) before aiosmtpd's session starts; MAIL
+  parameters aiosmtpd would turn into a traceback are refused with 501; parsed paths are
+  remembered, as applications send from and to the same few addresses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import re
+from typing import Any, AnyStr, Protocol
+
+from aiosmtpd.smtp import SMTP, Envelope, Session
+
+from .config import ListenConfig
+from .data import DataReader
+
+logger = logging.getLogger("relay.smtp")
+
+# RFC 5321 4.5.3.1.4: 512 octets for a command line; MAIL may carry 26 more for SIZE=
+# (RFC 1870) and 10 more for SMTPUTF8 (RFC 6531). aiosmtpd counts without the CRLF.
+COMMAND_LINE_LIMIT = 512
+MAIL_LINE_LIMIT = COMMAND_LINE_LIMIT + 26 + 10
+REPLY_LINE_LIMIT = 510  # RFC 5321 4.5.3.1.5: 512 octets with the CRLF
+JUNK_LIMIT = 20  # commands without mail per message
+ERROR_LIMIT = 20  # error replies per message
+OVERSHOOT_LIMIT = 1000  # recipients past max_recipients (452) before each counts as an error
+# Replies held for one write until the loop runs again, unless they pile up past this.
+HELD_REPLIES = 64 * 1024
+PATH_CACHE = 4096
+
+# aiosmtpd's own replies, when they carry no enhanced status code: the code to add, by the
+# reply code (RFC 3463). Greetings and the answers to HELO and EHLO carry none (RFC 2034).
+_ENHANCED = {
+    "211": "2.0.0", "214": "2.0.0", "221": "2.0.0", "250": "2.0.0", "252": "2.0.0",
+    "421": "4.7.0", "451": "4.3.0", "452": "4.3.1", "454": "4.7.0", "500": "5.5.2",
+    "501": "5.5.4", "502": "5.5.1", "503": "5.5.1", "504": "5.5.4", "530": "5.7.0",
+    "538": "5.7.11", "550": "5.0.0", "552": "5.3.4", "553": "5.1.3", "554": "5.0.0",
+    "555": "5.5.4",
+}
+# aiosmtpd replies that repeat what the client sent: replaced whole.
+_ECHOING = (
+    ('500 Error: command "', "500 5.5.2 Error: command not recognized"),
+    ("502 Could not VRFY", "502 5.5.2 Error: cannot VRFY that"),
+)
+_HAS_ENHANCED = re.compile(r"^\d{3}[ -][245]\.\d{1,3}\.\d{1,3}( |$)")
+_CLOSING = ("221", "421")
+GOODBYE = "502 5.5.1 Too many unrecognized commands, goodbye."
+TIMEOUT = "421 4.4.2 Error: timeout exceeded"
+
+
+class RelayEnvelope(Envelope):
+    """aiosmtpd's envelope, plus what the relay's policy learns during the transaction."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.declared_size = 0  # MAIL's SIZE=, 0 when not given
+
+
+class MessageSink(Protocol):
+    """Where DATA's content goes as it is read (relay.listener.Message)."""
+
+    def write(self, content: bytes) -> None: ...
+
+    def discard(self) -> None: ...
+
+
+class Policy(Protocol):
+    """What the session asks of the relay's policy beyond aiosmtpd's handler hooks."""
+
+    def admit(self, peer: Any) -> str | None: ...
+
+    def release(self) -> None: ...
+
+    def begin_message(self, session: Session, envelope: RelayEnvelope) -> MessageSink: ...
+
+    async def end_message(self, session: Session, envelope: RelayEnvelope,
+                          sink: MessageSink) -> str: ...
+
+
+class RelaySMTP(SMTP):
+    """One client connection: aiosmtpd's protocol with the relay's overrides."""
+
+    def __init__(self, handler: Policy, config: ListenConfig, hostname: str) -> None:
+        super().__init__(handler, data_size_limit=config.max_message_size or None,
+                         enable_SMTPUTF8=True, decode_data=False, hostname=hostname,
+                         ident="ESMTP", timeout=config.timeout)
+        self.policy = handler
+        # aiosmtpd keeps these limits on the class, shared by every session, and raises
+        # MAIL's at each EHLO: each session gets its own, fixed.
+        self.command_size_limits = collections.defaultdict(lambda: COMMAND_LINE_LIMIT)
+        self._admitted = False
+        self._held: list[bytes] = []
+        self._held_size = 0
+        self._flush_handle: asyncio.Handle | None = None
+        self._plain_replies = False  # answering HELO or EHLO: no enhanced codes
+        self._junk = 0
+        self._errors = 0
+        self._overshoot = 0
+        self._storing = False
+
+    # --- connection -----------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        refusal = self.policy.admit(transport.get_extra_info("peername"))
+        if refusal is not None:
+            assert isinstance(transport, asyncio.WriteTransport)
+            transport.write(refusal.encode() + b"\r\n")
+            transport.close()
+            return
+        self._admitted = True
+        super().connection_made(transport)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        if not self._admitted:
+            return  # refused at connect: aiosmtpd's session never started
+        self._admitted = False
+        self.policy.release()
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+        super().connection_lost(error)
+
+    def _create_envelope(self) -> RelayEnvelope:
+        return RelayEnvelope()
+
+    # --- replies --------------------------------------------------------------------------
+
+    async def push(self, status: AnyStr) -> None:
+        text = status if isinstance(status, str) else status.decode("utf-8", "replace")
+        reply = text if self._plain_replies else _with_enhanced_code(text)
+        self._hold(reply.encode("utf-8", "replace") + b"\r\n")
+        code = reply[:3]
+        if code in _CLOSING or reply == GOODBYE:
+            self._end_session()
+            return
+        if code[:1] in ("4", "5") and self._count_error(reply):
+            self._hold(b"421 4.7.0 Error: too many errors\r\n")
+            self._end_session()
+            return
+        if self._held_size > HELD_REPLIES:
+            self._flush()
+            await self._writer.drain()
+
+    def _hold(self, line: bytes) -> None:
+        self._held.append(line)
+        self._held_size += len(line)
+        if self._flush_handle is None:
+            self._flush_handle = self.loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_handle = None
+        if self._held and self.transport is not None:
+            self.transport.write(b"".join(self._held))  # type: ignore[attr-defined]
+        self._held.clear()
+        self._held_size = 0
+
+    def _end_session(self) -> None:
+        """After a reply that ends the session: send what is held, close, and act on
+        nothing more. aiosmtpd goes on to read the next command, and a command the client
+        sent in the same write is already buffered, so the session's reader is replaced
+        by an empty one: the read waits, and the cancellation ends the session there."""
+        self._flush()
+        if self.transport is not None:
+            self.transport.close()
+        self._reader = asyncio.StreamReader(loop=self.loop)
+        if self._handler_coroutine is not None:
+            self._handler_coroutine.cancel()
+
+    def _count_error(self, reply: str) -> bool:
+        """Count an error reply; whether the session is past its limit."""
+        if reply.startswith("452 4.5.3"):
+            self._overshoot += 1
+            if self._overshoot <= OVERSHOOT_LIMIT:
+                return False
+        self._errors += 1
+        return self._errors > ERROR_LIMIT
+
+    def message_queued(self) -> None:
+        """A message was queued: the session's counts start again (as Postfix's do)."""
+        self._junk = self._errors = self._overshoot = 0
+
+    # --- the idle timeout -----------------------------------------------------------------
+
+    def _timeout_cb(self) -> None:
+        if self._storing:
+            self._reset_timeout()  # the reply waits for the disk, not the client
+            return
+        self._flush()
+        if self.transport is not None:
+            self.transport.write(TIMEOUT.encode() + b"\r\n")  # type: ignore[attr-defined]
+            self.transport.abort()  # type: ignore[attr-defined]
+
+    # --- commands -------------------------------------------------------------------------
+
+    async def _junk_command(self) -> bool:
+        """Count a command that carries no mail; True if the session has just ended."""
+        self._junk += 1
+        if self._junk <= JUNK_LIMIT:
+            return False
+        await self.push("421 4.7.0 Error: too many commands without mail")
+        return True
+
+    async def smtp_HELO(self, hostname: str) -> None:
+        if await self._junk_command():
+            return
+        self._plain_replies = bool(hostname)
+        try:
+            await super().smtp_HELO(hostname)
+        finally:
+            self._plain_replies = False
+
+    async def smtp_EHLO(self, hostname: str) -> None:
+        if await self._junk_command():
+            return
+        self._plain_replies = bool(hostname)
+        try:
+            await super().smtp_EHLO(hostname)
+        finally:
+            self._plain_replies = False
+            self.command_size_limits["MAIL"] = MAIL_LINE_LIMIT
+
+    async def smtp_NOOP(self, arg: str) -> None:
+        if not await self._junk_command():
+            await super().smtp_NOOP(arg)
+
+    async def smtp_RSET(self, arg: str) -> None:
+        if not await self._junk_command():
+            await super().smtp_RSET(arg)
+
+    async def smtp_VRFY(self, arg: str) -> None:
+        if not await self._junk_command():
+            await super().smtp_VRFY(arg)
+
+    async def smtp_EXPN(self, arg: str) -> None:
+        if not await self._junk_command():
+            await super().smtp_EXPN(arg)
+
+    async def smtp_HELP(self, arg: str) -> None:
+        if not await self._junk_command():
+            # RFC 5321 4.1.1.8: 214 (aiosmtpd answers 250).
+            await self.push("214 2.0.0 Commands: DATA EHLO HELO HELP MAIL NOOP QUIT RCPT "
+                            "RSET VRFY")
+
+    async def smtp_MAIL(self, arg: str | None) -> None:
+        # aiosmtpd checks SIZE= with str.isdigit(), which takes '²', and int() then raises.
+        path = self._strip_command_keyword("FROM:", arg or "")
+        _, parameters = self._getaddr(path) if path else (None, None)
+        size = _SIZE_PARAMETER.search(parameters or "")
+        if size is not None and not (size.group(1).isascii() and size.group(1).isdigit()):
+            await self.push("501 5.5.4 Syntax: MAIL FROM:<address> SIZE=<number>")
+            return
+        envelope = self.envelope
+        assert isinstance(envelope, RelayEnvelope)
+        if not envelope.mail_from:
+            envelope.declared_size = int(size.group(1)) if size is not None else 0
+        await super().smtp_MAIL(arg)
+
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        cached = _PATHS.get(arg)
+        if cached is None:
+            cached = super()._getaddr(arg)
+            if len(_PATHS) >= PATH_CACHE:
+                _PATHS.clear()
+            _PATHS[arg] = cached
+        return cached
+
+    async def smtp_DATA(self, arg: str) -> None:
+        """DATA, read in blocks: each block read from the stream up to the next '.\\r\\n'
+        (the end of data is one), or as much as is buffered, so that nothing after the end
+        of data is taken from the stream; the rest is the client's next command."""
+        if await self.check_helo_needed():
+            return
+        envelope = self.envelope
+        assert isinstance(envelope, RelayEnvelope) and self.session is not None
+        if not envelope.rcpt_tos:
+            await self.push("503 5.5.1 Error: need RCPT command")
+            return
+        if arg:
+            await self.push("501 5.5.4 Syntax: DATA")
+            return
+        sink = self.policy.begin_message(self.session, envelope)
+        try:
+            await self.push("354 End data with <CR><LF>.<CR><LF>")
+            reader = DataReader(self.data_size_limit, self.line_length_limit)
+            end: int | None = None
+            while end is None:
+                try:
+                    block = await self._reader.readuntil(b".\r\n")
+                except asyncio.LimitOverrunError as overrun:
+                    block = await self._reader.read(overrun.consumed)
+                content, end = reader.feed(block)
+                if content:
+                    sink.write(content)
+            if reader.refusal is not None:
+                sink.discard()
+                self._set_post_data_state()
+                await self.push(reader.refusal)
+                return
+            self._storing = True
+            try:
+                reply = await self.policy.end_message(self.session, envelope, sink)
+            finally:
+                self._storing = False
+        except BaseException:
+            sink.discard()
+            raise
+        self._set_post_data_state()
+        if reply.startswith("250"):
+            self.message_queued()
+        await self.push(reply)
+
+
+_SIZE_PARAMETER = re.compile(r"(?i)(?:^|\s)SIZE=(\S*)")
+_PATHS: dict[str, tuple[str | None, str | None]] = {}
+
+
+def _with_enhanced_code(text: str) -> str:
+    """The reply with an RFC 3463 code and bounded in length."""
+    for prefix, replacement in _ECHOING:
+        if text.startswith(prefix):
+            return replacement
+    if not _HAS_ENHANCED.match(text):
+        enhanced = _ENHANCED.get(text[:3])
+        if enhanced is not None and text[3:4] in (" ", ""):
+            text = f"{text[:3]} {enhanced}{text[3:]}" if len(text) > 3 else f"{text} {enhanced}"
+    return text[:REPLY_LINE_LIMIT]
