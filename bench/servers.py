@@ -146,7 +146,7 @@ class Relay:
     name = "relay"
 
     def __init__(self, workdir: Path, sink: Sink,
-                 connections: int = POSTFIX_CONCURRENCY) -> None:
+                 connections: int = POSTFIX_CONCURRENCY, python: str = sys.executable) -> None:
         workdir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.spool = workdir / "relay-spool"
@@ -163,13 +163,14 @@ class Relay:
         self.log_path = workdir / "relay.log"
         self.process: subprocess.Popen[bytes] | None = None
         self.started_in = 0.0  # seconds from start until it accepted a connection
+        self.python = python  # another build's interpreter, for a comparison
 
     def __enter__(self) -> Relay:
         started = time.monotonic()
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "relay", "serve", "--config", str(self.config_path)],
-                stderr=log)
+                [self.python, "-m", "relay", "serve", "--config", str(self.config_path)],
+                stderr=log, cwd=self.spool.parent)
         wait_listening(self.port, self.process, timeout=300)
         self.started_in = time.monotonic() - started
         return self

@@ -89,18 +89,25 @@ class Gate:
         return None
 
     def allows(self, peer: Any) -> bool:
-        if not isinstance(peer, tuple) or not peer:
+        if not isinstance(peer, tuple) or not peer or not isinstance(peer[0], str):
             return False
-        try:
-            address = ipaddress.ip_address(peer[0])
-        except ValueError:
-            return False
-        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
-            address = address.ipv4_mapped
-        return any(address in network for network in self.allow)
+        return _allowed(peer[0], self.allow)
 
     def release(self) -> None:
         self.active -= 1
+
+
+@functools.lru_cache(maxsize=1024)
+def _allowed(host: str, allow: tuple[IPNetwork, ...]) -> bool:
+    """Whether a client address is in the allowed networks; remembered, as the same few
+    local addresses connect again and again."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+        address = address.ipv4_mapped
+    return any(address in network for network in allow)
 
 
 class Message:
@@ -193,6 +200,11 @@ class Handler:
         self.hostname = hostname
         self.clock = clock
 
+    def __dir__(self) -> list[str]:
+        """For aiosmtpd's constructor, which looks for hooks and AUTH methods by listing
+        and reading every attribute of the handler at each connection: those only."""
+        return _HOOK_NAMES
+
     # --- connection (relay.smtp_server asks) ------------------------------------------------
 
     def admit(self, peer: Any) -> str | None:
@@ -207,20 +219,10 @@ class Handler:
 
     # --- aiosmtpd's hooks -------------------------------------------------------------------
 
-    async def handle_HELO(self, server: RelaySMTP, session: Session, envelope: RelayEnvelope,
-                          hostname: str) -> str:
-        session.host_name = hostname
-        return f"250 {server.hostname}"
-
-    async def handle_EHLO(self, server: RelaySMTP, session: Session, envelope: RelayEnvelope,
-                          hostname: str, responses: list[str]) -> list[str]:
-        session.host_name = hostname
-        # aiosmtpd's lines (name, SIZE, 8BITMIME, SMTPUTF8, HELP) and the extensions it
-        # leaves to the server: the relay answers pipelined commands in order, and every
-        # reply carries an RFC 3463 code.
-        lines = [line[4:] for line in responses]
-        lines[-1:-1] = ["PIPELINING", "ENHANCEDSTATUSCODES"]
-        return [f"250-{line}" for line in lines[:-1]] + [f"250 {lines[-1]}"]
+    def extensions(self) -> list[str]:
+        """EHLO's keywords besides aiosmtpd's: the session answers pipelined commands in
+        order, and every reply carries an RFC 3463 code."""
+        return ["PIPELINING", "ENHANCEDSTATUSCODES"]
 
     async def handle_MAIL(self, server: RelaySMTP, session: Session, envelope: RelayEnvelope,
                           address: str, mail_options: list[str]) -> str:
@@ -318,6 +320,9 @@ class Handler:
                   f"\tby {self.hostname} (relay) with {protocol} id {entry_id}{recipient};\r\n"
                   f"\t{stamp}\r\n")
         return header.encode("utf-8")
+
+
+_HOOK_NAMES = [name for name in dir(Handler) if name.startswith(("handle_", "auth_"))]
 
 
 class ServerFactory:

@@ -185,6 +185,9 @@ class RelayKeeper(Keeper):
     def release(self) -> None:
         pass
 
+    def extensions(self) -> list[str]:
+        return []
+
     def begin_message(self, session: Session, envelope: RelayEnvelope) -> Sink:
         return Sink(self.messages)
 
@@ -242,4 +245,15 @@ def test_the_relay_session_answers_and_stores_what_aiosmtpd_does(
         ours = RelayLimited(RelayKeeper(), config, "relay.example")  # type: ignore[arg-type]
         return await converse(theirs, pieces), await converse(ours, pieces)
     theirs, ours = asyncio.run(both())
-    assert ours == theirs
+    # After a reply that ends the session aiosmtpd still acts on what follows in the same
+    # read (tests/test_smtp_server.py); the relay does not.
+    assert (until_the_end(ours[0]), ours[1]) == (until_the_end(theirs[0]), theirs[1])
+    assert until_the_end(ours[0]) == ours[0]
+
+
+def until_the_end(codes: list[str]) -> list[str]:
+    """The reply codes up to the first that ends a session."""
+    for number, code in enumerate(codes):
+        if code in ("221", "421", "502"):
+            return codes[:number + 1]
+    return codes

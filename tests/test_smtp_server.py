@@ -19,6 +19,7 @@ from aiosmtpd.smtp import SMTP
 import relay.smtp_server
 from conftest import RelayProcess, relay_config, wait_for
 from relay.config import ListenConfig
+from relay.listener import Gate, Handler
 from relay.smtp_server import MAIL_LINE_LIMIT, RelayEnvelope, RelaySMTP
 from test_data import RelayKeeper, Transport, waiting
 from upstream import Upstream
@@ -129,6 +130,39 @@ def test_parsed_paths_are_remembered() -> None:
     assert relay.smtp_server._PATHS[" <kept@example.com> SIZE=10".strip()] == \
         ("kept@example.com", "SIZE=10")
     assert isinstance(envelope, RelayEnvelope) and envelope.declared_size == 10
+
+
+def test_listing_only_the_method_names_finds_every_method_aiosmtpd_looks_for() -> None:
+    """aiosmtpd builds its tables of commands, AUTH mechanisms and hooks from dir(); with
+    the session's short dir() they come out as with the whole one."""
+    class WholeDir(RelaySMTP):
+        def __dir__(self) -> list[str]:
+            return object.__dir__(self)
+
+    async def run() -> tuple[dict[str, Any], dict[str, Any]]:
+        policy = Policy()
+        short = RelaySMTP(policy, ListenConfig(), "relay.example")  # type: ignore[arg-type]
+        whole = WholeDir(policy, ListenConfig(), "relay.example")  # type: ignore[arg-type]
+        return vars(short), vars(whole)
+    short, whole = asyncio.run(run())
+    tables = [name for name, value in whole.items() if isinstance(value, dict)]
+    assert {"_smtp_methods", "_auth_methods", "_handle_hooks"} <= set(tables)
+    for name in tables:
+        assert sorted(short[name]) == sorted(whole[name]), name
+
+
+def test_listing_only_the_hooks_finds_every_hook_of_the_listener() -> None:
+    """The same for the listener's handler, whose dir() lists its hooks only."""
+    class WholeDir(Handler):
+        def __dir__(self) -> list[str]:
+            return object.__dir__(self)
+
+    def hooks(handler: Handler) -> list[str]:
+        async def run() -> list[str]:
+            return sorted(RelaySMTP(handler, ListenConfig(), "relay.example")._handle_hooks)
+        return asyncio.run(run())
+    args: Any = (None, None, ListenConfig(), Gate((), 1), None, "relay.example")
+    assert hooks(Handler(*args)) == hooks(WholeDir(*args)) == ["MAIL", "RCPT", "exception"]
 
 
 def test_the_idle_timeout_aborts_a_client_that_does_not_read() -> None:
