@@ -22,6 +22,7 @@ import trustme
 import yaml
 
 from relay.spool import Spool
+from mailgun import MailgunStandIn
 from upstream import PASSWORD, USERNAME, Upstream
 
 PASSWORD_ENV = "RELAY_TEST_UPSTREAM_PASSWORD"
@@ -89,6 +90,29 @@ def make_upstream(ca: trustme.CA) -> Iterator[Callable[..., Upstream]]:
 @pytest.fixture
 def upstream(make_upstream: Callable[..., Upstream]) -> Upstream:
     return make_upstream()
+
+
+@pytest.fixture
+def make_mailgun(ca: trustme.CA) -> Iterator[Callable[..., MailgunStandIn]]:
+    """Factory for started Mailgun API stand-ins (HTTPS, a cert for 127.0.0.1 from the CA)."""
+    started: list[MailgunStandIn] = []
+
+    def make(**kwargs: Any) -> MailgunStandIn:
+        import ssl
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ca.issue_cert("127.0.0.1", "localhost").configure_cert(context)
+        stand_in = MailgunStandIn(context, **kwargs).start()
+        started.append(stand_in)
+        return stand_in
+
+    yield make
+    for stand_in in started:
+        stand_in.close()
+
+
+@pytest.fixture
+def mailgun(make_mailgun: Callable[..., MailgunStandIn]) -> MailgunStandIn:
+    return make_mailgun()
 
 
 class RelayProcess:
