@@ -22,7 +22,7 @@ import trustme
 import yaml
 
 from relay.spool import Spool
-from mailgun import MailgunStandIn
+from mailgun import API_KEY, API_KEY_ENV, MailgunStandIn
 from upstream import PASSWORD, USERNAME, Upstream
 
 PASSWORD_ENV = "RELAY_TEST_UPSTREAM_PASSWORD"
@@ -133,7 +133,7 @@ class RelayProcess:
         self.process: subprocess.Popen[str] | None = None
 
     def start(self) -> RelayProcess:
-        env = {**os.environ, PASSWORD_ENV: PASSWORD, **self.env}
+        env = {**os.environ, PASSWORD_ENV: PASSWORD, API_KEY_ENV: API_KEY, **self.env}
         self.process = subprocess.Popen(
             [*self.prefix, sys.executable, "-m", "relay", "serve", "--config",
              str(self.config_path)],
@@ -248,7 +248,7 @@ def in_data(port: int, timeout: float = 10) -> Iterator[tuple[socket.socket, Any
 
 
 def run_cli(config_path: Path, *args: str, stdin: bytes = b"") -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, PASSWORD_ENV: PASSWORD}
+    env = {**os.environ, PASSWORD_ENV: PASSWORD, API_KEY_ENV: API_KEY}
     result = subprocess.run([sys.executable, "-m", "relay", *args, "--config", str(config_path)],
                             input=stdin, capture_output=True, env=env, timeout=60)
     return subprocess.CompletedProcess(result.args, result.returncode,

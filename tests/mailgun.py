@@ -17,6 +17,7 @@ import ssl
 import threading
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 API_KEY = "key-Mailgun-Stand-In-7f3a9c"
@@ -75,6 +76,15 @@ class MailgunStandIn:
         self._server.shutdown()
         self._server.server_close()
         self._thread.join(timeout=10)
+
+    def upstream_entry(self, ca_file: Path | None, **keys: Any) -> dict[str, Any]:
+        """An `upstreams:` entry of a relay config for this stand-in, the key from the
+        environment (conftest's run_cli and RelayProcess set API_KEY_ENV)."""
+        entry = {"name": "mailgun-api", "transport": "mailgun-api", "api_url": self.url,
+                 "domain": DOMAIN, "api_key_env": API_KEY_ENV, "timeout": "5s"}
+        if ca_file is not None:
+            entry["ca_file"] = str(ca_file)
+        return {**entry, **keys}
 
     def script(self, *replies: tuple[int, Any]) -> None:
         with self._lock:
