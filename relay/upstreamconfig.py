@@ -265,6 +265,8 @@ def _domain(value: Any) -> str:
 
 
 def _domains(value: Any) -> tuple[str, ...]:
+    if value is None:  # null, as the example config writes it: from any domain
+        return ()
     if isinstance(value, str):
         value = [value]
     if not isinstance(value, list) or not value:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -196,3 +197,17 @@ def test_relay_exits_78_when_the_api_transport_lacks_httpx(tmp_path: Path) -> No
                             timeout=30, env={"MG_PASSWORD": "x", "MG_API_KEY": "y"}, check=False)
     assert result.returncode == 78
     assert "upstreams[1].transport" in result.stderr and "relay[mailgun-api]" in result.stderr
+
+
+def test_the_examples_commented_api_upstream_is_valid_once_uncommented() -> None:
+    """relay.example.yaml's second upstream, uncommented, is the API transport it claims."""
+    example = (Path(__file__).resolve().parent.parent / "relay.example.yaml").read_text()
+    text = re.sub(r"^  # ( *-? ?[a-z_]+:)", r"  \1", example, flags=re.MULTILINE)
+    config = parse_config(text, {"RELAY_UPSTREAM_PASSWORD": "pw", "RELAY_MAILGUN_API_KEY": "k"})
+    smtp, api = config.upstreams
+    assert isinstance(smtp, UpstreamConfig) and isinstance(api, MailgunApiConfig)
+    assert (smtp.name, smtp.sender_domains, smtp.rate) == ("mailgun-us", (), None)
+    assert (api.name, api.domain, api.api_key) == ("mailgun-api", "mg.example.com", "k")
+    for key in ("name", "transport", "sender_domains", "rate", "api_url", "domain",
+                "api_key_env", "api_key_file"):
+        assert f"{key}:" in example, key
