@@ -62,9 +62,10 @@ class Breaker:
 
 
 def trips(result: AttemptResult) -> bool:
-    """A failure of the upstream, not of the message: an error before the transaction
-    (connect, TLS, EHLO, AUTH; the API's connection errors, 401/403/404 and 5xx, which
-    relay.mailgun reports at these stages). A provider's rate limiting is not one."""
+    """A failure of the upstream, not of the message: an error at Stage.SESSION or AUTH.
+    That is connect, TLS, EHLO and AUTH; the API's connection errors, 401/403/404 and
+    5xx, which relay.mailgun reports there; and, as relay.upstream reports it today, a
+    connection lost during a transaction. A provider's rate limiting is not one."""
     error = result.error
     return (error is not None and result.stage in (Stage.SESSION, Stage.AUTH)
             and not is_rate_limit(error))

@@ -64,13 +64,12 @@ class MailgunApi:
     """One upstream's HTTP client, shared by every delivery to it: up to `connections`
     requests at once over kept-alive HTTPS connections."""
 
-    def __init__(self, config: MailgunApiConfig,
-                 tls_context: ssl.SSLContext | None = None) -> None:
+    def __init__(self, config: MailgunApiConfig) -> None:
         self.config = config
         self._client = httpx.AsyncClient(
             base_url=config.api_url,
             auth=httpx.BasicAuth("api", config.api_key or ""),
-            verify=tls_context or make_tls_context(config),
+            verify=make_tls_context(config),
             timeout=httpx.Timeout(config.timeout),
             limits=httpx.Limits(max_connections=config.connections,
                                 max_keepalive_connections=config.connections),

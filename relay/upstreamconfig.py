@@ -52,10 +52,6 @@ class Rate:
     count: int
     per: float
 
-    def __str__(self) -> str:
-        unit = next((u for u, s in RATE_UNITS.items() if s == self.per), None)
-        return f"{self.count}/{unit}" if unit else f"{self.count}/{self.per:g}s"
-
 
 @dataclass(frozen=True)
 class UpstreamConfig:
@@ -141,12 +137,11 @@ def _upstream(s: Section, environ: Mapping[str, str], secrets: bool) -> AnyUpstr
     s.reject_unknown()
     transport = s.get("transport", choice(TRANSPORTS), "smtp")
     foreign = API_KEYS if transport == "smtp" else SMTP_KEYS
+    hint = ("it belongs to transport: mailgun-api" if transport == "smtp"
+            else "the API takes api_url, domain and api_key_env or api_key_file")
     for key in foreign:
         if key in s.data:
-            raise ConfigError(s.key(key), f"not a key of a {transport} upstream; "
-                              + ("it belongs to transport: mailgun-api" if transport == "smtp"
-                                 else "the API takes api_url, domain and api_key_env or "
-                                      "api_key_file"))
+            raise ConfigError(s.key(key), f"not a key of a {transport} upstream; {hint}")
     common: dict[str, Any] = {
         "name": s.get("name", _name, ""),
         "verify": s.get("verify", boolean, True),
