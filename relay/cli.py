@@ -19,9 +19,10 @@ from typing import NoReturn
 
 from . import admin, daemon, sendmail, views
 from .admin import Action
-from .config import Config, load_config
+from .config import Config, MailgunApiConfig, UpstreamConfig, load_config
 from .entry import Entry
 from .errors import (
+    CheckFailed,
     ConfigError,
     CorruptEntry,
     EntryBusy,
@@ -56,6 +57,8 @@ def exit_status(error: BaseException) -> int:
         return EX_DATAERR if error.permanent else EX_TEMPFAIL
     if isinstance(error, EntryBusy):
         return EX_TEMPFAIL
+    if isinstance(error, CheckFailed):
+        return EX_NOPERM if error.refused else EX_UNAVAILABLE
     if isinstance(error, (SpoolError, OSError)):
         return EX_UNAVAILABLE
     return EX_TEMPFAIL
@@ -239,11 +242,29 @@ def _act(spool: Spool, action: Action, ids: list[str]) -> int:
 
 
 async def _check(config: Config) -> int:
+    """Each upstream in turn, one block of lines each; the exit status of the worst. A
+    single SMTP upstream prints its steps alone, as before there could be several."""
     print(f"{'config':<9} ok      {config.source or 'built-in defaults'}")
-    upstream = config.upstream
-    if upstream is None:
+    if not config.upstreams:
         print(f"{'upstream':<9} FAILED  no upstream section in the config; nothing to check")
         return EX_CONFIG
+    headed = config.upstreams != (config.upstream,)
+    worst = EX_OK
+    for upstream in config.upstreams:
+        if headed:
+            where = (f"{upstream.host}:{upstream.port}, {upstream.tls}"
+                     if isinstance(upstream, UpstreamConfig)
+                     else f"{upstream.api_url}, domain {upstream.domain}")
+            print(f"\n{'upstream':<9} {views.escape(upstream.name)} "
+                  f"({upstream.transport} {where})")
+        failure = await (_check_smtp(upstream) if isinstance(upstream, UpstreamConfig)
+                         else _check_api(upstream))
+        if failure is not None:
+            worst = max(worst, exit_status(failure))
+    return worst
+
+
+async def _check_smtp(upstream: UpstreamConfig) -> CheckFailed | None:
     session = UpstreamSession(upstream, make_tls_context(upstream))
 
     def report(step: str, detail: str) -> None:
@@ -254,10 +275,27 @@ async def _check(config: Config) -> int:
         print(f"{failure.step:<9} FAILED  {views.escape(str(failure.reply))}")
         print(f"{'':<9} likely cause: {likely_cause(failure, upstream)}")
         rejected = failure.step == "auth" and (failure.reply.code or 0) >= 500
-        return EX_NOPERM if rejected else EX_UNAVAILABLE
+        return CheckFailed(str(failure.reply), refused=rejected)
     response = await smtp.quit()
     print(f"{'quit':<9} ok      {response.code} {views.escape(response.message)}")
-    return EX_OK
+    return None
+
+
+async def _check_api(upstream: MailgunApiConfig) -> CheckFailed | None:
+    # Imported here: httpx is an optional extra, which config validation has found
+    # installed once an upstream names this transport.
+    from .mailgun import MailgunApi
+    api = MailgunApi(upstream)
+    try:
+        check = await api.check_domain()
+    finally:
+        await api.close()
+    if check.ok:
+        print(f"{'domain':<9} ok      {views.escape(check.detail)}")
+        return None
+    print(f"{'domain':<9} FAILED  {views.escape(check.detail)}")
+    print(f"{'':<9} likely cause: {views.escape(check.cause)}")
+    return CheckFailed(check.detail, refused=check.refused)
 
 
 def _sendmail(argv: list[str]) -> int:

@@ -1,33 +1,60 @@
 """Configuration: one YAML file validated once into frozen dataclasses.
 
 Owns the lookup order (--config, $RELAY_CONFIG, ./relay.yaml, /etc/relay/relay.yaml,
-built-in defaults), the parsing of durations and sizes, and errors that name the dotted
-key at fault. Reads the config file and the upstream password (from an environment
-variable or a file), nothing else: runtime objects such as SSL contexts and sockets are
-built from this config elsewhere, never stored on it.
+built-in defaults) and the sections other than the upstreams, which relay.upstreamconfig
+reads; the mapping walker and value converters are relay.configvalues. Errors name the
+dotted key at fault. Reads the config file and the upstreams' passwords and API keys
+(from environment variables or files), nothing else: runtime objects such as SSL contexts
+and sockets are built from this config elsewhere, never stored on it.
 """
 
 from __future__ import annotations
 
-import difflib
 import ipaddress
 import os
-import re
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
 
 import yaml
 
+from .configvalues import (
+    IPNetwork,
+    Section,
+    choice,
+    duration_at_least,
+    int_range,
+    ip_address_text,
+    is_loopback,
+    network_list,
+    nonempty_text,
+    optional,
+    parse_duration,
+    parse_size,
+    path_value,
+    size_at_least,
+)
 from .errors import ConfigError
+from .upstreamconfig import (
+    AnyUpstream,
+    MailgunApiConfig,
+    Rate,
+    UpstreamConfig,
+    parse_upstreams,
+)
 
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+# The upstream classes and value parsers live in their own modules and are named here too,
+# where the rest of the relay looks for the configuration's types.
+__all__ = [
+    "AnyUpstream", "Config", "DeliveryConfig", "IPNetwork", "ListenConfig", "LogConfig",
+    "MailgunApiConfig", "Rate", "SendmailConfig", "SpoolConfig", "UpstreamConfig",
+    "find_config_file", "keep_restart_only", "load_config", "parse_config", "parse_duration",
+    "parse_size", "restart_required",
+]
 
 SEARCH_PATH = (Path("relay.yaml"), Path("/etc/relay/relay.yaml"))
 MAX_CONFIG_BYTES = 1 << 20  # a config is a few KiB; refuse anything that could be a YAML bomb
 LOOPBACK_NETWORKS = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
-TLS_MODES = ("starttls", "implicit", "none")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
 
@@ -47,24 +74,6 @@ class ListenConfig:
 class SpoolConfig:
     path: Path = Path("spool")
     min_free: int = 64 * 1024 * 1024
-
-
-@dataclass(frozen=True)
-class UpstreamConfig:
-    host: str
-    port: int = 587
-    tls: str = "starttls"
-    verify: bool = True
-    ca_file: Path | None = None
-    username: str | None = None
-    password: str | None = field(default=None, repr=False)
-    connections: int = 4
-    timeout: float = 60.0
-
-    @property
-    def name(self) -> str:
-        """How logs and the queue name this upstream (Postfix's relay=host:port)."""
-        return f"{self.host}:{self.port}"
 
 
 @dataclass(frozen=True)
@@ -90,11 +99,17 @@ class SendmailConfig:
 class Config:
     listen: ListenConfig = ListenConfig()
     spool: SpoolConfig = SpoolConfig()
-    upstream: UpstreamConfig | None = None
+    upstreams: tuple[AnyUpstream, ...] = ()  # in order of preference
     delivery: DeliveryConfig = DeliveryConfig()
     log: LogConfig = LogConfig()
     sendmail: SendmailConfig = SendmailConfig()
     source: Path | None = None  # the file it was read from; None for built-in defaults
+
+    @property
+    def upstream(self) -> UpstreamConfig | None:
+        """The first SMTP upstream, or None: what delivery and `relay serve` use until
+        they route each message over the whole list."""
+        return next((u for u in self.upstreams if isinstance(u, UpstreamConfig)), None)
 
 
 def restart_required(old: Config, new: Config) -> list[str]:
@@ -164,11 +179,11 @@ def parse_config(text: str, environ: Mapping[str, str], source: Path | None = No
         raise ConfigError("", f"invalid YAML{at}: {getattr(exc, 'problem', exc)}") from None
     if data is None:
         data = {}
-    section = _Section("", data)
+    section = Section("", data)
     config = Config(
         listen=_listen(section.child("listen")),
         spool=_spool(section.child("spool")),
-        upstream=_upstream(section.child("upstream", optional=True), environ, secrets),
+        upstreams=parse_upstreams(section, environ, secrets),
         delivery=_delivery(section.child("delivery")),
         log=_log(section.child("log")),
         sendmail=_sendmail(section.child("sendmail")),
@@ -181,12 +196,12 @@ def parse_config(text: str, environ: Mapping[str, str], source: Path | None = No
 # --- sections -------------------------------------------------------------------------
 
 
-def _listen(s: _Section) -> ListenConfig:
+def _listen(s: Section) -> ListenConfig:
     d = ListenConfig()
-    address = s.get("address", _ip_address_text, d.address)
+    address = s.get("address", ip_address_text, d.address)
     allow_given = "allow" in s.data
-    allow = s.get("allow", _network_list, d.allow)
-    if not allow_given and not _is_loopback(address):
+    allow = s.get("allow", network_list, d.allow)
+    if not allow_given and not is_loopback(address):
         raise ConfigError(
             s.key("address"),
             f"{address} is not a loopback address; add listen.allow with the client networks "
@@ -194,98 +209,34 @@ def _listen(s: _Section) -> ListenConfig:
         )
     config = ListenConfig(
         address=address,
-        port=s.get("port", _int_range(0, 65535), d.port),
-        max_message_size=s.get("max_message_size", _size(minimum=1024), d.max_message_size),
-        max_recipients=s.get("max_recipients", _int_range(1, 100_000), d.max_recipients),
-        max_connections=s.get("max_connections", _int_range(1, 100_000), d.max_connections),
-        timeout=s.get("timeout", _duration(minimum=1), d.timeout),
+        port=s.get("port", int_range(0, 65535), d.port),
+        max_message_size=s.get("max_message_size", size_at_least(minimum=1024), d.max_message_size),
+        max_recipients=s.get("max_recipients", int_range(1, 100_000), d.max_recipients),
+        max_connections=s.get("max_connections", int_range(1, 100_000), d.max_connections),
+        timeout=s.get("timeout", duration_at_least(minimum=1), d.timeout),
         allow=allow,
     )
     s.reject_unknown()
     return config
 
 
-def _spool(s: _Section) -> SpoolConfig:
+def _spool(s: Section) -> SpoolConfig:
     d = SpoolConfig()
     config = SpoolConfig(
-        path=s.get("path", _path, d.path),
-        min_free=s.get("min_free", _size(minimum=0), d.min_free),
+        path=s.get("path", path_value, d.path),
+        min_free=s.get("min_free", size_at_least(minimum=0), d.min_free),
     )
     s.reject_unknown()
     return config
 
 
-def _upstream(s: _Section | None, environ: Mapping[str, str],
-              secrets: bool) -> UpstreamConfig | None:
-    if s is None:
-        return None
-    host = s.get("host", _hostname, None)
-    if host is None:
-        raise ConfigError(s.key("host"), "required when the upstream section is present")
-    tls = s.get("tls", _choice(TLS_MODES), "starttls")
-    if tls == "none" and not _is_loopback_host(host):
-        raise ConfigError(
-            s.key("tls"), f"'none' sends mail and passwords in clear; it is allowed only for a "
-            f"loopback upstream, not {host}"
-        )
-    default_port = 465 if tls == "implicit" else 587
-    username = s.get("username", _nonempty_text, None)
-    password = _password(s, environ, secrets)
-    has_password = "password_env" in s.data or "password_file" in s.data
-    if username is not None and not has_password:
-        raise ConfigError(s.key("username"), "needs password_env or password_file as well")
-    if has_password and username is None:
-        raise ConfigError(s.key("username"), "required with password_env or password_file")
-    config = UpstreamConfig(
-        host=host,
-        port=s.get("port", _int_range(1, 65535), default_port),
-        tls=tls,
-        verify=s.get("verify", _bool, True),
-        ca_file=s.get("ca_file", _existing_file, None),
-        username=username,
-        password=password,
-        connections=s.get("connections", _int_range(1, 100), 4),
-        timeout=s.get("timeout", _duration(minimum=1), 60.0),
-    )
-    s.reject_unknown()
-    return config
-
-
-def _password(s: _Section, environ: Mapping[str, str], secrets: bool) -> str | None:
-    if "password" in s.data:
-        raise ConfigError(s.key("password"), "passwords never go in the config file; use "
-                          "password_env (an environment variable) or password_file")
-    env_name = s.get("password_env", _nonempty_text, None)
-    file_name = s.get("password_file", _nonempty_text, None)
-    if env_name is not None and file_name is not None:
-        raise ConfigError(s.key("password_file"), "give password_env or password_file, not both")
-    if not secrets:
-        return None
-    if env_name is not None:
-        value = environ.get(env_name)
-        if not value:
-            raise ConfigError(s.key("password_env"), f"environment variable {env_name} is not set")
-        return value
-    if file_name is not None:
-        # Expands $CREDENTIALS_DIRECTORY, where systemd's LoadCredential= puts the secret.
-        path = Path(os.path.expandvars(file_name))
-        try:
-            value = path.read_text(encoding="utf-8").strip("\r\n")
-        except OSError as exc:
-            raise ConfigError(s.key("password_file"), f"cannot read {path}: {exc.strerror}") from None
-        if not value:
-            raise ConfigError(s.key("password_file"), f"{path} is empty")
-        return value
-    return None
-
-
-def _delivery(s: _Section) -> DeliveryConfig:
+def _delivery(s: Section) -> DeliveryConfig:
     d = DeliveryConfig()
     config = DeliveryConfig(
-        retry_min=s.get("retry_min", _duration(minimum=0.001), d.retry_min),
-        retry_max=s.get("retry_max", _duration(minimum=0.001), d.retry_max),
-        max_age=s.get("max_age", _duration(minimum=1), d.max_age),
-        max_attempts=s.get("max_attempts", _optional(_int_range(1, 1_000_000)), d.max_attempts),
+        retry_min=s.get("retry_min", duration_at_least(minimum=0.001), d.retry_min),
+        retry_max=s.get("retry_max", duration_at_least(minimum=0.001), d.retry_max),
+        max_age=s.get("max_age", duration_at_least(minimum=1), d.max_age),
+        max_attempts=s.get("max_attempts", optional(int_range(1, 1_000_000)), d.max_attempts),
     )
     if config.retry_max < config.retry_min:
         raise ConfigError(s.key("retry_max"), "must not be shorter than delivery.retry_min")
@@ -293,219 +244,17 @@ def _delivery(s: _Section) -> DeliveryConfig:
     return config
 
 
-def _log(s: _Section) -> LogConfig:
+def _log(s: Section) -> LogConfig:
     d = LogConfig()
     config = LogConfig(
-        level=s.get("level", _choice(LOG_LEVELS), d.level),
-        format=s.get("format", _choice(LOG_FORMATS), d.format),
+        level=s.get("level", choice(LOG_LEVELS), d.level),
+        format=s.get("format", choice(LOG_FORMATS), d.format),
     )
     s.reject_unknown()
     return config
 
 
-def _sendmail(s: _Section) -> SendmailConfig:
-    config = SendmailConfig(sender=s.get("sender", _nonempty_text, None))
+def _sendmail(s: Section) -> SendmailConfig:
+    config = SendmailConfig(sender=s.get("sender", nonempty_text, None))
     s.reject_unknown()
     return config
-
-
-# --- the section walker ---------------------------------------------------------------
-
-
-class _Section:
-    """One mapping of the YAML document; remembers which keys were read."""
-
-    def __init__(self, prefix: str, data: Any) -> None:
-        if not isinstance(data, dict):
-            raise ConfigError(prefix, f"expected a mapping of keys, got {_describe(data)}")
-        self.prefix = prefix
-        self.data: dict[Any, Any] = data
-        self.known: list[str] = []
-
-    def key(self, name: str) -> str:
-        return f"{self.prefix}.{name}" if self.prefix else name
-
-    def get(self, name: str, convert: Callable[[Any], Any], default: Any) -> Any:
-        self.known.append(name)
-        if name not in self.data or (self.data[name] is None and default is None):
-            return default
-        try:
-            return convert(self.data[name])
-        except ValueError as exc:
-            raise ConfigError(self.key(name), str(exc)) from None
-
-    def child(self, name: str, optional: bool = False) -> Any:
-        self.known.append(name)
-        value = self.data.get(name)
-        if value is None:
-            return None if optional else _Section(self.key(name), {})
-        return _Section(self.key(name), value)
-
-    def reject_unknown(self) -> None:
-        for name in self.data:
-            if name not in self.known:
-                hint = difflib.get_close_matches(str(name), self.known, n=1)
-                suffix = f" (did you mean {hint[0]!r}?)" if hint else \
-                    f" (known keys: {', '.join(self.known)})"
-                raise ConfigError(self.key(str(name)), f"unknown key{suffix}")
-
-
-# --- value converters: each raises ValueError with a message for the user -----------
-
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
-_DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KB|KiB|MB|MiB|GB|GiB)?\s*$")
-_SIZE_UNITS = {None: 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9,
-               "KiB": 2**10, "MiB": 2**20, "GiB": 2**30}
-
-
-def parse_duration(value: Any) -> float:
-    """Seconds from a number or a string like '30s', '5m', '1h', '5d'."""
-    if isinstance(value, bool):
-        raise ValueError(f"expected a duration like 30s, 5m, 1h or 5d, got {_describe(value)}")
-    if isinstance(value, (int, float)):
-        seconds = float(value)
-    else:
-        match = _DURATION.match(str(value))
-        if not match:
-            raise ValueError(f"expected a duration like 30s, 5m, 1h or 5d, got {_describe(value)}")
-        seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2)]
-    if seconds < 0:
-        raise ValueError(f"must not be negative, got {value}")
-    return seconds
-
-
-def parse_size(value: Any) -> int:
-    """Bytes from a number or a string like '512KiB', '25MiB'."""
-    if isinstance(value, bool):
-        raise ValueError(f"expected a size like 512KiB or 25MiB, got {_describe(value)}")
-    if isinstance(value, int):
-        size = value
-    else:
-        match = _SIZE.match(str(value))
-        if not match:
-            raise ValueError(f"expected a size like 512KiB or 25MiB, got {_describe(value)}")
-        size = int(float(match.group(1)) * _SIZE_UNITS[match.group(2)])
-    if size < 0:
-        raise ValueError(f"must not be negative, got {value}")
-    return size
-
-
-def _at_least(parse: Callable[[Any], Any], minimum: float, unit: str) -> Callable[[Any], Any]:
-    def convert(value: Any) -> Any:
-        parsed = parse(value)
-        if parsed < minimum:
-            raise ValueError(f"must be at least {minimum:g}{unit}, got {value}")
-        return parsed
-    return convert
-
-
-def _duration(minimum: float) -> Callable[[Any], float]:
-    return _at_least(parse_duration, minimum, "s")
-
-
-def _size(minimum: int) -> Callable[[Any], int]:
-    return _at_least(parse_size, minimum, " bytes")
-
-
-def _int_range(low: int, high: int) -> Callable[[Any], int]:
-    def convert(value: Any) -> int:
-        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-            raise ValueError(f"expected an integer {low}-{high}, got {_describe(value)}")
-        return value
-    return convert
-
-
-def _optional(convert: Callable[[Any], Any]) -> Callable[[Any], Any]:
-    return lambda value: None if value is None else convert(value)
-
-
-def _choice(options: tuple[str, ...]) -> Callable[[Any], str]:
-    def convert(value: Any) -> str:
-        if not isinstance(value, str) or value.lower() not in options:
-            raise ValueError(f"expected one of {' | '.join(options)}, got {_describe(value)}")
-        return value.lower()
-    return convert
-
-
-def _bool(value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise ValueError(f"expected true or false, got {_describe(value)}")
-    return value
-
-
-def _nonempty_text(value: Any) -> str:
-    if not isinstance(value, str) or not value.strip():
-        raise ValueError(f"expected a non-empty string, got {_describe(value)}")
-    if any(ord(c) < 32 or ord(c) == 127 for c in value):
-        raise ValueError("must not contain control characters")
-    return value.strip()
-
-
-_HOSTNAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9])?$")
-
-
-def _hostname(value: Any) -> str:
-    text = _nonempty_text(value)
-    try:
-        return str(ipaddress.ip_address(text.strip("[]")))
-    except ValueError:
-        pass
-    if not _HOSTNAME.match(text):
-        raise ValueError(f"expected a host name or IP address, got {_describe(value)}")
-    return text
-
-
-def _ip_address_text(value: Any) -> str:
-    try:
-        return str(ipaddress.ip_address(_nonempty_text(value)))
-    except ValueError:
-        raise ValueError(f"expected an IP address such as 127.0.0.1 or ::1, got "
-                         f"{_describe(value)}") from None
-
-
-def _network_list(value: Any) -> tuple[IPNetwork, ...]:
-    if isinstance(value, str):
-        value = [value]
-    if not isinstance(value, list) or not value:
-        raise ValueError(f"expected a list of networks like [127.0.0.0/8, ::1], got "
-                         f"{_describe(value)}")
-    networks = []
-    for item in value:
-        try:
-            networks.append(ipaddress.ip_network(str(item), strict=False))
-        except ValueError:
-            raise ValueError(f"{item!r} is not an IP network like 10.0.0.0/8 or ::1") from None
-    return tuple(networks)
-
-
-def _path(value: Any) -> Path:
-    return Path(_nonempty_text(value))
-
-
-def _existing_file(value: Any) -> Path:
-    path = _path(value)
-    if not path.is_file():
-        raise ValueError(f"{path} is not a readable file")
-    return path
-
-
-def _describe(value: Any) -> str:
-    if isinstance(value, str):
-        return repr(value)
-    if value is None:
-        return "nothing"
-    return f"{type(value).__name__} {value!r}"
-
-
-def _is_loopback(address: str) -> bool:
-    return ipaddress.ip_address(address).is_loopback
-
-
-def _is_loopback_host(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False

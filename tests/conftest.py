@@ -22,6 +22,7 @@ import trustme
 import yaml
 
 from relay.spool import Spool
+from mailgun import API_KEY, API_KEY_ENV, MailgunStandIn
 from upstream import PASSWORD, USERNAME, Upstream
 
 PASSWORD_ENV = "RELAY_TEST_UPSTREAM_PASSWORD"
@@ -91,6 +92,29 @@ def upstream(make_upstream: Callable[..., Upstream]) -> Upstream:
     return make_upstream()
 
 
+@pytest.fixture
+def make_mailgun(ca: trustme.CA) -> Iterator[Callable[..., MailgunStandIn]]:
+    """Factory for started Mailgun API stand-ins (HTTPS, a cert for 127.0.0.1 from the CA)."""
+    started: list[MailgunStandIn] = []
+
+    def make(**kwargs: Any) -> MailgunStandIn:
+        import ssl
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ca.issue_cert("127.0.0.1", "localhost").configure_cert(context)
+        stand_in = MailgunStandIn(context, **kwargs).start()
+        started.append(stand_in)
+        return stand_in
+
+    yield make
+    for stand_in in started:
+        stand_in.close()
+
+
+@pytest.fixture
+def mailgun(make_mailgun: Callable[..., MailgunStandIn]) -> MailgunStandIn:
+    return make_mailgun()
+
+
 class RelayProcess:
     """`python -m relay serve` in a subprocess, with its config written to a temp dir."""
 
@@ -109,7 +133,7 @@ class RelayProcess:
         self.process: subprocess.Popen[str] | None = None
 
     def start(self) -> RelayProcess:
-        env = {**os.environ, PASSWORD_ENV: PASSWORD, **self.env}
+        env = {**os.environ, PASSWORD_ENV: PASSWORD, API_KEY_ENV: API_KEY, **self.env}
         self.process = subprocess.Popen(
             [*self.prefix, sys.executable, "-m", "relay", "serve", "--config",
              str(self.config_path)],
@@ -224,7 +248,7 @@ def in_data(port: int, timeout: float = 10) -> Iterator[tuple[socket.socket, Any
 
 
 def run_cli(config_path: Path, *args: str, stdin: bytes = b"") -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, PASSWORD_ENV: PASSWORD}
+    env = {**os.environ, PASSWORD_ENV: PASSWORD, API_KEY_ENV: API_KEY}
     result = subprocess.run([sys.executable, "-m", "relay", *args, "--config", str(config_path)],
                             input=stdin, capture_output=True, env=env, timeout=60)
     return subprocess.CompletedProcess(result.args, result.returncode,

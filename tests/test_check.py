@@ -1,14 +1,17 @@
-"""`relay check`: config, connect, TLS and AUTH against real upstreams, sending nothing."""
+"""`relay check`: config, then each upstream (SMTP: connect, TLS, AUTH; the API: its domain),
+against real servers, sending nothing."""
 
 from __future__ import annotations
 
 import base64
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
 
 from conftest import relay_config, run_cli
+from mailgun import API_KEY, DOMAIN, MailgunStandIn
 from upstream import PASSWORD, Upstream
 
 
@@ -90,3 +93,69 @@ def test_no_upstream_configured_exits_78(tmp_path: Path) -> None:
     result = run_cli(path, "check")
     assert result.returncode == 78
     assert "no upstream section" in result.stdout
+
+
+def api_only(tmp_path: Path, mailgun: MailgunStandIn, ca_file: Path, **keys: Any) -> Path:
+    config = relay_config(tmp_path, None, None)
+    config["upstreams"] = [mailgun.upstream_entry(ca_file, **keys)]
+    return write_config(tmp_path, config)
+
+
+def test_api_upstream_is_checked_by_getting_its_domain(tmp_path: Path, mailgun: MailgunStandIn,
+                                                       ca_file: Path) -> None:
+    """An authenticated GET of the domain, under a line naming the upstream; exit 0."""
+    result = run_cli(api_only(tmp_path, mailgun, ca_file), "check")
+    assert result.returncode == 0, result.stdout
+    lines = [line for line in result.stdout.splitlines() if line]
+    assert lines[1] == f"upstream  mailgun-api (mailgun-api {mailgun.url}, domain {DOMAIN})"
+    assert lines[2] == f"domain    ok      200 {DOMAIN}, state active"
+    assert mailgun.requests == [("GET", f"/v3/domains/{DOMAIN}")] and mailgun.received == []
+
+
+@pytest.mark.parametrize("keys, cause", [
+    ({"api_key_env": "OTHER_KEY"}, "the API key was refused"),
+    ({"domain": "unknown.example.com"}, "Mailgun does not know the domain unknown.example.com"),
+])
+def test_api_refusing_the_key_or_domain_exits_77(tmp_path: Path, mailgun: MailgunStandIn,
+                                                 ca_file: Path, monkeypatch: pytest.MonkeyPatch,
+                                                 keys: dict[str, str], cause: str) -> None:
+    """401 means a bad key and 404 an unknown domain: both exit 77 with a hint."""
+    monkeypatch.setenv("OTHER_KEY", "key-wrong-Secret-99")
+    result = run_cli(api_only(tmp_path, mailgun, ca_file, **keys), "check")
+    assert result.returncode == 77
+    assert "domain    FAILED  " in result.stdout and f"likely cause: {cause}" in result.stdout
+    assert API_KEY not in result.stdout + result.stderr
+    assert "key-wrong-Secret-99" not in result.stdout + result.stderr
+
+
+def test_every_upstream_gets_a_block_and_the_worst_status(tmp_path: Path, upstream: Upstream,
+                                                          mailgun: MailgunStandIn,
+                                                          ca_file: Path) -> None:
+    """A working SMTP upstream and an unreachable API: both checked in order, exit 69."""
+    config = relay_config(tmp_path, upstream, ca_file)
+    smtp = {**config.pop("upstream"), "name": "smtp-first"}
+    mailgun.close()
+    config["upstreams"] = [smtp, mailgun.upstream_entry(ca_file)]
+    result = run_cli(write_config(tmp_path, config), "check")
+    assert result.returncode == 69
+    blocks = result.stdout.split("\n\n")
+    assert blocks[1].startswith("upstream  smtp-first (smtp 127.0.0.1:")
+    assert [line.split()[:2] for line in blocks[1].splitlines()[1:]] == [
+        ["connect", "ok"], ["starttls", "ok"], ["tls", "ok"], ["auth", "ok"], ["quit", "ok"]]
+    assert blocks[2].startswith("upstream  mailgun-api (mailgun-api")
+    assert "domain    FAILED  " in blocks[2] and "likely cause: cannot reach" in blocks[2]
+    assert_no_secret(result.stdout + result.stderr)
+
+
+def test_refused_credentials_outrank_an_unreachable_upstream(
+        tmp_path: Path, upstream: Upstream, mailgun: MailgunStandIn, ca_file: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The worst status wins: an SMTP upstream down (69) and an API key refused (77): 77."""
+    config = relay_config(tmp_path, upstream, ca_file)
+    smtp = config.pop("upstream")
+    upstream.stop()
+    config["upstreams"] = [smtp, mailgun.upstream_entry(ca_file, api_key_env="OTHER_KEY")]
+    monkeypatch.setenv("OTHER_KEY", "key-wrong-Secret-99")
+    result = run_cli(write_config(tmp_path, config), "check")
+    assert result.returncode == 77
+    assert "connect   FAILED" in result.stdout and "domain    FAILED  401" in result.stdout
