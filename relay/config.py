@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from email_validator import EmailNotValidError, validate_email
 
 from .errors import ConfigError
 
@@ -30,6 +31,7 @@ LOOPBACK_NETWORKS = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("
 TLS_MODES = ("starttls", "implicit", "none")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
+NOTIFY_CHOICES = ("none", "sender")  # or an address
 
 
 @dataclass(frozen=True)
@@ -87,6 +89,24 @@ class SendmailConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    """The HTTP endpoint of /metrics and /healthz; port None: off."""
+
+    address: str = "127.0.0.1"
+    port: int | None = None
+    allow: tuple[IPNetwork, ...] = LOOPBACK_NETWORKS
+
+
+@dataclass(frozen=True)
+class BouncesConfig:
+    """Delivery status notifications for failed recipients."""
+
+    notify: str = "none"  # "none", "sender", or an address
+    from_address: str | None = None  # the notice's From:; None: MAILER-DAEMON@<hostname>
+    max_per_hour: int = 10  # notices to one address within an hour; the rest are dropped
+
+
+@dataclass(frozen=True)
 class Config:
     listen: ListenConfig = ListenConfig()
     spool: SpoolConfig = SpoolConfig()
@@ -94,6 +114,8 @@ class Config:
     delivery: DeliveryConfig = DeliveryConfig()
     log: LogConfig = LogConfig()
     sendmail: SendmailConfig = SendmailConfig()
+    metrics: MetricsConfig = MetricsConfig()
+    bounces: BouncesConfig = BouncesConfig()
     source: Path | None = None  # the file it was read from; None for built-in defaults
 
 
@@ -106,6 +128,10 @@ def restart_required(old: Config, new: Config) -> list[str]:
         changed.append("listen.port")
     if new.spool.path != old.spool.path:
         changed.append("spool.path")
+    if new.metrics.address != old.metrics.address:
+        changed.append("metrics.address")
+    if new.metrics.port != old.metrics.port:
+        changed.append("metrics.port")
     return changed
 
 
@@ -113,7 +139,9 @@ def keep_restart_only(old: Config, new: Config) -> Config:
     """`new` with the values that need a restart taken from `old`."""
     return replace(new, listen=replace(new.listen, address=old.listen.address,
                                        port=old.listen.port),
-                   spool=replace(new.spool, path=old.spool.path))
+                   spool=replace(new.spool, path=old.spool.path),
+                   metrics=replace(new.metrics, address=old.metrics.address,
+                                   port=old.metrics.port))
 
 
 # --- lookup ---------------------------------------------------------------------------
@@ -172,6 +200,8 @@ def parse_config(text: str, environ: Mapping[str, str], source: Path | None = No
         delivery=_delivery(section.child("delivery")),
         log=_log(section.child("log")),
         sendmail=_sendmail(section.child("sendmail")),
+        metrics=_metrics(section.child("metrics")),
+        bounces=_bounces(section.child("bounces")),
         source=source,
     )
     section.reject_unknown()
@@ -184,14 +214,8 @@ def parse_config(text: str, environ: Mapping[str, str], source: Path | None = No
 def _listen(s: _Section) -> ListenConfig:
     d = ListenConfig()
     address = s.get("address", _ip_address_text, d.address)
-    allow_given = "allow" in s.data
-    allow = s.get("allow", _network_list, d.allow)
-    if not allow_given and not _is_loopback(address):
-        raise ConfigError(
-            s.key("address"),
-            f"{address} is not a loopback address; add listen.allow with the client networks "
-            "allowed to submit, so the relay cannot become an open relay",
-        )
+    allow = _allow(s, address, d.allow, "the client networks allowed to submit, so the "
+                   "relay cannot become an open relay")
     config = ListenConfig(
         address=address,
         port=s.get("port", _int_range(0, 65535), d.port),
@@ -203,6 +227,17 @@ def _listen(s: _Section) -> ListenConfig:
     )
     s.reject_unknown()
     return config
+
+
+def _allow(s: _Section, address: str, default: tuple[IPNetwork, ...],
+           why: str) -> tuple[IPNetwork, ...]:
+    """The section's `allow` networks: required when `address` is not loopback."""
+    allow_given = "allow" in s.data
+    allow: tuple[IPNetwork, ...] = s.get("allow", _network_list, default)
+    if not allow_given and not _is_loopback(address):
+        raise ConfigError(s.key("address"), f"{address} is not a loopback address; add "
+                          f"{s.key('allow')} with {why}")
+    return allow
 
 
 def _spool(s: _Section) -> SpoolConfig:
@@ -305,6 +340,30 @@ def _log(s: _Section) -> LogConfig:
 
 def _sendmail(s: _Section) -> SendmailConfig:
     config = SendmailConfig(sender=s.get("sender", _nonempty_text, None))
+    s.reject_unknown()
+    return config
+
+
+def _metrics(s: _Section) -> MetricsConfig:
+    d = MetricsConfig()
+    address = s.get("address", _ip_address_text, d.address)
+    config = MetricsConfig(
+        address=address,
+        port=s.get("port", _optional(_int_range(0, 65535)), d.port),
+        allow=_allow(s, address, d.allow, "the networks allowed to scrape (your Prometheus "
+                     "server), so queue figures are not shown to everyone"),
+    )
+    s.reject_unknown()
+    return config
+
+
+def _bounces(s: _Section) -> BouncesConfig:
+    d = BouncesConfig()
+    config = BouncesConfig(
+        notify=s.get("notify", _notify, d.notify),
+        from_address=s.get("from", _address, d.from_address),
+        max_per_hour=s.get("max_per_hour", _int_range(1, 1_000_000), d.max_per_hour),
+    )
     s.reject_unknown()
     return config
 
@@ -440,6 +499,29 @@ def _nonempty_text(value: Any) -> str:
     if any(ord(c) < 32 or ord(c) == 127 for c in value):
         raise ValueError("must not contain control characters")
     return value.strip()
+
+
+def _address(value: Any) -> str:
+    """A mailbox (syntax only, no DNS), as the listener would accept it."""
+    text = _nonempty_text(value)
+    if "<" in text or ">" in text:
+        raise ValueError(f"expected a bare address like ops@example.com, got {_describe(value)}")
+    try:
+        validate_email(text, check_deliverability=False, globally_deliverable=False,
+                       allow_smtputf8=True)
+    except EmailNotValidError as exc:
+        raise ValueError(f"{text!r} is not a valid address: {exc}") from None
+    return text
+
+
+def _notify(value: Any) -> str:
+    """none | sender | an address to send every notice to."""
+    if isinstance(value, str) and value.strip().lower() in NOTIFY_CHOICES:
+        return value.strip().lower()
+    if not isinstance(value, str) or "@" not in value:
+        raise ValueError(f"expected none, sender or an address like ops@example.com, got "
+                         f"{_describe(value)}")
+    return _address(value)
 
 
 _HOSTNAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9])?$")

@@ -11,8 +11,10 @@
     ├── EntryNotFound             no entry with this queue ID
     ├── EntryBusy                 the entry is being delivered right now (in active/)
     ├── UsageError                a command line that cannot be honoured
-    └── SubmissionFailed          `relay sendmail` could not hand the message over;
-                                  `permanent` tells refused (bad data) from try-again
+    ├── SubmissionFailed          `relay sendmail` could not hand the message over;
+    │                             `permanent` tells refused (bad data) from try-again
+    └── Unhealthy                 `relay check --local`: the running relay's /healthz
+                                  answered other than 200, or not at all
 
 Expected delivery outcomes (a 4xx, a refused recipient, a lost connection) are values
 returned by `relay.upstream`, never exceptions. The command line maps these classes to
@@ -82,3 +84,7 @@ class EntryBusy(RelayError):
     def __init__(self, entry_id: str) -> None:
         self.entry_id = entry_id
         super().__init__(f"{entry_id}: being delivered right now; try again in a moment")
+
+
+class Unhealthy(RelayError):
+    """Raised by `relay check --local` when the running relay is not healthy."""
