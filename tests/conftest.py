@@ -270,8 +270,11 @@ def relay_config(tmp_path: Path, upstream: Upstream | None, ca_file: Path | None
     return config
 
 
+MakeRelay = Callable[..., RelayProcess]  # the make_relay fixture: (config, env, prefix)
+
+
 @pytest.fixture
-def make_relay(tmp_path: Path) -> Iterator[Callable[..., RelayProcess]]:
+def make_relay(tmp_path: Path) -> Iterator[MakeRelay]:
     started: list[RelayProcess] = []
 
     def make(config: dict[str, Any], env: dict[str, str] | None = None,

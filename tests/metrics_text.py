@@ -21,9 +21,11 @@ def value(found: Samples, name: str, **labels: str) -> float | None:
     return found.get((name, frozenset(labels.items())))
 
 
-def family_names(text: str) -> set[str]:
-    """Every series name served (a histogram's _bucket, _count, _sum included)."""
-    return {name for name, _ in samples(text)}
+def number(found: Samples, name: str, **labels: str) -> float:
+    """The sample `name{labels}`, which must be served."""
+    found_value = value(found, name, **labels)
+    assert found_value is not None, f"{name}{labels} is not served"
+    return found_value
 
 
 def promtool() -> str | None:
@@ -36,4 +38,4 @@ def promtool_lint(text: str) -> subprocess.CompletedProcess[str]:
     tool = promtool()
     assert tool is not None
     return subprocess.run([tool, "check", "metrics"], input=text, capture_output=True,
-                          text=True, timeout=60)
+                          text=True, timeout=60, check=False)

@@ -9,8 +9,7 @@ import signal
 from pathlib import Path
 
 import pytest
-
-from conftest import RelayProcess, relay_config, run_cli, wait_for
+from conftest import MakeRelay, RelayProcess, relay_config, run_cli, wait_for
 from ports import reusable_port
 from test_disk_full import tmpfs_works
 from upstream import Upstream
@@ -19,7 +18,7 @@ BODY = b"Subject: health\r\nMessage-ID: <h@example.com>\r\n\r\nHello.\r\n"
 
 
 def test_healthy_relay_answers_200_and_check_local_exits_0(
-        make_relay, upstream: Upstream, ca_file: Path, tmp_path: Path) -> None:
+        make_relay: MakeRelay, upstream: Upstream, ca_file: Path, tmp_path: Path) -> None:
     """Listener up, spool writable: 200 ok; `relay check --local` prints it and exits 0."""
     relay = make_relay(relay_config(tmp_path, upstream, ca_file, metrics={"port": 0}))
     assert relay.get("/healthz") == (200, "ok\n")
@@ -28,7 +27,7 @@ def test_healthy_relay_answers_200_and_check_local_exits_0(
     assert result.stdout.split()[:2] == ["healthz", "ok"]
 
 
-def test_full_spool_disk_answers_503_naming_the_spool(make_relay, tmp_path: Path) -> None:
+def test_full_spool_disk_answers_503_naming_the_spool(make_relay: MakeRelay, tmp_path: Path) -> None:
     """A tmpfs spool filled to the last byte: 503 with the spool's reason, check --local
     exits 69; once space is freed, 200 again."""
     if not tmpfs_works(tmp_path):
@@ -37,7 +36,7 @@ def test_full_spool_disk_answers_503_naming_the_spool(make_relay, tmp_path: Path
     spool_dir = Path(config["spool"]["path"])
     spool_dir.mkdir()
     prefix = ["unshare", "-rm", "sh", "-c",
-              f'mount -t tmpfs -o size=1m tmpfs "$0" && exec "$@"', str(spool_dir)]
+              'mount -t tmpfs -o size=1m tmpfs "$0" && exec "$@"', str(spool_dir)]
     relay: RelayProcess = make_relay(config, prefix=prefix)
     assert relay.process is not None
     filler = Path(f"/proc/{relay.process.pid}/root") / spool_dir.relative_to("/") / "filler"
@@ -60,18 +59,18 @@ def test_full_spool_disk_answers_503_naming_the_spool(make_relay, tmp_path: Path
 
 
 def test_closed_listener_answers_503_while_deliveries_drain(
-        make_relay, upstream: Upstream, ca_file: Path, tmp_path: Path) -> None:
+        make_relay: MakeRelay, upstream: Upstream, ca_file: Path, tmp_path: Path) -> None:
     """After SIGTERM the listener is closed at once and deliveries in flight get their
     grace: meanwhile /healthz says 503 (take the relay out of rotation) naming the
     listener, and check --local exits 69."""
     relay = make_relay(relay_config(tmp_path, upstream, ca_file, metrics={"port": 0}))
-    upstream.data_delay = 5.0
+    upstream.data_delay = 3.0  # under the test config's upstream.timeout of 5 s
     relay.send("app@example.com", ["user@example.com"], BODY)
     assert upstream.data_started.wait(10)
     assert relay.process is not None
     relay.process.send_signal(signal.SIGTERM)
-    status, body = wait_for(lambda: (answer := relay.get("/healthz"))[0] == 503 and answer,
-                            what="the 503")
+    _, body = wait_for(lambda: (answer := relay.get("/healthz"))[0] == 503 and answer,
+                       what="the 503")
     assert body == "listener: not accepting connections\n"
     result = relay.cli("check", "--local")
     assert result.returncode == 69 and "listener: not accepting" in result.stdout
@@ -79,7 +78,7 @@ def test_closed_listener_answers_503_while_deliveries_drain(
     assert len(upstream.delivered_to("user@example.com")) == 1
 
 
-def test_client_outside_metrics_allow_is_refused(make_relay, tmp_path: Path) -> None:
+def test_client_outside_metrics_allow_is_refused(make_relay: MakeRelay, tmp_path: Path) -> None:
     """metrics.allow without loopback: a scrape from 127.0.0.1 gets 403 and no figures."""
     relay = make_relay(relay_config(tmp_path, None, None,
                                     metrics={"port": 0, "allow": ["192.0.2.0/24"]}))
@@ -88,7 +87,7 @@ def test_client_outside_metrics_allow_is_refused(make_relay, tmp_path: Path) -> 
     assert relay.get("/healthz")[0] == 403
 
 
-def test_unknown_path_is_404_and_other_methods_405(make_relay, tmp_path: Path) -> None:
+def test_unknown_path_is_404_and_other_methods_405(make_relay: MakeRelay, tmp_path: Path) -> None:
     """Only GET (and HEAD) of /metrics and /healthz are served."""
     relay = make_relay(relay_config(tmp_path, None, None, metrics={"port": 0}))
     assert relay.get("/")[0] == 404
@@ -117,7 +116,7 @@ def test_check_local_with_no_relay_running_exits_69(tmp_path: Path) -> None:
     assert f"no relay answers at 127.0.0.1:{port}" in result.stderr
 
 
-def test_check_local_asks_loopback_for_a_wildcard_address(make_relay, tmp_path: Path) -> None:
+def test_check_local_asks_loopback_for_a_wildcard_address(make_relay: MakeRelay, tmp_path: Path) -> None:
     """metrics.address 0.0.0.0 (with allow): check --local asks 127.0.0.1."""
     relay = make_relay(relay_config(tmp_path, None, None, metrics={
         "address": "0.0.0.0", "port": 0, "allow": ["127.0.0.0/8"]}))

@@ -6,35 +6,37 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
+from conftest import MakeRelay, RelayProcess, relay_config, wait_for
+from metrics_text import Samples, number, promtool, promtool_lint, samples, value
+from upstream import Upstream
 
-from conftest import RelayProcess, relay_config, wait_for
-from metrics_text import promtool, promtool_lint, samples, value
 from relay.entry import Entry, Queue, Recipient, Status
 from relay.metrics import Metrics, Recorder, Refusal
 from relay.policy import AttemptResult, Reply, Stage
 from relay.spool import Spool
-from upstream import Upstream
 
 BODY = b"Subject: metrics\r\nMessage-ID: <m@example.com>\r\n\r\nHello.\r\n"
 
 
-def metrics_config(tmp_path: Path, upstream: Upstream, ca_file: Path, **delivery: object) -> dict:
+def metrics_config(tmp_path: Path, upstream: Upstream, ca_file: Path,
+                   **delivery: object) -> dict[str, Any]:
     """The test config with metrics on (an ephemeral port) and, by default, retries an hour
     away, so every figure stays put once the traffic has settled."""
     return relay_config(tmp_path, upstream, ca_file, metrics={"port": 0},
                         delivery={"retry_min": "1h", "retry_max": "1h", **delivery})
 
 
-def scrape(relay: RelayProcess) -> dict:
+def scrape(relay: RelayProcess) -> Samples:
     status, text = relay.get("/metrics")
     assert status == 200, text
     return samples(text)
 
 
 def test_figures_after_sent_deferred_and_failed_traffic(
-        make_relay, upstream: Upstream, ca_file: Path, tmp_path: Path) -> None:
+        make_relay: MakeRelay, upstream: Upstream, ca_file: Path, tmp_path: Path) -> None:
     """Two recipients sent, one refused (550), one deferred (451): every delivery-side and
     queue figure is exact, and the process metrics are there."""
     relay = make_relay(metrics_config(tmp_path, upstream, ca_file))
@@ -51,7 +53,7 @@ def test_figures_after_sent_deferred_and_failed_traffic(
     assert relay.files("failed") == [failed_id] and relay.files("deferred") == [deferred_id]
     assert value(found, "relay_deliveries_total", upstream=name, outcome="expired") == 0
     assert value(found, "relay_delivery_delay_seconds_count") == 2
-    assert 0 < value(found, "relay_delivery_delay_seconds_sum") < 2 * (time.time() - sent_at)
+    assert 0 < number(found, "relay_delivery_delay_seconds_sum") < 2 * (time.time() - sent_at)
     assert value(found, "relay_upstream_up", upstream=name) == 1
     assert value(found, "relay_upstream_paused", upstream=name) == 0
     assert value(found, "relay_upstream_errors_total", upstream=name, stage="rcpt") == 2
@@ -65,15 +67,15 @@ def test_figures_after_sent_deferred_and_failed_traffic(
     free = value(found, "relay_spool_free_bytes")
     assert free is not None and abs(free - disk.f_bavail * disk.f_frsize) < 64 * 1024 * 1024
     assert value(found, "relay_bounces_total", outcome="queued") == 0
-    assert value(found, "process_resident_memory_bytes") > 0
-    assert value(found, "process_start_time_seconds") <= time.time()
+    assert number(found, "process_resident_memory_bytes") > 0
+    assert number(found, "process_start_time_seconds") <= time.time()
 
 
 @pytest.mark.xfail(strict=True, reason="hook for the listener-side figures: the listener "
                    "calls Metrics.accepted and Metrics.refused once it is wired to them; "
                    "then this passes and the mark goes")
 def test_listener_figures_after_accepted_and_refused_traffic(
-        make_relay, upstream: Upstream, ca_file: Path, tmp_path: Path) -> None:
+        make_relay: MakeRelay, upstream: Upstream, ca_file: Path, tmp_path: Path) -> None:
     """Two messages accepted and one refused for its address: received, accept_seconds and
     refused{reason="address"} count them."""
     relay = make_relay(metrics_config(tmp_path, upstream, ca_file))
@@ -89,7 +91,7 @@ def test_listener_figures_after_accepted_and_refused_traffic(
     assert value(found, "relay_messages_refused_total", reason="address") == 1
 
 
-def test_expired_recipient_counts_as_expired(make_relay, upstream: Upstream, ca_file: Path,
+def test_expired_recipient_counts_as_expired(make_relay: MakeRelay, upstream: Upstream, ca_file: Path,
                                              tmp_path: Path) -> None:
     """delivery.max_attempts 1 and a 451: the recipient is expired, not failed."""
     relay = make_relay(metrics_config(tmp_path, upstream, ca_file, max_attempts=1))
@@ -104,7 +106,7 @@ def test_expired_recipient_counts_as_expired(make_relay, upstream: Upstream, ca_
     assert value(found, "relay_queue_oldest_age_seconds") == 0
 
 
-def test_unreachable_upstream_is_down(make_relay, upstream: Upstream, ca_file: Path,
+def test_unreachable_upstream_is_down(make_relay: MakeRelay, upstream: Upstream, ca_file: Path,
                                       tmp_path: Path) -> None:
     """A refused connection: relay_upstream_up 0, a session error, the message deferred."""
     upstream.stop()
@@ -117,7 +119,7 @@ def test_unreachable_upstream_is_down(make_relay, upstream: Upstream, ca_file: P
     assert value(found, "relay_deliveries_total", upstream=name, outcome="deferred") == 1
 
 
-def test_rejected_credentials_pause_the_upstream(make_relay, upstream: Upstream,
+def test_rejected_credentials_pause_the_upstream(make_relay: MakeRelay, upstream: Upstream,
                                                  ca_file: Path, tmp_path: Path) -> None:
     """535 to AUTH: relay_upstream_paused 1 and an auth error; the upstream answered, so up."""
     upstream.auth_reply = "535 5.7.8 Authentication credentials invalid"
@@ -131,7 +133,7 @@ def test_rejected_credentials_pause_the_upstream(make_relay, upstream: Upstream,
 
 
 @pytest.mark.skipif(promtool() is None, reason="promtool (Debian package prometheus) missing")
-def test_exposition_passes_promtool_check_metrics(make_relay, upstream: Upstream,
+def test_exposition_passes_promtool_check_metrics(make_relay: MakeRelay, upstream: Upstream,
                                                   ca_file: Path, tmp_path: Path) -> None:
     """The served text follows Prometheus's format and naming rules (promtool's linter)."""
     relay = make_relay(metrics_config(tmp_path, upstream, ca_file))
@@ -148,7 +150,7 @@ def fresh(spool: Spool, now: float = 1000.0) -> Metrics:
     return Metrics(spool, clock=lambda: now)
 
 
-def exported(metrics: Metrics) -> dict:
+def exported(metrics: Metrics) -> Samples:
     body, content_type = metrics.exposition()
     assert content_type.startswith("text/plain")
     return samples(body.decode())
