@@ -146,9 +146,10 @@ class Relay:
     name = "relay"
 
     def __init__(self, workdir: Path, sink: Sink,
-                 connections: int = POSTFIX_CONCURRENCY) -> None:
+                 connections: int = POSTFIX_CONCURRENCY, metrics: bool = False) -> None:
         workdir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
+        self.metrics_port = free_port() if metrics else None  # /metrics, when asked for
         self.spool = workdir / "relay-spool"
         config = {
             "listen": {"address": "127.0.0.1", "port": self.port, "max_connections": 200,
@@ -157,6 +158,7 @@ class Relay:
             "upstream": {"host": "127.0.0.1", "port": sink.port, "tls": "none",
                          "connections": connections, "timeout": "60s"},
             "log": {"level": "info"},
+            "metrics": {"port": self.metrics_port},
         }
         self.config_path = workdir / "relay.yaml"
         self.config_path.write_text(yaml.safe_dump(config))

@@ -133,6 +133,7 @@ class Metrics(Recorder):
         self._bounces = {outcome: bounces.labels(outcome.value).inc for outcome in BounceOutcome}
         self._upstream: str | None = None
         self._counted: dict[str, Callable[[], None]] = {}
+        self._set_up: Callable[[float], None] = _ignore
         self._observe_delay = self._delay.observe
 
     def accepted(self, seconds: float) -> None:
@@ -169,7 +170,7 @@ class Metrics(Recorder):
             self._errors.labels(name, result.stage.value).inc()
         unreachable = (error is not None and error.code is None and not result.recipients
                        and result.stage is policy.Stage.SESSION)
-        self._up.labels(name).set(0 if unreachable else 1)
+        self._set_up(0 if unreachable else 1)
 
     def upstream(self, name: str | None) -> None:
         """Forget the gauges of the upstream before: an old provider must not stay down."""
@@ -181,11 +182,19 @@ class Metrics(Recorder):
                     pass
         self._upstream = name
         if name is None:
-            self._counted = {}
+            self._counted, self._set_up = {}, _ignore
             return
         self._paused.labels(name)  # 0 until a pause: present, so an alert can see it
         self._counted = {outcome: self._deliveries.labels(name, outcome).inc
                          for outcome in OUTCOMES}
+        self._set_up = self._first_up
+
+    def _first_up(self, value: float) -> None:
+        """The up gauge is created at the first attempt (an upstream never tried is not
+        down), then bound like the counters."""
+        assert self._upstream is not None
+        self._set_up = self._up.labels(self._upstream).set
+        self._set_up(value)
 
     def paused(self, paused: bool) -> None:
         if self._upstream is not None:
@@ -200,6 +209,10 @@ class Metrics(Recorder):
         thread, not the event loop."""
         encode, content_type = choose_encoder(accept)
         return encode(self.registry), content_type
+
+
+def _ignore(value: float) -> None:
+    """No upstream configured: nothing to record."""
 
 
 class _SpoolCollector(Collector):
