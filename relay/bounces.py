@@ -35,6 +35,7 @@ from .metrics import BounceOutcome, Recorder
 from .spool import Spool, new_id
 from .writer import SpoolWriter
 
+logger = logging.getLogger("relay.bounces")
 WINDOW_SECONDS = 3600.0
 
 
@@ -129,6 +130,12 @@ class Bounces:
             self.metrics.bounce(BounceOutcome.FAILED)
             log_event(logging.ERROR, entry.id, event="bounce", to=to, status="lost",
                       reason=f"the notice could not be stored: {exc}")
+            return
+        except Exception:
+            # A bug of ours in a notice must not cost the failure its log line or the
+            # worker its next message.
+            self.metrics.bounce(BounceOutcome.FAILED)
+            logger.exception("%s: the bounce notice could not be built", entry.id)
             return
         self.metrics.bounce(BounceOutcome.QUEUED)
         log_event(logging.INFO, entry.id, event="bounce", to=to, notice=stored.id,
