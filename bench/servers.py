@@ -51,6 +51,12 @@ def wait_listening(port: int, process: subprocess.Popen[bytes] | None = None,
             time.sleep(0.01)
 
 
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU time the process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def rss_kib(pids: list[int]) -> int:
     """Resident memory of these processes, summed."""
     return _summed(pids, "status", r"VmRSS:\s+(\d+) kB")
