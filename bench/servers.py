@@ -51,6 +51,12 @@ def wait_listening(port: int, process: subprocess.Popen[bytes] | None = None,
             time.sleep(0.01)
 
 
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU time the process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def rss_kib(pids: list[int]) -> int:
     """Resident memory of these processes, summed."""
     return _summed(pids, "status", r"VmRSS:\s+(\d+) kB")
@@ -146,9 +152,11 @@ class Relay:
     name = "relay"
 
     def __init__(self, workdir: Path, sink: Sink,
-                 connections: int = POSTFIX_CONCURRENCY, python: str = sys.executable) -> None:
+                 connections: int = POSTFIX_CONCURRENCY, metrics: bool = False,
+                 python: str = sys.executable) -> None:
         workdir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
+        self.metrics_port = free_port() if metrics else None  # /metrics, when asked for
         self.spool = workdir / "relay-spool"
         config = {
             "listen": {"address": "127.0.0.1", "port": self.port, "max_connections": 200,
@@ -157,6 +165,7 @@ class Relay:
             "upstream": {"host": "127.0.0.1", "port": sink.port, "tls": "none",
                          "connections": connections, "timeout": "60s"},
             "log": {"level": "info"},
+            "metrics": {"port": self.metrics_port},
         }
         self.config_path = workdir / "relay.yaml"
         self.config_path.write_text(yaml.safe_dump(config))

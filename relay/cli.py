@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import http.client
 import json
 import os
 import socket
@@ -30,6 +31,7 @@ from .errors import (
     RelayError,
     SpoolError,
     SubmissionFailed,
+    Unhealthy,
     UsageError,
 )
 from .log import setup_logging
@@ -43,6 +45,7 @@ EX_UNAVAILABLE = 69
 EX_TEMPFAIL = 75
 EX_NOPERM = 77
 EX_CONFIG = 78
+HEALTH_SECONDS = 5.0  # a probe of a healthy relay answers in milliseconds
 
 
 def exit_status(error: BaseException) -> int:
@@ -59,7 +62,7 @@ def exit_status(error: BaseException) -> int:
         return EX_TEMPFAIL
     if isinstance(error, CheckFailed):
         return EX_NOPERM if error.refused else EX_UNAVAILABLE
-    if isinstance(error, (SpoolError, OSError)):
+    if isinstance(error, (SpoolError, OSError, Unhealthy)):
         return EX_UNAVAILABLE
     return EX_TEMPFAIL
 
@@ -81,8 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     commands.add_parser("serve", parents=[common],
                         help="run the listener and delivery in the foreground")
-    commands.add_parser("check", parents=[common],
-                        help="validate the config, then connect, TLS and AUTH to the upstream")
+    check = commands.add_parser("check", parents=[common],
+                                help="validate the config, then connect, TLS and AUTH to the "
+                                     "upstream")
+    check.add_argument("--local", action="store_true",
+                       help="instead, ask the running relay's /healthz (metrics.port)")
     commands.add_parser("sendmail", parents=[common], add_help=False,
                         help="sendmail-compatible submission of a message on stdin")
 
@@ -122,7 +128,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return EX_USAGE
     # Only serve and check talk to the upstream; the rest must work without its password.
-    secrets = args.command in ("serve", "check")
+    secrets = args.command == "serve" or (args.command == "check" and not args.local)
     return _guard(lambda: _dispatch(args, load_config(args.config, secrets=secrets)))
 
 
@@ -138,7 +144,7 @@ def _dispatch(args: argparse.Namespace, config: Config) -> int:
     if args.command == "serve":
         return _serve(config)
     if args.command == "check":
-        return asyncio.run(_check(config))
+        return _check_local(config) if args.local else asyncio.run(_check(config))
     spool = Spool(config.spool.path)
     _become_spool_owner(spool.path)
     if args.action is None:
@@ -298,6 +304,35 @@ async def _check_api(upstream: MailgunApiConfig) -> CheckFailed | None:
     return CheckFailed(check.detail, refused=check.refused)
 
 
+def _check_local(config: Config) -> int:
+    """Ask the running relay's /healthz: exit 0 on 200, else Unhealthy (69)."""
+    port = config.metrics.port
+    if port is None:
+        raise ConfigError("metrics.port", "not set, so the relay serves no /healthz to ask")
+    host = _loopback_for(config.metrics.address)
+    where = f"{host}:{port}" if ":" not in host else f"[{host}]:{port}"
+    connection = http.client.HTTPConnection(host, port, timeout=HEALTH_SECONDS)
+    try:
+        connection.request("GET", "/healthz")
+        response = connection.getresponse()
+        text = response.read(4096).decode("utf-8", "replace")
+    except (OSError, http.client.HTTPException) as exc:
+        raise Unhealthy(f"no relay answers at {where}: {_describe(exc)}") from None
+    finally:
+        connection.close()
+    detail = "; ".join(line for line in text.splitlines() if line.strip())
+    if response.status != 200:
+        print(f"{'healthz':<9} FAILED  {response.status} {views.escape(detail)}")
+        raise Unhealthy(f"the relay at {where} is not healthy")
+    print(f"{'healthz':<9} ok      {where} {response.status} {views.escape(detail)}")
+    return EX_OK
+
+
+def _loopback_for(address: str) -> str:
+    """Where a local client reaches a server bound to `address` (any address: loopback)."""
+    return {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(address, address)
+
+
 def _sendmail(argv: list[str]) -> int:
     options = sendmail.parse_args(argv)
     config = load_config(options.config, secrets=False)
@@ -305,8 +340,7 @@ def _sendmail(argv: list[str]) -> int:
     default_sender = config.sendmail.sender or sendmail.default_sender()
     sender, recipients, prepared = sendmail.prepare(
         message, options, default_sender, socket.gethostname())
-    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(config.listen.address,
-                                                     config.listen.address)
+    host = _loopback_for(config.listen.address)
     entry_id = sendmail.submit(host, config.listen.port, sender, recipients, prepared)
     if options.verbose:
         print(f"queued as {entry_id}")

@@ -15,13 +15,16 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import yaml
+from email_validator import EmailNotValidError, validate_email
 
 from .configvalues import (
     IPNetwork,
     Section,
     choice,
+    describe,
     duration_at_least,
     int_range,
     ip_address_text,
@@ -57,6 +60,7 @@ MAX_CONFIG_BYTES = 1 << 20  # a config is a few KiB; refuse anything that could 
 LOOPBACK_NETWORKS = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
+NOTIFY_CHOICES = ("none", "sender")  # or an address
 
 
 @dataclass(frozen=True)
@@ -96,6 +100,24 @@ class SendmailConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    """The HTTP endpoint of /metrics and /healthz; port None: off."""
+
+    address: str = "127.0.0.1"
+    port: int | None = None
+    allow: tuple[IPNetwork, ...] = LOOPBACK_NETWORKS
+
+
+@dataclass(frozen=True)
+class BouncesConfig:
+    """Delivery status notifications for failed recipients."""
+
+    notify: str = "none"  # "none", "sender", or an address
+    from_address: str | None = None  # the notice's From:; None: MAILER-DAEMON@<hostname>
+    max_per_hour: int = 10  # notices to one address within an hour; the rest are dropped
+
+
+@dataclass(frozen=True)
 class Config:
     listen: ListenConfig = ListenConfig()
     spool: SpoolConfig = SpoolConfig()
@@ -103,6 +125,8 @@ class Config:
     delivery: DeliveryConfig = DeliveryConfig()
     log: LogConfig = LogConfig()
     sendmail: SendmailConfig = SendmailConfig()
+    metrics: MetricsConfig = MetricsConfig()
+    bounces: BouncesConfig = BouncesConfig()
     source: Path | None = None  # the file it was read from; None for built-in defaults
 
     @property
@@ -121,6 +145,10 @@ def restart_required(old: Config, new: Config) -> list[str]:
         changed.append("listen.port")
     if new.spool.path != old.spool.path:
         changed.append("spool.path")
+    if new.metrics.address != old.metrics.address:
+        changed.append("metrics.address")
+    if new.metrics.port != old.metrics.port:
+        changed.append("metrics.port")
     return changed
 
 
@@ -128,7 +156,9 @@ def keep_restart_only(old: Config, new: Config) -> Config:
     """`new` with the values that need a restart taken from `old`."""
     return replace(new, listen=replace(new.listen, address=old.listen.address,
                                        port=old.listen.port),
-                   spool=replace(new.spool, path=old.spool.path))
+                   spool=replace(new.spool, path=old.spool.path),
+                   metrics=replace(new.metrics, address=old.metrics.address,
+                                   port=old.metrics.port))
 
 
 # --- lookup ---------------------------------------------------------------------------
@@ -187,6 +217,8 @@ def parse_config(text: str, environ: Mapping[str, str], source: Path | None = No
         delivery=_delivery(section.child("delivery")),
         log=_log(section.child("log")),
         sendmail=_sendmail(section.child("sendmail")),
+        metrics=_metrics(section.child("metrics")),
+        bounces=_bounces(section.child("bounces")),
         source=source,
     )
     section.reject_unknown()
@@ -199,14 +231,8 @@ def parse_config(text: str, environ: Mapping[str, str], source: Path | None = No
 def _listen(s: Section) -> ListenConfig:
     d = ListenConfig()
     address = s.get("address", ip_address_text, d.address)
-    allow_given = "allow" in s.data
-    allow = s.get("allow", network_list, d.allow)
-    if not allow_given and not is_loopback(address):
-        raise ConfigError(
-            s.key("address"),
-            f"{address} is not a loopback address; add listen.allow with the client networks "
-            "allowed to submit, so the relay cannot become an open relay",
-        )
+    allow = _allow(s, address, d.allow, "the client networks allowed to submit, so the "
+                   "relay cannot become an open relay")
     config = ListenConfig(
         address=address,
         port=s.get("port", int_range(0, 65535), d.port),
@@ -218,6 +244,17 @@ def _listen(s: Section) -> ListenConfig:
     )
     s.reject_unknown()
     return config
+
+
+def _allow(s: Section, address: str, default: tuple[IPNetwork, ...],
+           why: str) -> tuple[IPNetwork, ...]:
+    """The section's `allow` networks: required when `address` is not loopback."""
+    allow_given = "allow" in s.data
+    allow: tuple[IPNetwork, ...] = s.get("allow", network_list, default)
+    if not allow_given and not is_loopback(address):
+        raise ConfigError(s.key("address"), f"{address} is not a loopback address; add "
+                          f"{s.key('allow')} with {why}")
+    return allow
 
 
 def _spool(s: Section) -> SpoolConfig:
@@ -258,3 +295,50 @@ def _sendmail(s: Section) -> SendmailConfig:
     config = SendmailConfig(sender=s.get("sender", nonempty_text, None))
     s.reject_unknown()
     return config
+
+
+def _metrics(s: Section) -> MetricsConfig:
+    d = MetricsConfig()
+    address = s.get("address", ip_address_text, d.address)
+    config = MetricsConfig(
+        address=address,
+        port=s.get("port", optional(int_range(0, 65535)), d.port),
+        allow=_allow(s, address, d.allow, "the networks allowed to scrape (your Prometheus "
+                     "server), so queue figures are not shown to everyone"),
+    )
+    s.reject_unknown()
+    return config
+
+
+def _bounces(s: Section) -> BouncesConfig:
+    d = BouncesConfig()
+    config = BouncesConfig(
+        notify=s.get("notify", _notify, d.notify),
+        from_address=s.get("from", _address, d.from_address),
+        max_per_hour=s.get("max_per_hour", int_range(1, 1_000_000), d.max_per_hour),
+    )
+    s.reject_unknown()
+    return config
+
+
+def _address(value: Any) -> str:
+    """A mailbox (syntax only, no DNS), as the listener would accept it."""
+    text = nonempty_text(value)
+    if "<" in text or ">" in text:
+        raise ValueError(f"expected a bare address like ops@example.com, got {describe(value)}")
+    try:
+        validate_email(text, check_deliverability=False, globally_deliverable=False,
+                       allow_smtputf8=True)
+    except EmailNotValidError as exc:
+        raise ValueError(f"{text!r} is not a valid address: {exc}") from None
+    return text
+
+
+def _notify(value: Any) -> str:
+    """none | sender | an address to send every notice to."""
+    if isinstance(value, str) and value.strip().lower() in NOTIFY_CHOICES:
+        return value.strip().lower()
+    if not isinstance(value, str) or "@" not in value:
+        raise ValueError(f"expected none, sender or an address like ops@example.com, got "
+                         f"{describe(value)}")
+    return _address(value)

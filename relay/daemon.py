@@ -14,6 +14,7 @@ import os
 import signal
 from concurrent.futures import ThreadPoolExecutor
 
+from .bounces import Bounces
 from .clock import SteadyClock
 from .config import Config, keep_restart_only, load_config, restart_required
 from .delivery import Delivery
@@ -21,6 +22,8 @@ from .entry import Entry
 from .errors import ConfigError
 from .listener import ServerFactory, local_hostname
 from .log import log_event, setup_logging
+from .metrics import Metrics, Recorder
+from .monitor import Monitor
 from .spool import Spool
 from .systemd import notify, watchdog_interval
 from .writer import SpoolWriter
@@ -38,8 +41,17 @@ class Daemon:
         self.spool = Spool(config.spool.path, config.spool.min_free)
         self.clock = SteadyClock()
         self.writer = SpoolWriter(self.spool)
+        # Off (metrics.port null): the calls still happen, into a Recorder that keeps nothing.
+        self.metrics = Metrics(self.spool, self.clock) if config.metrics.port is not None \
+            else Recorder()
+        self.monitor = Monitor(config.metrics, self.metrics, [
+            ("listener", self._listener_problem), ("spool", self.spool.write_problem),
+        ]) if isinstance(self.metrics, Metrics) else None
+        self.bounces = Bounces(config.bounces, self.spool, self.writer, self._stored,
+                               local_hostname(), self.clock, self.metrics)
         self.delivery = Delivery(self.spool, self.writer, config, clock=self.clock,
-                                 client_sessions=self._client_sessions)
+                                 client_sessions=self._client_sessions,
+                                 metrics=self.metrics, bounces=self.bounces)
         self._reported_skew = 0.0
         self._factory: ServerFactory | None = None
         self._server: asyncio.Server | None = None
@@ -73,12 +85,18 @@ class Daemon:
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(self._factory, host=listen.address,
                                                 port=listen.port)
+        self.metrics.upstream(self.config.upstream.name if self.config.upstream else None)
+        if self.monitor is not None:
+            await self.monitor.start()
         self.delivery.start()
         self._tasks = [asyncio.create_task(self.delivery.watch_incoming()),
                        asyncio.create_task(self._housekeeping())]
         where = ", ".join(f"{host}:{port}" for host, port in self.addresses)
+        metrics = ", ".join(f"{host}:{port}" for host, port in
+                            (self.monitor.addresses if self.monitor is not None else []))
         log_event(logging.INFO, None, event="start", listening=where,
-                  spool=str(self.spool.path), queued=len(due), upstream=self._upstream_text())
+                  spool=str(self.spool.path), queued=len(due), upstream=self._upstream_text(),
+                  metrics=metrics or "off")
         notify("READY=1")
 
     def _stored(self, entry: Entry, parts: tuple[bytes, ...]) -> None:
@@ -86,6 +104,12 @@ class Daemon:
 
     def _client_sessions(self) -> int:
         return self._factory.gate.active if self._factory is not None else 0
+
+    def _listener_problem(self) -> str | None:
+        """For /healthz: None while the listener accepts connections."""
+        if self._server is None or not self._server.is_serving():
+            return "not accepting connections"
+        return None
 
     def _upstream_text(self) -> str:
         upstream = self.config.upstream
@@ -123,6 +147,10 @@ class Daemon:
         self._factory.reconfigure(new.listen)
         self.spool.min_free = new.spool.min_free
         self.delivery.reconfigure(new)
+        self.bounces.reconfigure(new.bounces)
+        self.metrics.upstream(new.upstream.name if new.upstream else None)
+        if self.monitor is not None:
+            self.monitor.reconfigure(new.metrics)
         log_event(logging.INFO, None, event="reload", status="reloaded",
                   upstream=self._upstream_text())
         notify("READY=1")
@@ -162,6 +190,8 @@ class Daemon:
             task.cancel()
         await self.delivery.stop(DRAIN_SECONDS)
         await self.writer.close()
+        if self.monitor is not None:
+            await self.monitor.close()  # last: /healthz says 503 while deliveries drain
         self.spool.unlock()
         if self._server is not None:
             log_event(logging.INFO, None, event="stop", status="stopped")

@@ -17,11 +17,13 @@ import time
 from collections.abc import Callable
 
 from . import policy
+from .bounces import Bounces
 from .config import Config
 from .entry import Entry, Queue, Status
 from .errors import CorruptEntry
 from .faults import fault_point
 from .log import log_event
+from .metrics import Recorder
 from .policy import Disposition
 from .spool import Spool
 from .upstream import UpstreamSession, make_tls_context
@@ -166,8 +168,11 @@ class Delivery:
     def __init__(self, spool: Spool, writer: SpoolWriter, config: Config,
                  clock: Callable[[], float] = time.time,
                  rand: Callable[[], float] = random.random,
-                 client_sessions: Callable[[], int] = lambda: 0) -> None:
+                 client_sessions: Callable[[], int] = lambda: 0,
+                 metrics: Recorder | None = None, bounces: Bounces | None = None) -> None:
         self.spool = spool
+        self.metrics = metrics or Recorder()
+        self.bounces = bounces  # None: failures are recorded without notices
         self.writer = writer
         self.config = config
         self._client_sessions = client_sessions  # how many the listener has open now
@@ -294,10 +299,12 @@ class Delivery:
         pause = self.config.delivery.retry_max
         self._paused_until = self._clock() + pause
         self._resumed.clear()
+        self.metrics.paused(True)
         log_event(logging.ERROR, None, event="delivery", status="paused", reason=reason,
                   resumes=f"on reload, or in {pause:g}s with one more try")
 
     def _resume(self) -> None:
+        self.metrics.paused(False)
         self._paused_until = None
         self._resumed.set()
 
@@ -365,9 +372,12 @@ class Delivery:
             after = await asyncio.to_thread(self.spool.defer, after)
             assert after.next_attempt is not None
             self.schedule(after.id, after.next_attempt)
+        elif self.bounces is not None:
+            after = await self.bounces.fail(after)
         else:
             after = await asyncio.to_thread(self.spool.fail, after)
         self._log_outcome(entry, after, settled.disposition)
+        self.metrics.attempted(entry, after, result, self._clock())
         if policy.credentials_rejected(result):
             self._pause(f"upstream rejected the credentials: {result.error}")
 

@@ -101,6 +101,7 @@ class Entry:
     next_attempt: float | None = None
     last_error: str | None = None
     requeued: float | None = None  # when an operator requeued it: the age for expiry restarts
+    notice: str | None = None  # the queue ID of its bounce notice, once one was decided on
 
     @property
     def age_from(self) -> float:

@@ -13,8 +13,10 @@
     ├── UsageError                a command line that cannot be honoured
     ├── SubmissionFailed          `relay sendmail` could not hand the message over;
     │                             `permanent` tells refused (bad data) from try-again
-    └── CheckFailed               `relay check`: an upstream failed a step; `refused`
+    ├── CheckFailed               `relay check`: an upstream failed a step; `refused`
                                   tells refused credentials or domain from unreachable
+    └── Unhealthy                 `relay check --local`: the running relay's /healthz
+                                  answered other than 200, or not at all
 
 Expected delivery outcomes (a 4xx, a refused recipient, a lost connection) are values
 returned by `relay.upstream`, never exceptions. The command line maps these classes to
@@ -93,3 +95,7 @@ class CheckFailed(RelayError):
     def __init__(self, message: str, refused: bool) -> None:
         self.refused = refused
         super().__init__(message)
+
+
+class Unhealthy(RelayError):
+    """Raised by `relay check --local` when the running relay is not healthy."""

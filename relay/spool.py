@@ -54,6 +54,7 @@ _decode_json = json.JSONDecoder().decode
 OPEN_NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 OPEN_SPARE = os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC
 OPEN_READ = os.O_RDONLY | os.O_CLOEXEC
+_WAITING = (Queue.INCOMING, Queue.ACTIVE, Queue.DEFERRED)
 # A delivered entry's file is kept in tmp/ for a new entry, up to this many, rather than
 # unlinked: see Spool.remove.
 SPARES = 64
@@ -71,6 +72,11 @@ def is_unsafe_address(address: str) -> bool:
 def is_valid_id(entry_id: str) -> bool:
     """Queue IDs from outside (the command line) must match before they touch a path."""
     return bool(ID_PATTERN.match(entry_id))
+
+
+def arrival_of(entry_id: str) -> float | None:
+    """The arrival time a queue ID begins with (see new_id); None for anything else."""
+    return int(entry_id[:13], 16) / 1_000_000 if is_valid_id(entry_id) else None
 
 
 def new_id(now: float) -> str:
@@ -185,10 +191,11 @@ class Spool:
 
     def check_room(self, size: int) -> None:
         """Raise SpoolFull unless `size` more bytes leave at least min_free on the disk."""
-        if self._free_bytes() - size < self.min_free:
+        if self.free_bytes() - size < self.min_free:
             raise SpoolFull("insufficient free space in the spool")
 
-    def _free_bytes(self) -> int:
+    def free_bytes(self) -> int:
+        """Bytes free on the spool's filesystem for an unprivileged writer."""
         try:
             stat = os.statvfs(self.path)
         except OSError as exc:
@@ -221,7 +228,7 @@ class Spool:
         """
         results: dict[int, Entry | Exception] = {}
         try:
-            free = self._free_bytes()
+            free = self.free_bytes()
         except SpoolError as exc:
             return [exc] * len(batch)
         written: list[tuple[int, int]] = []  # (index in batch, open descriptor in tmp/)
@@ -366,6 +373,40 @@ class Spool:
     def counts(self) -> dict[str, int]:
         """How many entries each queue holds, by the state an operator sees."""
         return {queue.state: len(os.listdir(self.path / queue.value)) for queue in Queue}
+
+    def census(self) -> tuple[dict[str, int], float | None]:
+        """counts(), and the arrival time of the oldest entry still to be delivered
+        (queued, active or deferred), None if there is none. Directory listings only: a
+        queue ID starts with its arrival time, so no entry is opened."""
+        counts: dict[str, int] = {}
+        oldest: str | None = None
+        for queue in Queue:
+            names = os.listdir(self.path / queue.value)
+            counts[queue.state] = len(names)
+            if names and queue in _WAITING:
+                first = min(names)
+                if not is_valid_id(first):  # a stray file: look past it (rare, so slower)
+                    first = min((n for n in names if is_valid_id(n)), default=first)
+                oldest = first if oldest is None else min(oldest, first)
+        return counts, None if oldest is None else arrival_of(oldest)
+
+    def write_problem(self) -> str | None:
+        """Why a new message could not be stored now, or None: free space and inodes
+        above spool.min_free, the queue directories writable (a read-only remount fails
+        access() too). Two system calls per directory, cheap enough for every probe."""
+        try:
+            stat = os.statvfs(self.path)
+        except OSError as exc:
+            return f"cannot stat the spool filesystem: {exc.strerror}"
+        free = stat.f_bavail * stat.f_frsize
+        if free <= self.min_free:
+            return f"{free} bytes free, spool.min_free is {self.min_free}"
+        if stat.f_files and not stat.f_favail:
+            return "no free inodes"
+        for name in ("tmp", Queue.INCOMING.value, "state"):
+            if not os.access(self.path / name, os.W_OK | os.X_OK):
+                return f"{self.path / name} is not writable"
+        return None
 
     # --- delivery -----------------------------------------------------------------------
 
@@ -625,6 +666,7 @@ class Spool:
             "next_attempt": entry.next_attempt,
             "last_error": entry.last_error,
             "requeued": entry.requeued,
+            "notice": entry.notice,
         }
         data = json.dumps(record, ensure_ascii=False, separators=(",", ":")).encode()
         tmp = self.path / "tmp" / f"{entry.id}.state.{secrets.token_hex(4)}"
@@ -851,9 +893,12 @@ def _apply_state(entry: Entry, state: Any, where: str) -> Entry:
         next_attempt = state["next_attempt"]
         last_error = state["last_error"]
         requeued = state.get("requeued")
+        notice = state.get("notice")
     except (KeyError, TypeError, ValueError) as exc:
         raise CorruptEntry(where, f"malformed state record: {exc!r}") from None
+    if notice is not None and not (isinstance(notice, str) and is_valid_id(notice)):
+        raise CorruptEntry(where, "malformed state record: notice is not a queue ID")
     return replace(entry, recipients=recipients, attempts=attempts,
                    next_attempt=None if next_attempt is None else float(next_attempt),
                    last_error=None if last_error is None else str(last_error),
-                   requeued=None if requeued is None else float(requeued))
+                   requeued=None if requeued is None else float(requeued), notice=notice)

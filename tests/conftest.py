@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import http.client
 import json
 import os
 import re
@@ -130,6 +131,7 @@ class RelayProcess:
         self.spool = Path(config["spool"]["path"])
         self.lines: list[str] = []
         self.port = 0
+        self.metrics_port = 0  # where /metrics and /healthz answer, if metrics.port is set
         self.process: subprocess.Popen[str] | None = None
 
     def start(self) -> RelayProcess:
@@ -150,8 +152,14 @@ class RelayProcess:
                 f"relay exited early:\n{self.log()}"
             return 0
         self.port = wait_for(listening, what="the relay to listen")
+        for line in self.lines[seen:]:
+            match = re.search(r"metrics(?:=|\": \")[^ ,\"]+:(\d+)", line)
+            if match:
+                self.metrics_port = int(match.group(1))
         # Commands (sendmail above all) need the real port, not the 0 the relay was given.
         client = {**self.config, "listen": {**self.config["listen"], "port": self.port}}
+        if self.metrics_port:
+            client["metrics"] = {**self.config["metrics"], "port": self.metrics_port}
         self.client_config_path.write_text(yaml.safe_dump(client))
         return self
 
@@ -162,6 +170,17 @@ class RelayProcess:
 
     def log(self) -> str:
         return "\n".join(self.lines)
+
+    def get(self, path: str) -> tuple[int, str]:
+        """GET `path` of the relay's monitoring endpoint: (status, body)."""
+        assert self.metrics_port, "the relay was started without metrics.port"
+        connection = http.client.HTTPConnection("127.0.0.1", self.metrics_port, timeout=10)
+        try:
+            connection.request("GET", path)
+            response = connection.getresponse()
+            return response.status, response.read().decode()
+        finally:
+            connection.close()
 
     def reload(self, config: dict[str, Any]) -> None:
         """Rewrite the config file, send SIGHUP, and wait for the reload's outcome line."""
@@ -275,8 +294,11 @@ def relay_config(tmp_path: Path, upstream: Upstream | None, ca_file: Path | None
     return config
 
 
+MakeRelay = Callable[..., RelayProcess]  # the make_relay fixture: (config, env, prefix)
+
+
 @pytest.fixture
-def make_relay(tmp_path: Path) -> Iterator[Callable[..., RelayProcess]]:
+def make_relay(tmp_path: Path) -> Iterator[MakeRelay]:
     started: list[RelayProcess] = []
 
     def make(config: dict[str, Any], env: dict[str, str] | None = None,

@@ -77,12 +77,37 @@ def test_sizes(text: object, size: int) -> None:
     ("delivery: {retry_min: 1h, retry_max: 1m}", "delivery.retry_max", "retry_min"),
     ("log: {level: loud}", "log.level", "debug | info"),
     ("listen: [1, 2]", "listen", "expected a mapping"),
+    ("metrics: {port: 99999}", "metrics.port", "expected an integer 0-65535"),
+    ("metrics: {address: 0.0.0.0, port: 9465}", "metrics.address", "add metrics.allow"),
+    ("metrics: {allow: [nowhere]}", "metrics.allow", "not an IP network"),
+    ("bounces: {notify: everyone}", "bounces.notify", "none, sender or an address"),
+    ("bounces: {notify: 'ops@'}", "bounces.notify", "not a valid address"),
+    ("bounces: {from: '<x@example.com>'}", "bounces.from", "bare address"),
+    ("bounces: {max_per_hour: 0}", "bounces.max_per_hour", "expected an integer 1-"),
 ])
 def test_bad_values_name_the_key(text: str, key: str, fragment: str) -> None:
     """Every bad key or value is reported with its dotted key and a hint."""
     error = error_for(text)
     assert error.key == key
     assert fragment in error.message
+
+
+def test_metrics_and_bounces_are_off_by_default() -> None:
+    """No metrics endpoint and no notices unless asked for; loopback when turned on."""
+    config = parse_config("metrics: {port: 9465}", {})
+    assert Config().metrics.port is None and Config().bounces.notify == "none"
+    assert (config.metrics.address, config.metrics.port) == ("127.0.0.1", 9465)
+    assert config.metrics.allow == Config().listen.allow
+
+
+def test_bounces_notify_takes_sender_or_an_address() -> None:
+    """notify: sender, or an address, kept as given; from and max_per_hour with it."""
+    assert parse_config("bounces: {notify: Sender}", {}).bounces.notify == "sender"
+    config = parse_config("bounces: {notify: ops@example.com, from: relay@example.com, "
+                          "max_per_hour: 3}", {})
+    assert config.bounces.notify == "ops@example.com"
+    assert config.bounces.from_address == "relay@example.com"
+    assert config.bounces.max_per_hour == 3
 
 
 def test_port_error_message_shows_the_bad_value() -> None:
@@ -136,10 +161,12 @@ def test_example_config_loads_with_every_key() -> None:
     assert config.upstream is not None
     assert (config.upstream.host, config.upstream.port) == ("smtp.mailgun.org", 587)
     assert config.upstream.tls == "starttls" and config.upstream.verify
+    assert config.metrics.port == 9465  # production turns the endpoint on
     for key in ("address", "port", "max_message_size", "max_recipients", "max_connections",
                 "timeout", "allow", "path", "min_free", "host", "tls", "verify", "ca_file",
                 "username", "password_env", "connections", "retry_min", "retry_max", "max_age",
-                "max_attempts", "level", "format", "sender"):
+                "max_attempts", "level", "format", "sender", "notify", "from",
+                "max_per_hour"):
         assert f"{key}:" in text, key
 
 

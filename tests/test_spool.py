@@ -487,3 +487,49 @@ def test_a_draft_that_fills_the_disk_is_refused_and_removed(
         draft.write([b"x" * 10])
     draft.discard()
     assert os.listdir(spool.path / "tmp") == []
+
+
+def test_failed_entry_keeps_the_id_of_its_notice(spool: Spool) -> None:
+    """The notice's queue ID is written with the failure and read back, through a requeue."""
+    entry_id = store(spool)
+    entry = spool.claim(entry_id, time.time())
+    assert entry is not None
+    notice = new_id(time.time())
+    failed = replace(entry, recipients=(replace(entry.recipients[0], status=Status.FAILED,
+                                                reply="550 no"),), notice=notice)
+    spool.fail(failed)
+    assert spool.find(entry_id).notice == notice
+    requeued = spool.requeue(entry_id, time.time())
+    assert requeued is not None and spool.find(entry_id).notice == notice
+
+
+def test_state_record_with_a_malformed_notice_is_corrupt(spool: Spool) -> None:
+    """A notice that is not a queue ID (a hand-edited record) is refused, not trusted."""
+    entry_id = store(spool)
+    (spool.path / "state" / entry_id).write_text(json.dumps({
+        "recipients": [{"status": "pending", "reply": None}], "attempts": [],
+        "next_attempt": None, "last_error": None, "notice": "../../etc/passwd"}))
+    with pytest.raises(CorruptEntry, match="notice is not a queue ID"):
+        spool.find(entry_id)
+
+
+def test_census_counts_queues_and_finds_the_oldest_waiting_entry(spool: Spool) -> None:
+    """Counts per state; the oldest of queued, active and deferred by its ID, a held older
+    one and a stray file not taken for it."""
+    held = store(spool)
+    spool.move(held, (Queue.INCOMING,), Queue.HOLD)
+    waiting = store(spool)
+    store(spool)
+    (spool.path / "incoming" / "0-stray").write_text("")
+    counts, oldest = spool.census()
+    assert counts == {"queued": 3, "active": 0, "deferred": 0, "held": 1, "failed": 0}
+    assert oldest == relay.spool.arrival_of(waiting)
+    assert oldest is not None and abs(oldest - time.time()) < 60
+
+
+def test_write_problem_names_free_space_below_min_free(spool: Spool) -> None:
+    """Room for mail: None. min_free above the free space: the figures, for /healthz."""
+    assert spool.write_problem() is None
+    spool.min_free = spool.free_bytes() + 2**40
+    problem = spool.write_problem()
+    assert problem is not None and "bytes free, spool.min_free is" in problem

@@ -1,0 +1,246 @@
+"""The relay's Prometheus metrics: their names, types and labels (a contract), and what
+counts them.
+
+`Recorder` is what the listener, delivery and bounces call; it records nothing, so a
+relay without `metrics.port` pays one empty call per event. `Metrics` records, on a
+registry of its own (tests make fresh ones) with the library's process collector for
+the `process_*` metrics. Counting stays off the hot path's bill: label children are
+bound once, so a message costs an increment and an observation, nothing allocated; the
+queue gauges and free space are read from the spool when Prometheus scrapes, never
+kept up to date per message.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable, Iterable
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    disable_created_metrics,
+)
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.metrics_core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from . import policy
+from .entry import Entry, Queue, Status
+from .policy import AttemptResult
+from .spool import Spool
+
+# Final dot to 250: a fsync or two, well under a millisecond to a few on a busy disk.
+ACCEPT_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+                  5.0)
+# Arrival to sent: from the first attempt's milliseconds to a backlog's days.
+DELAY_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0,
+                 3600.0, 14400.0, 86400.0, 432000.0)
+OUTCOMES = ("sent", "deferred", "failed", "expired")
+QUEUE_STATES = tuple(queue.state for queue in Queue)
+
+# A `_created` series beside every counter and histogram doubles the text Prometheus
+# reads, for a start time that process_start_time_seconds already gives.
+disable_created_metrics()  # type: ignore[no-untyped-call]  # unannotated in the library
+
+
+class Refusal(str, enum.Enum):
+    """The `reason` label of relay_messages_refused_total: why a message (or the session
+    that would have carried it) was not accepted."""
+
+    ALLOW = "allow"  # client not in listen.allow (554 5.7.1 at connect)
+    CONNECTIONS = "connections"  # over listen.max_connections (421 4.7.0 at connect)
+    ADDRESS = "address"  # sender or recipient refused (553 5.1.3)
+    SIZE = "size"  # over listen.max_message_size (552 5.3.4)
+    DISK = "disk"  # below spool.min_free or a spool write failed (452 4.3.1)
+    PROTOCOL = "protocol"  # a client that broke the rules: too many commands, garbage (421/502)
+    TIMEOUT = "timeout"  # idle past listen.timeout (421 4.4.2)
+    ERROR = "error"  # a bug of ours (451 4.3.0)
+
+
+class BounceOutcome(str, enum.Enum):
+    """The `outcome` label of relay_bounces_total."""
+
+    QUEUED = "queued"
+    RATE_LIMITED = "rate_limited"
+    FAILED = "failed"  # could not be stored (disk full, say)
+
+
+class Recorder:
+    """The calls the relay makes as things happen. This one records nothing: metrics off."""
+
+    # --- listener side -----------------------------------------------------------------
+
+    def accepted(self, seconds: float) -> None:
+        """One message answered 250, `seconds` after its final dot arrived."""
+
+    def refused(self, reason: Refusal) -> None:
+        """One message or session not accepted, for `reason`."""
+
+    # --- delivery side -----------------------------------------------------------------
+
+    def attempted(self, before: Entry, after: Entry, result: AttemptResult,
+                  now: float) -> None:
+        """One delivery attempt settled: `before` and `after` are the entry around it."""
+
+    def upstream(self, name: str | None) -> None:
+        """The configured upstream (at start and after each reload; None: none)."""
+
+    def paused(self, paused: bool) -> None:
+        """Delivery paused (credentials rejected) or resumed."""
+
+    def bounce(self, outcome: BounceOutcome) -> None:
+        """A bounce notice queued, or not."""
+
+
+class Metrics(Recorder):
+    """The metrics of one relay on a registry of their own; `spool` is read at scrape time
+    for the queue gauges, with `clock` for the age of the oldest message."""
+
+    def __init__(self, spool: Spool, clock: Callable[[], float]) -> None:
+        self.registry = registry = CollectorRegistry()
+        ProcessCollector(registry=registry)
+        received = Counter("relay_messages_received", "Messages accepted (answered 250).",
+                           registry=registry)
+        refused = Counter("relay_messages_refused", "Messages or sessions refused, by reason.",
+                          ["reason"], registry=registry)
+        accept = Histogram("relay_accept_seconds", "Seconds from a message's final dot to "
+                           "its 250.", buckets=ACCEPT_BUCKETS, registry=registry)
+        self._deliveries = Counter("relay_deliveries", "Recipients' delivery outcomes per "
+                                   "attempt: sent, deferred, failed (refused), expired.",
+                                   ["upstream", "outcome"], registry=registry)
+        self._delay = Histogram("relay_delivery_delay_seconds", "Seconds from a message's "
+                                "arrival to its being sent, per recipient sent.",
+                                buckets=DELAY_BUCKETS, registry=registry)
+        self._up = Gauge("relay_upstream_up", "1 if the last attempt reached the upstream "
+                         "and it answered in SMTP, 0 if it could not be reached.",
+                         ["upstream"], registry=registry)
+        self._paused = Gauge("relay_upstream_paused", "1 while delivery is paused because "
+                             "the upstream rejected the credentials.", ["upstream"],
+                             registry=registry)
+        self._errors = Counter("relay_upstream_errors", "Attempts that ended in an error, "
+                               "and recipients refused, by SMTP stage.",
+                               ["upstream", "stage"], registry=registry)
+        bounces = Counter("relay_bounces", "Bounce notices, by outcome.", ["outcome"],
+                          registry=registry)
+        registry.register(_SpoolCollector(spool, clock))
+        # Bound once: the listener's calls go straight to the library's increment.
+        self._received = received.inc
+        self._observe_accept = accept.observe
+        self._refused = {reason: refused.labels(reason.value).inc for reason in Refusal}
+        self._bounces = {outcome: bounces.labels(outcome.value).inc for outcome in BounceOutcome}
+        self._upstream: str | None = None
+        self._counted: dict[str, Callable[[], None]] = {}
+        self._set_up: Callable[[float], None] = _ignore
+        self._observe_delay = self._delay.observe
+
+    def accepted(self, seconds: float) -> None:
+        self._received()
+        self._observe_accept(seconds)
+
+    def refused(self, reason: Refusal) -> None:
+        self._refused[reason]()
+
+    def attempted(self, before: Entry, after: Entry, result: AttemptResult,
+                  now: float) -> None:
+        name = result.relay
+        if name != self._upstream:
+            self.upstream(name)
+        counted = self._counted
+        for old, new in zip(before.recipients, after.recipients, strict=True):
+            if old.status is not Status.PENDING:
+                continue
+            if new.status is Status.SENT:
+                counted["sent"]()
+                self._observe_delay(max(now - after.arrived, 0.0))
+            elif new.status is Status.PENDING:
+                counted["deferred"]()
+            elif policy.is_expiry(new.reply):
+                counted["expired"]()
+            else:
+                counted["failed"]()
+        for reply in result.recipients.values():
+            if not (reply.code is not None and 200 <= reply.code < 300
+                    or policy.is_recipient_limit(reply)):
+                self._errors.labels(name, policy.Stage.RCPT.value).inc()
+        error = result.error
+        if error is not None:
+            self._errors.labels(name, result.stage.value).inc()
+        unreachable = (error is not None and error.code is None and not result.recipients
+                       and result.stage is policy.Stage.SESSION)
+        self._set_up(0 if unreachable else 1)
+
+    def upstream(self, name: str | None) -> None:
+        """Forget the gauges of the upstream before: an old provider must not stay down."""
+        if self._upstream is not None and name != self._upstream:
+            for gauge in (self._up, self._paused):
+                try:
+                    gauge.remove(self._upstream)
+                except KeyError:
+                    pass
+        self._upstream = name
+        if name is None:
+            self._counted, self._set_up = {}, _ignore
+            return
+        self._paused.labels(name)  # 0 until a pause: present, so an alert can see it
+        self._counted = {outcome: self._deliveries.labels(name, outcome).inc
+                         for outcome in OUTCOMES}
+        self._set_up = self._first_up
+
+    def _first_up(self, value: float) -> None:
+        """The up gauge is created at the first attempt (an upstream never tried is not
+        down), then bound like the counters."""
+        assert self._upstream is not None
+        self._set_up = self._up.labels(self._upstream).set
+        self._set_up(value)
+
+    def paused(self, paused: bool) -> None:
+        if self._upstream is not None:
+            self._paused.labels(self._upstream).set(1 if paused else 0)
+
+    def bounce(self, outcome: BounceOutcome) -> None:
+        self._bounces[outcome]()
+
+    def exposition(self, accept: str = "") -> tuple[bytes, str]:
+        """The registry in the format the Accept header asks for (Prometheus text by
+        default), and its content type. Lists the spool's directories: call it from a
+        thread, not the event loop."""
+        encode, content_type = choose_encoder(accept)
+        return encode(self.registry), content_type
+
+
+def _ignore(value: float) -> None:
+    """No upstream configured: nothing to record."""
+
+
+class _SpoolCollector(Collector):
+    """The queue gauges and free space, taken from the spool at each scrape."""
+
+    def __init__(self, spool: Spool, clock: Callable[[], float]) -> None:
+        self._spool = spool
+        self._clock = clock
+
+    def describe(self) -> Iterable[Metric]:
+        return self._families(None, None, 0)
+
+    def collect(self) -> Iterable[Metric]:
+        counts, oldest = self._spool.census()
+        return self._families(counts, oldest, self._spool.free_bytes())
+
+    def _families(self, counts: dict[str, int] | None, oldest: float | None,
+                  free: int) -> list[Metric]:
+        queue = GaugeMetricFamily("relay_queue_messages", "Messages in the spool, by state.",
+                                  labels=["state"])
+        for state in QUEUE_STATES if counts is not None else ():
+            queue.add_metric([state], counts[state] if counts is not None else 0)
+        age = 0.0 if oldest is None else max(self._clock() - oldest, 0.0)
+        return [
+            queue,
+            GaugeMetricFamily("relay_queue_oldest_age_seconds", "Age of the oldest message "
+                              "still to be delivered (queued, active or deferred); 0 if none.",
+                              value=age),
+            GaugeMetricFamily("relay_spool_free_bytes", "Free bytes on the spool's "
+                              "filesystem.", value=free),
+        ]
