@@ -30,6 +30,7 @@ LOOPBACK_NETWORKS = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("
 TLS_MODES = ("starttls", "implicit", "none")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
+MAX_SCHEDULE = 999_999_999
 
 
 @dataclass(frozen=True)
@@ -73,12 +74,20 @@ class DeliveryConfig:
     retry_max: float = 3600.0
     max_age: float = 5 * 86400.0
     max_attempts: int | None = None
+    max_schedule: float = 30 * 86400.0  # how far ahead a client may ask a message be sent
 
 
 @dataclass(frozen=True)
 class LogConfig:
     level: str = "info"
     format: str = "text"
+    redact_addresses: bool = False  # j***@example.com in logs, history output and stats
+
+
+@dataclass(frozen=True)
+class HistoryConfig:
+    enabled: bool = True  # the delivery journal in the spool's history/
+    keep: float = 30 * 86400.0  # journal files older than this are deleted, daily
 
 
 @dataclass(frozen=True)
@@ -94,6 +103,7 @@ class Config:
     delivery: DeliveryConfig = DeliveryConfig()
     log: LogConfig = LogConfig()
     sendmail: SendmailConfig = SendmailConfig()
+    history: HistoryConfig = HistoryConfig()
     source: Path | None = None  # the file it was read from; None for built-in defaults
 
 
@@ -106,6 +116,8 @@ def restart_required(old: Config, new: Config) -> list[str]:
         changed.append("listen.port")
     if new.spool.path != old.spool.path:
         changed.append("spool.path")
+    if new.history.enabled != old.history.enabled:
+        changed.append("history.enabled")
     return changed
 
 
@@ -113,7 +125,8 @@ def keep_restart_only(old: Config, new: Config) -> Config:
     """`new` with the values that need a restart taken from `old`."""
     return replace(new, listen=replace(new.listen, address=old.listen.address,
                                        port=old.listen.port),
-                   spool=replace(new.spool, path=old.spool.path))
+                   spool=replace(new.spool, path=old.spool.path),
+                   history=replace(new.history, enabled=old.history.enabled))
 
 
 # --- lookup ---------------------------------------------------------------------------
@@ -172,6 +185,7 @@ def parse_config(text: str, environ: Mapping[str, str], source: Path | None = No
         delivery=_delivery(section.child("delivery")),
         log=_log(section.child("log")),
         sendmail=_sendmail(section.child("sendmail")),
+        history=_history(section.child("history")),
         source=source,
     )
     section.reject_unknown()
@@ -286,9 +300,13 @@ def _delivery(s: _Section) -> DeliveryConfig:
         retry_max=s.get("retry_max", _duration(minimum=0.001), d.retry_max),
         max_age=s.get("max_age", _duration(minimum=1), d.max_age),
         max_attempts=s.get("max_attempts", _optional(_int_range(1, 1_000_000)), d.max_attempts),
+        max_schedule=s.get("max_schedule", _duration(minimum=1), d.max_schedule),
     )
     if config.retry_max < config.retry_min:
         raise ConfigError(s.key("retry_max"), "must not be shorter than delivery.retry_min")
+    if config.max_schedule > MAX_SCHEDULE:
+        # RFC 4865 gives the interval at most nine digits of seconds (about 31 years).
+        raise ConfigError(s.key("max_schedule"), f"must be at most {MAX_SCHEDULE} seconds")
     s.reject_unknown()
     return config
 
@@ -298,6 +316,18 @@ def _log(s: _Section) -> LogConfig:
     config = LogConfig(
         level=s.get("level", _choice(LOG_LEVELS), d.level),
         format=s.get("format", _choice(LOG_FORMATS), d.format),
+        redact_addresses=s.get("redact_addresses", _bool, d.redact_addresses),
+    )
+    s.reject_unknown()
+    return config
+
+
+def _history(s: _Section) -> HistoryConfig:
+    d = HistoryConfig()
+    config = HistoryConfig(
+        enabled=s.get("enabled", _bool, d.enabled),
+        # The journal is one file per day: less than a day could not be kept apart.
+        keep=s.get("keep", _duration(minimum=86400), d.keep),
     )
     s.reject_unknown()
     return config

@@ -11,8 +11,10 @@
     ├── EntryNotFound             no entry with this queue ID
     ├── EntryBusy                 the entry is being delivered right now (in active/)
     ├── UsageError                a command line that cannot be honoured
-    └── SubmissionFailed          `relay sendmail` could not hand the message over;
-                                  `permanent` tells refused (bad data) from try-again
+    ├── SubmissionFailed          `relay sendmail` could not hand the message over;
+    │                             `permanent` tells refused (bad data) from try-again
+    └── ScheduleRefused           a send time a client asked for cannot be honoured;
+                                  `reply` is the SMTP reply that says why
 
 Expected delivery outcomes (a 4xx, a refused recipient, a lost connection) are values
 returned by `relay.upstream`, never exceptions. The command line maps these classes to
@@ -82,3 +84,12 @@ class EntryBusy(RelayError):
     def __init__(self, entry_id: str) -> None:
         self.entry_id = entry_id
         super().__init__(f"{entry_id}: being delivered right now; try again in a moment")
+
+
+class ScheduleRefused(RelayError):
+    """Raised by relay.schedule for a send time it refuses; `reply` is the SMTP reply
+    (with its enhanced status code) the listener gives the client."""
+
+    def __init__(self, reply: str) -> None:
+        self.reply = reply
+        super().__init__(reply)
