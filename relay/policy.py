@@ -15,6 +15,7 @@ from .config import DeliveryConfig
 from .entry import Attempt, Entry, Recipient, Status
 
 NO_UPSTREAM = "no upstream configured"
+EXPIRED = "expired after "  # how an expired recipient's reply begins (relay.history reads it)
 JITTER = 0.2  # +-20%: spreads retries of a backlog so they do not hit the upstream in step
 
 
@@ -157,7 +158,7 @@ def settle(entry: Entry, result: AttemptResult, started: float, now: float,
     if not pending:
         return Settlement(updated, Disposition.FAILED if failed else Disposition.DELIVERED)
     if is_expired(updated, now, config):
-        why = f"expired after {len(updated.attempts)} attempts: "
+        why = f"{EXPIRED}{len(updated.attempts)} attempts: "
         recipients = tuple(
             replace(r, status=Status.FAILED, reply=why + (r.reply or result.summary))
             if r.status is Status.PENDING else r
