@@ -19,6 +19,7 @@ from .config import Config, keep_restart_only, load_config, restart_required
 from .delivery import Delivery
 from .entry import Entry
 from .errors import ConfigError
+from .history import HistoryWriter, journal_dir
 from .listener import ServerFactory, local_hostname
 from .log import log_event, setup_logging
 from .spool import Spool
@@ -38,8 +39,10 @@ class Daemon:
         self.spool = Spool(config.spool.path, config.spool.min_free)
         self.clock = SteadyClock()
         self.writer = SpoolWriter(self.spool)
+        self.history = HistoryWriter(journal_dir(self.spool.path), config.history.keep) \
+            if config.history.enabled else None
         self.delivery = Delivery(self.spool, self.writer, config, clock=self.clock,
-                                 client_sessions=self._client_sessions)
+                                 client_sessions=self._client_sessions, history=self.history)
         self._reported_skew = 0.0
         self._factory: ServerFactory | None = None
         self._server: asyncio.Server | None = None
@@ -68,6 +71,8 @@ class Daemon:
             self.delivery.schedule(entry_id, when)
         listen = self.config.listen
         self.writer.start()
+        if self.history is not None:
+            self.history.start()
         self._factory = ServerFactory(self.spool, self.writer, listen, self._stored,
                                       local_hostname(), self.clock)
         loop = asyncio.get_running_loop()
@@ -122,6 +127,8 @@ class Daemon:
         setup_logging(new.log)
         self._factory.reconfigure(new.listen)
         self.spool.min_free = new.spool.min_free
+        if self.history is not None:
+            self.history.keep = new.history.keep
         self.delivery.reconfigure(new)
         log_event(logging.INFO, None, event="reload", status="reloaded",
                   upstream=self._upstream_text())
@@ -162,6 +169,8 @@ class Daemon:
             task.cancel()
         await self.delivery.stop(DRAIN_SECONDS)
         await self.writer.close()
+        if self.history is not None:
+            await asyncio.to_thread(self.history.close)
         self.spool.unlock()
         if self._server is not None:
             log_event(logging.INFO, None, event="stop", status="stopped")

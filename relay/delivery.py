@@ -21,6 +21,7 @@ from .config import Config
 from .entry import Entry, Queue, Status
 from .errors import CorruptEntry
 from .faults import fault_point
+from .history import HistoryWriter
 from .log import log_event
 from .policy import Disposition
 from .spool import Spool
@@ -166,8 +167,10 @@ class Delivery:
     def __init__(self, spool: Spool, writer: SpoolWriter, config: Config,
                  clock: Callable[[], float] = time.time,
                  rand: Callable[[], float] = random.random,
-                 client_sessions: Callable[[], int] = lambda: 0) -> None:
+                 client_sessions: Callable[[], int] = lambda: 0,
+                 history: HistoryWriter | None = None) -> None:
         self.spool = spool
+        self.history = history  # told of each attempt's outcome (the delivery journal)
         self.writer = writer
         self.config = config
         self._client_sessions = client_sessions  # how many the listener has open now
@@ -196,14 +199,19 @@ class Delivery:
         and no state record exists before a first attempt (Spool.claim_new). Reading the
         envelope and the content back cost the event loop two opens, two reads and a
         failed open per message, time that a session waiting for its reply had to wait too.
+        One stored into scheduled/ is due at its send time, and read then.
         """
+        if entry.queue is Queue.SCHEDULED and entry.send_at is not None:
+            self.scheduler.schedule(entry.id, entry.send_at)
+            return
         if entry.size <= INLINE_READ_BYTES and self._fresh_bytes + entry.size <= FRESH_BYTES:
             self._fresh[entry.id] = (entry, parts)
             self._fresh_bytes += entry.size
         self.scheduler.schedule(entry.id, 0.0)
 
     async def watch_incoming(self, interval: float = 1.0) -> None:
-        """Schedule whatever operators put into incoming/ (flush, release, requeue).
+        """Schedule whatever operators put into incoming/ (flush, release, requeue), and
+        the new times of entries they rescheduled (named in wake/).
 
         The relay queue commands work on the spool directly, with or without a daemon; the
         daemon notices their effect here within `interval`, by the directory's mtime.
@@ -211,6 +219,8 @@ class Delivery:
         seen = self.spool.incoming_version()
         while True:
             await asyncio.sleep(interval)
+            for entry_id, due in await asyncio.to_thread(self.spool.take_wakes):
+                self.scheduler.schedule(entry_id, due)
             version = await asyncio.to_thread(self.spool.incoming_version)
             if version == seen:
                 continue
@@ -327,6 +337,10 @@ class Delivery:
                       moved_to="corrupt/")
             return
         if entry is None:
+            # Not due after all (an operator gave it a later time): watch for that time.
+            due = self.spool.waiting_until(entry_id)
+            if due is not None:
+                self.schedule(entry_id, due)
             return
         try:
             # Claimed first, so that the entry waits in active/: in incoming/, the watcher
@@ -368,6 +382,8 @@ class Delivery:
         else:
             after = await asyncio.to_thread(self.spool.fail, after)
         self._log_outcome(entry, after, settled.disposition)
+        if self.history is not None:
+            self.history.attempt(entry, after, self._clock())
         if policy.credentials_rejected(result):
             self._pause(f"upstream rejected the credentials: {result.error}")
 
