@@ -259,8 +259,8 @@ def _show(spool: Spool, entry_id: str, as_json: bool, with_body: bool) -> int:
     try:
         entry = spool.find(entry_id)
     except EntryNotFound:
-        outcomes = [r.status for r in search(history.journal_dir(spool.path),
-                                             Query(queue_id=entry_id, since=stats.arrival_of(entry_id)))]
+        query = Query(queue_id=entry_id, since=stats.arrival_of(entry_id))
+        outcomes = [r.status for r in search(history.journal_dir(spool.path), query)]
         if not outcomes:
             raise
         told = ", ".join(f"{outcomes.count(s)} {s}" for s in history.STATUSES if s in outcomes)

@@ -544,7 +544,8 @@ class Spool:
                 entry = None
             os.unlink(self._file(Queue.HOLD, entry_id))
             _unlink_quietly(self.path / "state" / entry_id)
-            self._sync_dir(Queue.HOLD.value)
+            for name in {queue.value, Queue.HOLD.value}:  # gone from both for good
+                self._sync_dir(name)
             return None if entry is None else entry.with_queue(queue)
         try:
             os.unlink(self.path / "corrupt" / entry_id)

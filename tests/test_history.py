@@ -78,6 +78,7 @@ def test_an_attempt_records_each_recipient_it_settled_and_no_other() -> None:
 
 
 def test_delay_of_a_scheduled_message_counts_from_its_send_time() -> None:
+    """Sent half a second after its send time: a delay of 0.5 s, not an hour."""
     before = entry(Recipient("a@x.example"), send_at=T0 + 3600)
     after = replace(before, recipients=(Recipient("a@x.example", Status.SENT, "250 ok"),))
     [sent] = outcomes(before, after, T0 + 3600.5)
@@ -85,6 +86,7 @@ def test_delay_of_a_scheduled_message_counts_from_its_send_time() -> None:
 
 
 def test_a_deletion_records_the_recipients_not_yet_settled() -> None:
+    """Deleted with one recipient sent: only the pending one is recorded, as deleted."""
     deleted = entry(Recipient("a@x.example", Status.SENT, "250 ok"),
                     Recipient("b@x.example", Status.PENDING, "451 busy"))
     [record_] = deletions(deleted, T0 + 50)
@@ -93,15 +95,18 @@ def test_a_deletion_records_the_recipients_not_yet_settled() -> None:
 
 
 def test_records_are_filed_under_the_utc_day_of_their_outcome(journal: Path) -> None:
+    """One 0600 file per UTC day of the outcome."""
     assert sorted(os.listdir(journal)) == ["2026-12-04.jsonl", "2026-12-05.jsonl"]
     assert all(os.stat(journal / name).st_mode & 0o777 == 0o600 for name in os.listdir(journal))
 
 
 def test_every_record_is_found_without_a_filter(journal: Path) -> None:
+    """No filter: every record, day by day, in the order written."""
     assert found(journal) == list("012345678")
 
 
 def test_filter_by_recipient_ignores_case_and_takes_a_domain(journal: Path) -> None:
+    """--to matches the address in any case, or a whole @domain, never part of one."""
     assert found(journal, to="user1@example.net") == ["1", "8"]
     assert found(journal, to="User2@EXAMPLE.net") == ["2"]
     assert found(journal, to="@example.net") == list("012345678")
@@ -110,16 +115,19 @@ def test_filter_by_recipient_ignores_case_and_takes_a_domain(journal: Path) -> N
 
 
 def test_filter_by_sender(journal: Path) -> None:
+    """--from matches the envelope sender, or its domain."""
     assert found(journal, sender="cron@other.example") == ["6"]
     assert found(journal, sender="@other.example") == ["6"]
 
 
 def test_filter_by_message_id_with_or_without_brackets(journal: Path) -> None:
+    """--message-id matches with or without <>, in any case."""
     assert found(journal, message_id="<m3@app.example>") == ["3"]
     assert found(journal, message_id="M3@APP.example") == ["3"]
 
 
 def test_filter_by_queue_id(journal: Path) -> None:
+    """--id matches the queue ID, typed in either case."""
     assert found(journal, queue_id=f"{4:021X}") == ["4"]
     assert found(journal, queue_id=f"{4:021x}") == ["4"]
 
@@ -128,6 +136,7 @@ def test_filter_by_queue_id(journal: Path) -> None:
                                          ("failed", ["3"]), ("expired", ["4"]),
                                          ("deleted", ["5"])])
 def test_filter_by_status(journal: Path, status: str, ids: list[str]) -> None:
+    """--status selects one outcome."""
     assert found(journal, status=status) == ids
 
 
@@ -139,6 +148,7 @@ def test_filter_by_time(journal: Path) -> None:
 
 
 def test_filters_combine(journal: Path) -> None:
+    """Filters narrow each other down."""
     assert found(journal, to="user1@example.net", since=T0 + DAY) == ["8"]
     assert found(journal, to="@example.net", status="failed") == ["3"]
 
@@ -158,6 +168,7 @@ def test_a_torn_last_line_is_skipped_and_the_next_record_starts_afresh(
 
 
 def test_a_garbled_line_in_the_middle_is_skipped(journal: Path) -> None:
+    """A line that is no record is passed over; the ones around it are found."""
     path = journal / "2026-12-04.jsonl"
     lines = path.read_bytes().splitlines(keepends=True)
     path.write_bytes(b"".join(lines[:2]) + b'{"at":1,"status":"sent"\n' + b"".join(lines[2:]))
@@ -165,6 +176,7 @@ def test_a_garbled_line_in_the_middle_is_skipped(journal: Path) -> None:
 
 
 def test_prune_deletes_only_days_older_than_keep(tmp_path: Path) -> None:
+    """keep of two days: older day files go; newer ones and foreign files stay."""
     directory = tmp_path / "history"
     j = Journal(directory)
     j.append([record(n, at=T0 - n * DAY) for n in range(5)])
@@ -197,6 +209,7 @@ def test_the_writer_thread_writes_what_it_is_handed_and_fsyncs_within_a_second(
 
 
 def test_closing_the_writer_writes_what_is_pending(tmp_path: Path) -> None:
+    """Records handed over just before close are on disk after it."""
     writer = HistoryWriter(tmp_path / "history", keep=30 * DAY)
     writer.start()
     writer.record([record(n, at=time.time()) for n in range(3)])
@@ -205,6 +218,7 @@ def test_closing_the_writer_writes_what_is_pending(tmp_path: Path) -> None:
 
 
 def test_the_writer_prunes_old_days_when_it_starts(tmp_path: Path) -> None:
+    """A day file older than keep is deleted when the writer starts."""
     directory = tmp_path / "history"
     j = Journal(directory)
     j.append([record(0, at=time.time() - 40 * DAY)])

@@ -156,12 +156,14 @@ def test_each_filter_flag(filled: Path, args: tuple[str, ...], expected: list[in
 
 
 def test_filter_by_queue_id(filled: Path) -> None:
+    """--id finds the queue ID's records, in either case."""
     queue_id = record(3).id
     assert ids(filled, "--id", queue_id) == [3]
     assert ids(filled, "--id", queue_id.lower()) == [3]
 
 
 def test_the_table_has_one_line_per_record_and_a_count(filled: Path) -> None:
+    """The table: a header line, one line per record with its reply, and a count."""
     result = run_cli(filled, "history", "--status", "failed")
     lines = result.stdout.splitlines()
     assert lines[0].split()[:4] == ["TIME", "STATUS", "ID", "FROM"]
@@ -171,6 +173,7 @@ def test_the_table_has_one_line_per_record_and_a_count(filled: Path) -> None:
 
 
 def test_history_output_redacts_addresses_when_configured(filled: Path) -> None:
+    """log.redact_addresses redacts the history's table and JSON."""
     config = yaml.safe_load(filled.read_text())
     config["log"]["redact_addresses"] = True
     filled.write_text(yaml.safe_dump(config))
@@ -181,11 +184,13 @@ def test_history_output_redacts_addresses_when_configured(filled: Path) -> None:
 
 
 def test_a_bad_time_is_a_usage_error_naming_the_flag(filled: Path) -> None:
+    """--since that is no time or duration: exit 64, naming the flag."""
     result = run_cli(filled, "history", "--since", "last week")
     assert result.returncode == 64 and "--since:" in result.stderr
 
 
 def test_queue_show_of_a_delivered_message_points_to_its_history(filled: Path) -> None:
+    """A message gone from the queue: exit 65 as before, and what the history holds."""
     result = run_cli(filled, "queue", "show", record(2).id)
     assert result.returncode == 65
     assert "no longer in the queue" in result.stderr and "(1 failed)" in result.stderr

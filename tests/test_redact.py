@@ -25,10 +25,12 @@ from relay.report import history_table, record_json
     ("postmaster", "p***"),
 ])
 def test_an_address_keeps_its_first_character_and_its_domain(address: str, shown: str) -> None:
+    """j***@example.com; the null sender stays empty."""
     assert redact_address(address) == shown
 
 
 def test_addresses_inside_text_are_redacted_and_the_rest_kept() -> None:
+    """Each address in a reply is redacted; text without one is untouched."""
     text = "550 5.1.1 <bob@example.com>: Recipient address rejected (see ann@help.example)"
     assert redact_text(text) == ("550 5.1.1 <b***@example.com>: Recipient address rejected "
                                  "(see a***@help.example)")
@@ -60,18 +62,21 @@ def test_log_lines_show_redacted_addresses_when_configured(captured: io.StringIO
 
 
 def test_json_log_lines_are_redacted_too(captured: io.StringIO) -> None:
+    """log.format json: the recipient field is redacted as in text."""
     setup_logging(LogConfig(format="json", redact_addresses=True), captured)
     log_event(logging.INFO, "ABC", to="bob@example.net", status="sent")
     assert json.loads(captured.getvalue())["to"] == "b***@example.net"
 
 
 def test_log_lines_keep_addresses_by_default(captured: io.StringIO) -> None:
+    """Without log.redact_addresses, addresses are logged in full."""
     setup_logging(LogConfig(), captured)
     log_event(logging.INFO, "ABC", to="bob@example.net", status="sent")
     assert "to=<bob@example.net>" in captured.getvalue()
 
 
 def test_history_output_is_redacted_when_asked() -> None:
+    """History JSON and table show sender, recipient and reply redacted."""
     record = Record(at=0.0, status="failed", id="0" * 21, message_id="<m@app.example>",
                     sender="app@example.com", recipient="bob@example.net", size=1, arrived=0.0,
                     send_at=None, delay=0.0, attempts=1, relay="up:587",

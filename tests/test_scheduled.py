@@ -80,7 +80,6 @@ def test_a_stored_scheduled_message_goes_out_at_its_time_not_before(
     assert send_at <= got.at < send_at + ON_TIME
 
 
-@pytest.mark.plan(35)
 def test_sigkill_while_scheduled_then_sent_on_time_after_the_restart(
         tmp_path: Path, make_relay: Any, upstream: Upstream, ca_file: Path) -> None:
     """The daemon has the entry in its schedule; SIGKILL; the restarted relay finds it in
@@ -100,6 +99,7 @@ def test_sigkill_while_scheduled_then_sent_on_time_after_the_restart(
 
 
 def test_release_sends_a_scheduled_message_now(relay: RelayProcess, upstream: Upstream) -> None:
+    """A message due in an hour, released, reaches the upstream at once."""
     entry_id = store(relay.spool, time.time() + 3600)
     result = relay.cli("queue", "release", entry_id)
     assert (result.returncode, result.stdout) == (0, f"{entry_id}: released\n")
@@ -135,6 +135,7 @@ def test_reschedule_to_a_later_time_holds_it_past_the_old_one(
 
 
 def test_reschedule_needs_a_time_or_a_duration(relay: RelayProcess) -> None:
+    """An unreadable TIME|DURATION is a usage error (64); the entry stays put."""
     entry_id = store(relay.spool, time.time() + 3600)
     result = relay.cli("queue", "reschedule", entry_id, "whenever")
     assert result.returncode == 64 and "TIME|DURATION" in result.stderr
@@ -169,6 +170,7 @@ def test_queue_lists_the_scheduled_state_and_send_time(idle_spool: tuple[Path, P
 
 
 def test_hold_and_delete_take_scheduled_messages(idle_spool: tuple[Path, Path]) -> None:
+    """hold and delete apply to scheduled messages."""
     config, spool = idle_spool
     held, deleted = store(spool, time.time() + 60), store(spool, time.time() + 60)
     assert run_cli(config, "queue", "hold", held).stdout == f"{held}: held\n"

@@ -190,6 +190,7 @@ def fake_listener(request: pytest.FixtureRequest,
 ])
 def test_send_at_and_send_in_are_read_in_both_forms(argv: list[str], send_at: str | None,
                                                     send_in: str | None) -> None:
+    """--send-at TIME, --send-at=TIME, --send-in DURATION, --send-in=DURATION."""
     options = parse_args(argv)
     assert (options.send_at, options.send_in) == (send_at, send_in)
 
@@ -201,11 +202,13 @@ def test_send_at_and_send_in_are_read_in_both_forms(argv: list[str], send_at: st
 ])
 def test_send_flags_that_cannot_be_honoured_are_usage_errors(argv: list[str],
                                                              fragment: str) -> None:
+    """Both flags at once, or either without a value: usage errors."""
     with pytest.raises(UsageError, match=fragment):
         parse_args(argv)
 
 
 def test_send_time_comes_from_either_flag_and_a_past_time_means_now() -> None:
+    """A duration from now, or a time; a time already past, or none, sends now."""
     now = 1_796_457_600.0  # 2026-12-05T08:00:00Z
     assert send_time(parse_args(["--send-in", "5m"]), now) == now + 300
     assert send_time(parse_args(["--send-at", "2026-12-05T09:00:00Z"]), now) == now + 3600
@@ -216,6 +219,7 @@ def test_send_time_comes_from_either_flag_and_a_past_time_means_now() -> None:
 @pytest.mark.parametrize("argv, flag", [(["--send-in", "soon"], "--send-in"),
                                         (["--send-at", "after lunch"], "--send-at")])
 def test_an_unreadable_send_time_names_its_flag(argv: list[str], flag: str) -> None:
+    """A value that is no duration or time is a usage error naming the flag."""
     with pytest.raises(UsageError, match=f"^{flag}: "):
         send_time(parse_args(argv), 0.0)
 

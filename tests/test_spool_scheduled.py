@@ -14,30 +14,36 @@ import pytest
 
 from relay import admin
 from relay.admin import Action
-from relay.entry import NewEntry, Queue, Status
+from relay.entry import Entry, NewEntry, Queue, Status
 from relay.spool import Spool, new_id
 
 CONTENT = b"Subject: later\r\n\r\nbody\r\n"
 
 
-def new(send_at: float | None = None, message_id: str | None = "<m@example.com>") -> NewEntry:
+def new(send_at: float | None = None, message_id: str | None = "<m@ex.example>") -> NewEntry:
     return NewEntry(new_id(time.time()), "app@example.com", ("u@example.com",), (CONTENT,),
                     time.time(), False, send_at=send_at, message_id=message_id)
+
+
+def put(spool: Spool, send_at: float | None) -> Entry:
+    """Store one entry (scheduled if `send_at`) and return it."""
+    [entry] = spool.store_many([new(send_at)])
+    assert not isinstance(entry, Exception)
+    return entry
 
 
 def test_an_entry_with_a_send_time_is_published_into_scheduled_with_it_as_mtime(
         spool: Spool) -> None:
     """scheduled/ID, mtime = send_at; the envelope keeps the send time and the Message-ID."""
     send_at = time.time() + 3600
-    [entry] = spool.store_many([new(send_at)])
-    assert not isinstance(entry, Exception)
+    entry = put(spool, send_at)
     assert entry.queue is Queue.SCHEDULED and entry.send_at == send_at
     path = spool.path / "scheduled" / entry.id
     assert path.stat().st_mtime == pytest.approx(send_at, abs=1e-6)
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     loaded = spool.find(entry.id)
     assert (loaded.queue, loaded.send_at, loaded.message_id) == (
-        Queue.SCHEDULED, send_at, "<m@example.com>")
+        Queue.SCHEDULED, send_at, "<m@ex.example>")
     assert os.listdir(spool.path / "incoming") == []
 
 
@@ -69,6 +75,7 @@ def test_a_scheduled_store_sets_the_time_before_the_fsync_and_fsyncs_its_directo
 
 def test_a_batch_of_both_kinds_fsyncs_each_directory_once(
         spool: Spool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two due now, two scheduled, one batch: incoming/ and scheduled/ fsynced once each."""
     directories: list[str] = []
     real_fsync = os.fsync
 
@@ -79,17 +86,17 @@ def test_a_batch_of_both_kinds_fsyncs_each_directory_once(
     monkeypatch.setattr(os, "fsync", fsync)
     later = time.time() + 600
     results = spool.store_many([new(), new(later), new(), new(later)])
-    assert [r.queue for r in results] == [Queue.INCOMING, Queue.SCHEDULED] * 2  # type: ignore[union-attr]
+    assert [getattr(r, "queue", r) for r in results] == [Queue.INCOMING, Queue.SCHEDULED] * 2
     assert sorted(directories) == ["incoming", "scheduled"]
 
 
 def test_a_scheduled_entry_is_not_claimed_before_its_time(spool: Spool) -> None:
     """claim() leaves it in scheduled/ until its mtime, and says when that is."""
     send_at = time.time() + 3600
-    [entry] = spool.store_many([new(send_at)])
-    assert spool.claim(entry.id, send_at - 1) is None  # type: ignore[union-attr]
-    assert spool.waiting_until(entry.id) == pytest.approx(send_at)  # type: ignore[union-attr]
-    claimed = spool.claim(entry.id, send_at + 1)  # type: ignore[union-attr]
+    entry = put(spool, send_at)
+    assert spool.claim(entry.id, send_at - 1) is None
+    assert spool.waiting_until(entry.id) == pytest.approx(send_at)
+    claimed = spool.claim(entry.id, send_at + 1)
     assert claimed is not None and claimed.queue is Queue.ACTIVE and claimed.send_at == send_at
 
 
@@ -101,24 +108,24 @@ def test_the_schedule_survives_a_restart(spool: Spool) -> None:
     again = Spool(spool.path)
     due = dict(again.recover())
     for entry, when in zip(stored, times, strict=True):
-        assert due[entry.id] == pytest.approx(when)  # type: ignore[union-attr]
+        assert isinstance(entry, Entry) and due[entry.id] == pytest.approx(when)
 
 
 def test_max_age_counts_from_the_send_time(spool: Spool) -> None:
     """An entry scheduled an hour ahead ages from then, not from its arrival."""
-    [entry] = spool.store_many([new(time.time() + 3600)])
-    assert entry.age_from == entry.send_at  # type: ignore[union-attr]
+    entry = put(spool, time.time() + 3600)
+    assert entry.age_from == entry.send_at
 
 
 def test_reschedule_moves_the_time_records_it_and_wakes_the_daemon(spool: Spool) -> None:
     """A later time: mtime and state record follow, and wake/ names the entry once."""
-    [entry] = spool.store_many([new(time.time() + 3600)])
+    entry = put(spool, time.time() + 3600)
     later = time.time() + 7200
-    moved = spool.reschedule(entry.id, (Queue.SCHEDULED,), later, time.time())  # type: ignore[union-attr]
+    moved = spool.reschedule(entry.id, (Queue.SCHEDULED,), later, time.time())
     assert moved is not None and moved.queue is Queue.SCHEDULED
-    assert (spool.path / "scheduled" / entry.id).stat().st_mtime == pytest.approx(later)  # type: ignore[union-attr]
-    assert spool.find(entry.id).send_at == later  # type: ignore[union-attr]
-    assert spool.take_wakes() == [(entry.id, pytest.approx(later))]  # type: ignore[union-attr]
+    assert (spool.path / "scheduled" / entry.id).stat().st_mtime == pytest.approx(later)
+    assert spool.find(entry.id).send_at == later
+    assert spool.take_wakes() == [(entry.id, pytest.approx(later))]
     assert spool.take_wakes() == []
     assert os.listdir(spool.path / "hold") == []
 
@@ -139,36 +146,39 @@ def test_reschedule_of_a_deferred_entry_keeps_its_recipients(spool: Spool) -> No
 
 
 def test_reschedule_to_a_past_time_makes_the_entry_due_now(spool: Spool) -> None:
-    [entry] = spool.store_many([new(time.time() + 3600)])
+    """A time already past puts the entry in incoming/, its send time now, and wakes nobody."""
+    entry = put(spool, time.time() + 3600)
     now = time.time()
-    moved = spool.reschedule(entry.id, (Queue.SCHEDULED,), now - 10, now)  # type: ignore[union-attr]
+    moved = spool.reschedule(entry.id, (Queue.SCHEDULED,), now - 10, now)
     assert moved is not None and moved.queue is Queue.INCOMING and moved.send_at == now
     assert spool.take_wakes() == []
 
 
 def test_release_sends_a_scheduled_entry_now_and_restarts_its_age(spool: Spool) -> None:
-    [entry] = spool.store_many([new(time.time() + 3600)])
+    """release: scheduled/ to incoming/, and the send time max_age counts from becomes now."""
+    entry = put(spool, time.time() + 3600)
     before = time.time()
-    outcome = admin.apply(spool, Action.RELEASE, entry.id)  # type: ignore[union-attr]
+    outcome = admin.apply(spool, Action.RELEASE, entry.id)
     assert outcome.message == "released"
-    released = spool.find(entry.id)  # type: ignore[union-attr]
+    released = spool.find(entry.id)
     assert released.queue is Queue.INCOMING
-    assert before <= released.send_at <= time.time()  # type: ignore[operator]
-    state = json.loads((spool.path / "state" / entry.id).read_text())  # type: ignore[union-attr]
+    assert released.send_at is not None and before <= released.send_at <= time.time()
+    state = json.loads((spool.path / "state" / entry.id).read_text())
     assert state["send_at"] == released.send_at
 
 
 def test_reschedule_of_an_entry_in_none_of_its_sources_says_where_it_is(spool: Spool) -> None:
-    [entry] = spool.store_many([new()])
-    spool.move(entry.id, (Queue.INCOMING,), Queue.FAILED)  # type: ignore[union-attr]
-    outcome = admin.apply(spool, Action.RESCHEDULE, entry.id, send_at=time.time() + 60)  # type: ignore[union-attr]
+    """A failed entry is not rescheduled; the operator is told its state."""
+    entry = put(spool, None)
+    spool.move(entry.id, (Queue.INCOMING,), Queue.FAILED)
+    outcome = admin.apply(spool, Action.RESCHEDULE, entry.id, send_at=time.time() + 60)
     assert outcome.message == "not rescheduled: message is failed"
 
 
 def test_delete_returns_the_entry_as_it_was(spool: Spool) -> None:
     """Deleted from scheduled/, the entry comes back with its queue and recipients."""
-    [entry] = spool.store_many([new(time.time() + 3600)])
-    deleted = spool.delete(entry.id)  # type: ignore[union-attr]
+    entry = put(spool, time.time() + 3600)
+    deleted = spool.delete(entry.id)
     assert deleted is not None and deleted.queue is Queue.SCHEDULED
     assert [r.address for r in deleted.pending] == ["u@example.com"]
     assert all(os.listdir(spool.path / d) == [] for d in ("scheduled", "hold", "state"))

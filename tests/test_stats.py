@@ -65,6 +65,7 @@ def stats():  # type: ignore[no-untyped-def]
 
 
 def test_counts_of_each_outcome_in_the_window() -> None:
+    """Sent, failed, expired and deleted recipients in the window; the earlier one left out."""
     figures = stats()
     assert (figures.sent, figures.failed, figures.expired, figures.deleted) == (20, 3, 1, 1)
 
@@ -82,12 +83,14 @@ def test_deferred_attempts_from_queue_histories_and_finished_messages() -> None:
 
 
 def test_delay_percentiles_of_the_messages_sent() -> None:
+    """Delays 1..20 s: p50 10, p95 19, p99 20, max 20 (nearest rank)."""
     delay = stats().delay
     assert delay is not None
     assert (delay.p50, delay.p95, delay.p99, delay.max) == (10.0, 19.0, 20.0, 20.0)
 
 
 def test_top_failure_replies_commonest_first_with_expiry_grouped() -> None:
+    """Failed and expired replies counted, commonest first, expiry's attempt count dropped."""
     assert stats().top_failures == [
         ("550 5.1.1 <user21@example.net>: No such user", 2),
         ("554 5.7.1 Spam", 1),
@@ -96,6 +99,7 @@ def test_top_failure_replies_commonest_first_with_expiry_grouped() -> None:
 
 
 def test_figures_per_upstream() -> None:
+    """Sent, failed and expired per upstream, with its own delays."""
     upstreams = stats().upstreams
     assert set(upstreams) == {UP_A, UP_B}
     a, b = upstreams[UP_A], upstreams[UP_B]
@@ -105,6 +109,7 @@ def test_figures_per_upstream() -> None:
 
 
 def test_queue_by_state_and_its_oldest_entry() -> None:
+    """The live queue by state, and the entry with the earliest arrival."""
     figures = stats()
     assert figures.queue == {"queued": 1, "active": 0, "deferred": 1, "held": 1, "failed": 1,
                              "scheduled": 1}
@@ -112,17 +117,20 @@ def test_queue_by_state_and_its_oldest_entry() -> None:
 
 
 def test_an_empty_window_has_no_delay_and_no_oldest_entry() -> None:
+    """Nothing sent and nothing queued: zeros, and no delay or oldest entry."""
     empty = compute([], {queue: [] for queue in Queue}, [], SINCE, NOW)
     assert (empty.received, empty.sent, empty.delay, empty.oldest) == (0, 0, None, None)
 
 
 def test_nearest_rank_percentiles() -> None:
+    """Nearest rank: p25, p50, p75 and p100 of 1..4 are 1, 2, 3 and 4."""
     assert [percentile([1.0, 2.0, 3.0, 4.0], f) for f in (0.25, 0.5, 0.75, 1.0)] == [
         1.0, 2.0, 3.0, 4.0]
     assert percentile([7.0], 0.99) == 7.0
 
 
 def test_text_and_json_redact_addresses_in_replies_when_asked() -> None:
+    """With redaction, no address appears in full in either form."""
     figures = stats()
     assert "u***@example.net" in stats_text(figures, redact=True)
     assert "user21@example.net" not in stats_text(figures, redact=True)
