@@ -73,7 +73,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument("--config", metavar="FILE",
                         help="config file (default: $RELAY_CONFIG, ./relay.yaml, "
                              "/etc/relay/relay.yaml, else built-in defaults)")
