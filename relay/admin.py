@@ -1,10 +1,11 @@
-"""Operator actions on queue entries: hold, release, delete, requeue, flush.
+"""Operator actions on queue entries: hold, release, delete, requeue, flush, reschedule.
 
 They work on the spool directly, whether or not a daemon runs, and each is one rename or
 unlink, so an action and a delivery can never both win: whoever moves the file first owns
 the outcome. An entry in active/ belongs to a delivery attempt; the action waits up to
 BUSY_WAIT seconds for the attempt to end and then reports the entry busy. A running daemon
-notices entries put into incoming/ (flush, release, requeue) within a second.
+notices entries put into incoming/ (flush, release, requeue) and new times in scheduled/
+(reschedule) within a second.
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .entry import Queue
+from .entry import Entry, Queue
 from .errors import EntryBusy, EntryNotFound, RelayError
+from .schedule import rfc3339
 from .spool import Spool, is_valid_id
 
 BUSY_WAIT = 5.0
@@ -27,6 +29,7 @@ class Action(enum.Enum):
     DELETE = "delete"
     REQUEUE = "requeue"
     FLUSH = "flush"
+    RESCHEDULE = "reschedule"
 
     @property
     def sources(self) -> tuple[Queue, ...]:
@@ -35,14 +38,15 @@ class Action(enum.Enum):
 
 
 _SOURCES = {
-    Action.HOLD: (Queue.INCOMING, Queue.DEFERRED),
-    Action.RELEASE: (Queue.HOLD,),
-    Action.DELETE: (Queue.INCOMING, Queue.DEFERRED, Queue.HOLD, Queue.FAILED),
+    Action.HOLD: (Queue.INCOMING, Queue.DEFERRED, Queue.SCHEDULED),
+    Action.RELEASE: (Queue.HOLD, Queue.SCHEDULED),
+    Action.DELETE: (Queue.INCOMING, Queue.DEFERRED, Queue.SCHEDULED, Queue.HOLD, Queue.FAILED),
     Action.REQUEUE: (Queue.FAILED,),
     Action.FLUSH: (Queue.DEFERRED,),
+    Action.RESCHEDULE: (Queue.SCHEDULED, Queue.INCOMING, Queue.DEFERRED, Queue.HOLD),
 }
 _DONE = {Action.HOLD: "held", Action.RELEASE: "released", Action.DELETE: "deleted",
-         Action.REQUEUE: "requeued", Action.FLUSH: "flushed"}
+         Action.REQUEUE: "requeued", Action.FLUSH: "flushed", Action.RESCHEDULE: "rescheduled"}
 
 
 @dataclass(frozen=True)
@@ -59,15 +63,18 @@ def select_all(spool: Spool, action: Action) -> list[str]:
 
 def apply(spool: Spool, action: Action, entry_id: str, *, wait: float = BUSY_WAIT,
           clock: Callable[[], float] = time.monotonic,
-          sleep: Callable[[float], None] = time.sleep) -> Outcome:
-    """Apply the action to one entry, waiting a little for a delivery that owns it."""
+          sleep: Callable[[float], None] = time.sleep, send_at: float = 0.0,
+          deleted: Callable[[Entry], None] = lambda entry: None) -> Outcome:
+    """Apply the action to one entry, waiting a little for a delivery that owns it.
+    `send_at` is RESCHEDULE's new time; `deleted` hears of each entry DELETE removed,
+    as it was (for the delivery history)."""
     if not is_valid_id(entry_id):
         # Checked before any path is built: an ID never escapes the spool.
         return Outcome(entry_id, "not a queue ID", EntryNotFound(entry_id))
     deadline = clock() + wait
     while True:
         try:
-            return _apply_once(spool, action, entry_id)
+            return _apply_once(spool, action, entry_id, send_at, deleted)
         except EntryBusy as busy:
             if clock() >= deadline:
                 return Outcome(entry_id, "being delivered right now; try again", busy)
@@ -76,17 +83,30 @@ def apply(spool: Spool, action: Action, entry_id: str, *, wait: float = BUSY_WAI
             return Outcome(entry_id, "no such message in the queue", missing)
 
 
-def _apply_once(spool: Spool, action: Action, entry_id: str) -> Outcome:
+def _apply_once(spool: Spool, action: Action, entry_id: str, send_at: float,
+                deleted: Callable[[Entry], None]) -> Outcome:
     if action is Action.DELETE:
-        queue = spool.delete(entry_id)
-        where = queue.state if queue is not None else "corrupt"
+        entry = spool.delete(entry_id)
+        if entry is not None:
+            deleted(entry)
+        where = entry.state if entry is not None else "corrupt"
         return Outcome(entry_id, f"deleted (was {where})")
     if action is Action.REQUEUE:
         moved = spool.requeue(entry_id, time.time())
+    elif action is Action.RESCHEDULE:
+        moved = spool.reschedule(entry_id, action.sources, send_at, time.time())
+    elif action is Action.RELEASE:
+        # A held entry goes as before; a scheduled one is sent now, and its send time,
+        # from which max_age counts, becomes now.
+        moved = spool.move(entry_id, (Queue.HOLD,), Queue.INCOMING) or \
+            spool.reschedule(entry_id, (Queue.SCHEDULED,), 0.0, time.time())
     else:
         target = Queue.HOLD if action is Action.HOLD else Queue.INCOMING
         moved = spool.move(entry_id, action.sources, target)
     if moved is None:
         state = spool.find(entry_id).state
         return Outcome(entry_id, f"not {_DONE[action]}: message is {state}")
+    if action is Action.RESCHEDULE:
+        due = f"for {rfc3339(send_at)}" if moved.queue is Queue.SCHEDULED else "due now"
+        return Outcome(entry_id, f"rescheduled {due}")
     return Outcome(entry_id, _DONE[action])

@@ -2,26 +2,30 @@
 
 Exit statuses (sysexits.h): 0 success, 64 usage, 65 bad input data, 69 unavailable,
 75 temporary failure, 77 permission denied, 78 configuration error.
+
+The daemon, the upstream client and sendmail's submission are imported by the commands
+that use them: asyncio, aiosmtplib, smtplib and the listener took about half of the
+start-up of a command such as `relay history`, whose answer must come within a second.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import gc
 import http.client
 import json
 import os
 import socket
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NoReturn
 
-from . import admin, daemon, sendmail, views
+from . import admin, history, report, stats, views
 from .admin import Action
 from .config import Config, MailgunApiConfig, UpstreamConfig, load_config
-from .entry import Entry
+from .entry import Entry, Queue
 from .errors import (
     CheckFailed,
     ConfigError,
@@ -34,9 +38,10 @@ from .errors import (
     Unhealthy,
     UsageError,
 )
+from .history_query import Query, search
 from .log import setup_logging
+from .schedule import parse_since, parse_when
 from .spool import Spool, is_valid_id
-from .upstream import SessionError, UpstreamSession, likely_cause, make_tls_context
 
 EX_OK = 0
 EX_USAGE = 64
@@ -74,7 +79,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument("--config", metavar="FILE",
                         help="config file (default: $RELAY_CONFIG, ./relay.yaml, "
                              "/etc/relay/relay.yaml, else built-in defaults)")
@@ -106,11 +111,31 @@ def build_parser() -> argparse.ArgumentParser:
                                help="make deferred messages (all, or the named ones) due now")
     flush.add_argument("ids", metavar="ID", nargs="*")
     for action, text in ((Action.HOLD, "stop attempts for messages"),
-                         (Action.RELEASE, "resume attempts for held messages"),
+                         (Action.RELEASE, "resume held messages, send scheduled ones now"),
                          (Action.DELETE, "remove messages from the spool"),
                          (Action.REQUEUE, "move failed messages back to the queue")):
         sub = actions.add_parser(action.value, parents=[common], help=f"{text} (ID ... or ALL)")
         sub.add_argument("ids", metavar="ID", nargs="+")
+    reschedule = actions.add_parser("reschedule", parents=[common],
+                                    help="send messages at a time, or after a duration "
+                                         "(ID ... or ALL, then TIME or DURATION)")
+    reschedule.add_argument("ids", metavar="ID", nargs="+")
+    reschedule.add_argument("when", metavar="TIME|DURATION")
+
+    journal = commands.add_parser("history", parents=[common],
+                                  help="the delivery history: each recipient's final outcome")
+    journal.add_argument("--to", metavar="ADDR", help="recipient (or @domain)")
+    journal.add_argument("--from", dest="sender", metavar="ADDR", help="sender (or @domain)")
+    journal.add_argument("--message-id", metavar="ID")
+    journal.add_argument("--id", dest="queue_id", metavar="QID", help="queue ID")
+    journal.add_argument("--since", metavar="1h|TIME")
+    journal.add_argument("--until", metavar="TIME|1h")
+    journal.add_argument("--status", choices=history.STATUSES)
+    journal.add_argument("--json", action="store_true", help="one JSON array")
+    figures = commands.add_parser("stats", parents=[common],
+                                  help="what was received, sent, deferred and failed")
+    figures.add_argument("--since", metavar="24h|TIME", default="24h")
+    figures.add_argument("--json", action="store_true")
     return parser
 
 
@@ -144,9 +169,16 @@ def _dispatch(args: argparse.Namespace, config: Config) -> int:
     if args.command == "serve":
         return _serve(config)
     if args.command == "check":
-        return _check_local(config) if args.local else asyncio.run(_check(config))
+        if args.local:
+            return _check_local(config)
+        import asyncio
+        return asyncio.run(_check(config))
     spool = Spool(config.spool.path)
     _become_spool_owner(spool.path)
+    if args.command == "history":
+        return _history(spool, args, config.log.redact_addresses)
+    if args.command == "stats":
+        return _stats(spool, args, config.log.redact_addresses)
     if args.action is None:
         return _list(spool, args)
     if args.action == "show":
@@ -159,7 +191,16 @@ def _dispatch(args: argparse.Namespace, config: Config) -> int:
         ids = admin.select_all(spool, action)
     elif "ALL" in ids:
         raise UsageError("ALL stands alone: give either IDs or ALL")
-    return _act(spool, action, ids)
+    now = time.time()
+    send_at = _time_argument(lambda text: parse_when(text, now), args.when,
+                             "TIME|DURATION") if action is Action.RESCHEDULE else 0.0
+    journal = history.Journal(history.journal_dir(spool.path)) \
+        if action is Action.DELETE and config.history.enabled else None
+    try:
+        return _act(spool, action, ids, send_at, journal)
+    finally:
+        if journal is not None:
+            journal.close()
 
 
 def _become_spool_owner(path: Path) -> None:
@@ -174,6 +215,9 @@ def _become_spool_owner(path: Path) -> None:
 
 
 def _serve(config: Config) -> int:
+    import asyncio
+
+    from . import daemon
     setup_logging(config.log)
     try:
         asyncio.run(daemon.serve(config))
@@ -223,7 +267,17 @@ def _print_listing(spool: Spool, args: argparse.Namespace) -> int:
 def _show(spool: Spool, entry_id: str, as_json: bool, with_body: bool) -> int:
     if not is_valid_id(entry_id):
         raise EntryNotFound(entry_id)
-    entry = spool.find(entry_id)
+    try:
+        entry = spool.find(entry_id)
+    except EntryNotFound:
+        query = Query(queue_id=entry_id, since=stats.arrival_of(entry_id))
+        outcomes = [r.status for r in search(history.journal_dir(spool.path), query)]
+        if not outcomes:
+            raise
+        told = ", ".join(f"{outcomes.count(s)} {s}" for s in history.STATUSES if s in outcomes)
+        print(f"relay: {entry_id}: no longer in the queue; the delivery history has its "
+              f"outcomes ({told}): relay history --id {entry_id}", file=sys.stderr)
+        return EX_DATAERR
     content = spool.content(entry)
     if as_json:
         print(json.dumps(views.detail_json(entry, content, with_body), indent=2,
@@ -233,10 +287,14 @@ def _show(spool: Spool, entry_id: str, as_json: bool, with_body: bool) -> int:
     return EX_OK
 
 
-def _act(spool: Spool, action: Action, ids: list[str]) -> int:
+def _act(spool: Spool, action: Action, ids: list[str], send_at: float,
+         journal: history.Journal | None) -> int:
+    def deleted(entry: Entry) -> None:
+        if journal is not None:
+            journal.append(history.deletions(entry, time.time()))
     worst = EX_OK
     for entry_id in ids:
-        outcome = admin.apply(spool, action, entry_id)
+        outcome = admin.apply(spool, action, entry_id, send_at=send_at, deleted=deleted)
         line = f"{views.escape(entry_id)}: {outcome.message}"
         if outcome.error is None:
             print(line)
@@ -245,6 +303,54 @@ def _act(spool: Spool, action: Action, ids: list[str]) -> int:
             worst = max(worst, exit_status(outcome.error))
     print(f"-- {action.value}: {len(ids)} message{'s' if len(ids) != 1 else ''}", file=sys.stderr)
     return worst
+
+
+def _history(spool: Spool, args: argparse.Namespace, redact: bool) -> int:
+    now = time.time()
+    query = Query(
+        to=args.to, sender=None if args.sender is None else args.sender.strip("<>"),
+        message_id=args.message_id, queue_id=args.queue_id, status=args.status,
+        since=None if args.since is None else _time_argument(
+            lambda text: parse_since(text, now), args.since, "--since"),
+        until=None if args.until is None else _time_argument(
+            lambda text: parse_since(text, now), args.until, "--until"))
+    records = list(search(history.journal_dir(spool.path), query))
+    if args.json:
+        encode = json.JSONEncoder(ensure_ascii=False).encode
+        lines = [encode(report.record_json(r, redact)) for r in records]
+        print("[\n" + ",\n".join(lines) + "\n]" if lines else "[]")
+    else:
+        print(report.history_table(records, redact))
+    return EX_OK
+
+
+def _stats(spool: Spool, args: argparse.Namespace, redact: bool) -> int:
+    now = time.time()
+    since = _time_argument(lambda text: parse_since(text, now), args.since, "--since")
+    records = search(history.journal_dir(spool.path), Query(since=since))
+    queued = {queue: spool.queue_ids(queue) for queue in Queue}
+    with_state = set(os.listdir(spool.path / "state"))
+    attempted = []
+    for queue, ids in queued.items():
+        for entry_id in ids:
+            if entry_id in with_state:
+                try:
+                    attempted.append(spool.load(queue, entry_id))
+                except (FileNotFoundError, CorruptEntry):
+                    continue  # moved on meanwhile, or unreadable: `relay queue` says which
+    figures = stats.compute(records, queued, attempted, since, now)
+    if args.json:
+        print(json.dumps(report.stats_json(figures, redact), indent=2, ensure_ascii=False))
+    else:
+        print(report.stats_text(figures, redact))
+    return EX_OK
+
+
+def _time_argument(parse: Callable[[str], float], text: str, flag: str) -> float:
+    try:
+        return parse(text)
+    except ValueError as exc:
+        raise UsageError(f"{flag}: {exc}") from None
 
 
 async def _check(config: Config) -> int:
@@ -271,6 +377,7 @@ async def _check(config: Config) -> int:
 
 
 async def _check_smtp(upstream: UpstreamConfig) -> CheckFailed | None:
+    from .upstream import SessionError, UpstreamSession, likely_cause, make_tls_context
     session = UpstreamSession(upstream, make_tls_context(upstream))
 
     def report(step: str, detail: str) -> None:
@@ -334,14 +441,17 @@ def _loopback_for(address: str) -> str:
 
 
 def _sendmail(argv: list[str]) -> int:
+    from . import sendmail
     options = sendmail.parse_args(argv)
+    send_at = sendmail.send_time(options, time.time())
     config = load_config(options.config, secrets=False)
     message = sendmail.read_message(sys.stdin.buffer.read(), options.dot_ends_input)
     default_sender = config.sendmail.sender or sendmail.default_sender()
     sender, recipients, prepared = sendmail.prepare(
         message, options, default_sender, socket.gethostname())
     host = _loopback_for(config.listen.address)
-    entry_id = sendmail.submit(host, config.listen.port, sender, recipients, prepared)
+    entry_id = sendmail.submit(host, config.listen.port, sender, recipients, prepared,
+                               send_at=send_at)
     if options.verbose:
         print(f"queued as {entry_id}")
     return EX_OK

@@ -23,6 +23,7 @@ from email_validator import EmailNotValidError, validate_email
 from .configvalues import (
     IPNetwork,
     Section,
+    boolean,
     choice,
     describe,
     duration_at_least,
@@ -61,6 +62,7 @@ LOOPBACK_NETWORKS = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
 NOTIFY_CHOICES = ("none", "sender")  # or an address
+MAX_SCHEDULE = 999_999_999
 
 
 @dataclass(frozen=True)
@@ -86,12 +88,20 @@ class DeliveryConfig:
     retry_max: float = 3600.0
     max_age: float = 5 * 86400.0
     max_attempts: int | None = None
+    max_schedule: float = 30 * 86400.0  # how far ahead a client may ask a message be sent
 
 
 @dataclass(frozen=True)
 class LogConfig:
     level: str = "info"
     format: str = "text"
+    redact_addresses: bool = False  # j***@example.com in logs, history output and stats
+
+
+@dataclass(frozen=True)
+class HistoryConfig:
+    enabled: bool = True  # the delivery journal in the spool's history/
+    keep: float = 30 * 86400.0  # journal files older than this are deleted, daily
 
 
 @dataclass(frozen=True)
@@ -127,6 +137,7 @@ class Config:
     sendmail: SendmailConfig = SendmailConfig()
     metrics: MetricsConfig = MetricsConfig()
     bounces: BouncesConfig = BouncesConfig()
+    history: HistoryConfig = HistoryConfig()
     source: Path | None = None  # the file it was read from; None for built-in defaults
 
     @property
@@ -149,6 +160,8 @@ def restart_required(old: Config, new: Config) -> list[str]:
         changed.append("metrics.address")
     if new.metrics.port != old.metrics.port:
         changed.append("metrics.port")
+    if new.history.enabled != old.history.enabled:
+        changed.append("history.enabled")
     return changed
 
 
@@ -158,7 +171,8 @@ def keep_restart_only(old: Config, new: Config) -> Config:
                                        port=old.listen.port),
                    spool=replace(new.spool, path=old.spool.path),
                    metrics=replace(new.metrics, address=old.metrics.address,
-                                   port=old.metrics.port))
+                                   port=old.metrics.port),
+                   history=replace(new.history, enabled=old.history.enabled))
 
 
 # --- lookup ---------------------------------------------------------------------------
@@ -219,6 +233,7 @@ def parse_config(text: str, environ: Mapping[str, str], source: Path | None = No
         sendmail=_sendmail(section.child("sendmail")),
         metrics=_metrics(section.child("metrics")),
         bounces=_bounces(section.child("bounces")),
+        history=_history(section.child("history")),
         source=source,
     )
     section.reject_unknown()
@@ -274,9 +289,13 @@ def _delivery(s: Section) -> DeliveryConfig:
         retry_max=s.get("retry_max", duration_at_least(minimum=0.001), d.retry_max),
         max_age=s.get("max_age", duration_at_least(minimum=1), d.max_age),
         max_attempts=s.get("max_attempts", optional(int_range(1, 1_000_000)), d.max_attempts),
+        max_schedule=s.get("max_schedule", duration_at_least(minimum=1), d.max_schedule),
     )
     if config.retry_max < config.retry_min:
         raise ConfigError(s.key("retry_max"), "must not be shorter than delivery.retry_min")
+    if config.max_schedule > MAX_SCHEDULE:
+        # RFC 4865 gives the interval at most nine digits of seconds (about 31 years).
+        raise ConfigError(s.key("max_schedule"), f"must be at most {MAX_SCHEDULE} seconds")
     s.reject_unknown()
     return config
 
@@ -286,6 +305,18 @@ def _log(s: Section) -> LogConfig:
     config = LogConfig(
         level=s.get("level", choice(LOG_LEVELS), d.level),
         format=s.get("format", choice(LOG_FORMATS), d.format),
+        redact_addresses=s.get("redact_addresses", boolean, d.redact_addresses),
+    )
+    s.reject_unknown()
+    return config
+
+
+def _history(s: Section) -> HistoryConfig:
+    d = HistoryConfig()
+    config = HistoryConfig(
+        enabled=s.get("enabled", boolean, d.enabled),
+        # The journal is one file per day: less than a day could not be kept apart.
+        keep=s.get("keep", duration_at_least(minimum=86400), d.keep),
     )
     s.reject_unknown()
     return config

@@ -20,6 +20,7 @@ from .config import Config, keep_restart_only, load_config, restart_required
 from .delivery import Delivery
 from .entry import Entry
 from .errors import ConfigError
+from .history import HistoryWriter, journal_dir
 from .listener import ServerFactory, local_hostname
 from .log import log_event, setup_logging
 from .metrics import Metrics, Recorder
@@ -49,9 +50,12 @@ class Daemon:
         ]) if isinstance(self.metrics, Metrics) else None
         self.bounces = Bounces(config.bounces, self.spool, self.writer, self._stored,
                                local_hostname(), self.clock, self.metrics)
+        self.history = HistoryWriter(journal_dir(self.spool.path), config.history.keep) \
+            if config.history.enabled else None
         self.delivery = Delivery(self.spool, self.writer, config, clock=self.clock,
                                  client_sessions=self._client_sessions,
-                                 metrics=self.metrics, bounces=self.bounces)
+                                 metrics=self.metrics, bounces=self.bounces,
+                                 history=self.history)
         self._reported_skew = 0.0
         self._factory: ServerFactory | None = None
         self._server: asyncio.Server | None = None
@@ -80,6 +84,8 @@ class Daemon:
             self.delivery.schedule(entry_id, when)
         listen = self.config.listen
         self.writer.start()
+        if self.history is not None:
+            self.history.start()
         self._factory = ServerFactory(self.spool, self.writer, listen, self._stored,
                                       local_hostname(), self.clock)
         loop = asyncio.get_running_loop()
@@ -146,6 +152,8 @@ class Daemon:
         setup_logging(new.log)
         self._factory.reconfigure(new.listen)
         self.spool.min_free = new.spool.min_free
+        if self.history is not None:
+            self.history.keep = new.history.keep
         self.delivery.reconfigure(new)
         self.bounces.reconfigure(new.bounces)
         self.metrics.upstream(new.upstream.name if new.upstream else None)
@@ -190,6 +198,8 @@ class Daemon:
             task.cancel()
         await self.delivery.stop(DRAIN_SECONDS)
         await self.writer.close()
+        if self.history is not None:
+            await asyncio.to_thread(self.history.close)
         if self.monitor is not None:
             await self.monitor.close()  # last: /healthz says 503 while deliveries drain
         self.spool.unlock()

@@ -22,6 +22,7 @@ from .config import Config
 from .entry import Entry, Queue, Status
 from .errors import CorruptEntry
 from .faults import fault_point
+from .history import HistoryWriter
 from .log import log_event
 from .metrics import Recorder
 from .policy import Disposition
@@ -169,10 +170,12 @@ class Delivery:
                  clock: Callable[[], float] = time.time,
                  rand: Callable[[], float] = random.random,
                  client_sessions: Callable[[], int] = lambda: 0,
-                 metrics: Recorder | None = None, bounces: Bounces | None = None) -> None:
+                 metrics: Recorder | None = None, bounces: Bounces | None = None,
+                 history: HistoryWriter | None = None) -> None:
         self.spool = spool
         self.metrics = metrics or Recorder()
         self.bounces = bounces  # None: failures are recorded without notices
+        self.history = history  # told of each attempt's outcome (the delivery journal)
         self.writer = writer
         self.config = config
         self._client_sessions = client_sessions  # how many the listener has open now
@@ -201,14 +204,19 @@ class Delivery:
         and no state record exists before a first attempt (Spool.claim_new). Reading the
         envelope and the content back cost the event loop two opens, two reads and a
         failed open per message, time that a session waiting for its reply had to wait too.
+        One stored into scheduled/ is due at its send time, and read then.
         """
+        if entry.queue is Queue.SCHEDULED and entry.send_at is not None:
+            self.scheduler.schedule(entry.id, entry.send_at)
+            return
         if entry.size <= INLINE_READ_BYTES and self._fresh_bytes + entry.size <= FRESH_BYTES:
             self._fresh[entry.id] = (entry, parts)
             self._fresh_bytes += entry.size
         self.scheduler.schedule(entry.id, 0.0)
 
     async def watch_incoming(self, interval: float = 1.0) -> None:
-        """Schedule whatever operators put into incoming/ (flush, release, requeue).
+        """Schedule whatever operators put into incoming/ (flush, release, requeue), and
+        the new times of entries they rescheduled (named in wake/).
 
         The relay queue commands work on the spool directly, with or without a daemon; the
         daemon notices their effect here within `interval`, by the directory's mtime.
@@ -216,6 +224,8 @@ class Delivery:
         seen = self.spool.incoming_version()
         while True:
             await asyncio.sleep(interval)
+            for entry_id, due in await asyncio.to_thread(self.spool.take_wakes):
+                self.scheduler.schedule(entry_id, due)
             version = await asyncio.to_thread(self.spool.incoming_version)
             if version == seen:
                 continue
@@ -334,6 +344,10 @@ class Delivery:
                       moved_to="corrupt/")
             return
         if entry is None:
+            # Not due after all (an operator gave it a later time): watch for that time.
+            due = self.spool.waiting_until(entry_id)
+            if due is not None:
+                self.schedule(entry_id, due)
             return
         try:
             # Claimed first, so that the entry waits in active/: in incoming/, the watcher
@@ -378,6 +392,8 @@ class Delivery:
             after = await asyncio.to_thread(self.spool.fail, after)
         self._log_outcome(entry, after, settled.disposition)
         self.metrics.attempted(entry, after, result, self._clock())
+        if self.history is not None:
+            self.history.attempt(entry, after, self._clock())
         if policy.credentials_rejected(result):
             self._pause(f"upstream rejected the credentials: {result.error}")
 

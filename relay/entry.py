@@ -19,10 +19,12 @@ class Queue(enum.Enum):
     DEFERRED = "deferred"
     HOLD = "hold"
     FAILED = "failed"
+    SCHEDULED = "scheduled"
 
     @property
     def state(self) -> str:
-        """The state an operator sees (the contract's queued|deferred|held|failed)."""
+        """The state an operator sees (the contract's queued|deferred|held|failed, and
+        scheduled)."""
         return _STATE_OF_QUEUE[self]
 
 
@@ -32,6 +34,7 @@ _STATE_OF_QUEUE = {
     Queue.DEFERRED: "deferred",
     Queue.HOLD: "held",
     Queue.FAILED: "failed",
+    Queue.SCHEDULED: "scheduled",
 }
 
 
@@ -78,6 +81,8 @@ class NewEntry:
     arrived: float
     smtputf8: bool
     draft: Written | None = None
+    send_at: float | None = None  # not before then: published into scheduled/
+    message_id: str | None = None  # the Message-ID header's value, for the history
 
     @property
     def size(self) -> int:
@@ -102,10 +107,13 @@ class Entry:
     last_error: str | None = None
     requeued: float | None = None  # when an operator requeued it: the age for expiry restarts
     notice: str | None = None  # the queue ID of its bounce notice, once one was decided on
+    send_at: float | None = None  # when it was (or is) to be sent, if it was scheduled
+    message_id: str | None = None
 
     @property
     def age_from(self) -> float:
-        return self.requeued if self.requeued is not None else self.arrived
+        """Where max_age counts from: arrival, or the later send time or requeue."""
+        return max(self.arrived, self.send_at or 0.0, self.requeued or 0.0)
 
     @property
     def state(self) -> str:

@@ -15,8 +15,10 @@
     │                             `permanent` tells refused (bad data) from try-again
     ├── CheckFailed               `relay check`: an upstream failed a step; `refused`
                                   tells refused credentials or domain from unreachable
-    └── Unhealthy                 `relay check --local`: the running relay's /healthz
+    ├── Unhealthy                 `relay check --local`: the running relay's /healthz
                                   answered other than 200, or not at all
+    └── ScheduleRefused           a send time a client asked for cannot be honoured;
+                                  `reply` is the SMTP reply that says why
 
 Expected delivery outcomes (a 4xx, a refused recipient, a lost connection) are values
 returned by `relay.upstream`, never exceptions. The command line maps these classes to
@@ -99,3 +101,12 @@ class CheckFailed(RelayError):
 
 class Unhealthy(RelayError):
     """Raised by `relay check --local` when the running relay is not healthy."""
+
+
+class ScheduleRefused(RelayError):
+    """Raised by relay.schedule for a send time it refuses; `reply` is the SMTP reply
+    (with its enhanced status code) the listener gives the client."""
+
+    def __init__(self, reply: str) -> None:
+        self.reply = reply
+        super().__init__(reply)

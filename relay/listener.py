@@ -20,6 +20,7 @@ import logging
 import socket
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 from aiosmtpd.smtp import Session
@@ -151,8 +152,7 @@ class Message:
         parts = self._with_added_headers()
         self._parts = []
         try:
-            self._draft = self.spool.draft(self.id, self.sender, self.recipients,
-                                           self.arrived, self.smtputf8)
+            self._draft = self.spool.draft(self._new_entry(()))
             self._draft.write(parts)
         except SpoolError as exc:
             self._fail(exc)
@@ -173,10 +173,12 @@ class Message:
         from now on."""
         self._handed_over = True
         if self._draft is not None:
-            return NewEntry(self.id, self.sender, self.recipients, (), self.arrived,
-                            self.smtputf8, draft=self._draft)
-        return NewEntry(self.id, self.sender, self.recipients,
-                        tuple(self._with_added_headers()), self.arrived, self.smtputf8)
+            return replace(self._new_entry(()), draft=self._draft)
+        return self._new_entry(tuple(self._with_added_headers()))
+
+    def _new_entry(self, parts: tuple[bytes, ...]) -> NewEntry:
+        return NewEntry(self.id, self.sender, self.recipients, parts, self.arrived,
+                        self.smtputf8, message_id=self.message_id)
 
     def discard(self) -> None:
         self._parts = []

@@ -3,7 +3,9 @@
     3F2A...: to=<bob@example.com>, relay=smtp.mailgun.org:587, delay=0.41, attempt=1, status=sent (250 2.0.0 Ok)
 
 Values are escaped so an envelope address or an upstream reply can never start a new log
-line. Secrets never reach this module: nothing logs the config's password.
+line. Secrets never reach this module: nothing logs the config's password. With
+`log.redact_addresses`, addresses are shown as j***@example.com (relay.redact): the
+sender and recipient fields, and any address inside another text field.
 """
 
 from __future__ import annotations
@@ -16,19 +18,33 @@ import time
 from typing import Any
 
 from .config import LogConfig
+from .redact import redact_address, redact_text
 
 logger = logging.getLogger("relay")
 _ADDRESS_FIELDS = ("from", "to")
+_NOT_ADDRESSES = ("message-id",)  # an identifier, not a person: left as it is
+_redacting = False  # log.redact_addresses, set by setup_logging
 
 
 def log_event(level: int, queue_id: str | None, **fields: Any) -> None:
     """Log one event. `reply` is shown after `status` in parentheses, as Postfix does."""
+    if _redacting:
+        fields = redacted(fields)
     logger.log(level, "%s", _render_text(queue_id, fields),
                extra={"queue_id": queue_id, "fields": fields})
 
 
+def redacted(fields: dict[str, Any]) -> dict[str, Any]:
+    """The fields with every address in them shown as j***@example.com."""
+    return {key: redact_address(value) if key in _ADDRESS_FIELDS and isinstance(value, str)
+            else redact_text(value) if isinstance(value, str) and key not in _NOT_ADDRESSES
+            else value for key, value in fields.items()}
+
+
 def setup_logging(config: LogConfig, stream: Any = None) -> None:
     """Route the relay's (and its libraries') logs to stderr in the configured format."""
+    global _redacting
+    _redacting = config.redact_addresses
     handler = logging.StreamHandler(stream or sys.stderr)
     # journald stamps every line itself; a second timestamp is noise (systemd.exec(5)).
     with_time = not os.environ.get("JOURNAL_STREAM")

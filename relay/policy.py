@@ -15,7 +15,7 @@ from .config import DeliveryConfig
 from .entry import Attempt, Entry, Recipient, Status
 
 NO_UPSTREAM = "no upstream configured"
-EXPIRED = "expired after "  # how an expired recipient's reply begins
+EXPIRED = "expired after "  # how an expired recipient's reply begins (relay.history reads it)
 JITTER = 0.2  # +-20%: spreads retries of a backlog so they do not hit the upstream in step
 
 

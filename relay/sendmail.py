@@ -4,7 +4,9 @@ Parses sendmail's options as Postfix's sendmail does (harmless flags it does not
 accepted and ignored), reads the message on stdin, builds the envelope and submits it over
 SMTP to the local listener, which alone validates addresses and content. It never drops a
 message silently: whatever keeps the listener from taking the message is an exit status
-(75 try again later, 65 refused) and a message on stderr.
+(75 try again later, 65 refused) and a message on stderr. `--send-at TIME` and
+`--send-in DURATION` ask the listener to hold the message until then, with RFC 4865's
+MAIL parameter HOLDUNTIL (relay.schedule).
 """
 
 from __future__ import annotations
@@ -18,8 +20,10 @@ import smtplib
 import socket
 from dataclasses import dataclass, field
 
+from .config import parse_duration
 from .errors import SubmissionFailed, UsageError
 from .headers import split_header
+from .schedule import hold_parameter, parse_time
 
 # Options that take a value (attached, -fSENDER, or as the next argument) and that we ignore.
 _IGNORED_WITH_VALUE = set("BCOhLNRVX")
@@ -36,6 +40,8 @@ class Options:
     dot_ends_input: bool = True  # cleared by -i / -oi
     verbose: bool = False  # -v: print the queue ID
     config: str | None = None
+    send_at: str | None = None  # --send-at TIME
+    send_in: str | None = None  # --send-in DURATION
 
 
 def parse_args(argv: list[str]) -> Options:
@@ -47,10 +53,12 @@ def parse_args(argv: list[str]) -> Options:
         if arg == "--":
             options.recipients += args
             break
-        if arg == "--config":
-            options.config = _value(arg, "", args)
-        elif arg.startswith("--config="):
-            options.config = arg.split("=", 1)[1]
+        name, equals, attached = arg.partition("=")
+        if name in _LONG:
+            value = attached if equals else _value(arg, "", args)
+            if name != "--config" and not value.strip():
+                raise UsageError(f"option {name} needs a value")
+            setattr(options, _LONG[name], value)
         elif not arg.startswith("-") or arg == "-":
             options.recipients.append(arg)
         elif arg in ("-t", "-i", "-oi", "-v"):
@@ -71,7 +79,30 @@ def parse_args(argv: list[str]) -> Options:
             _value(arg, arg[2:], args)
         elif arg[1] not in _IGNORED_FLAGS:
             raise UsageError(f"unknown option {arg}")
+    if options.send_at is not None and options.send_in is not None:
+        raise UsageError("give --send-at or --send-in, not both")
     return options
+
+
+_LONG = {"--config": "config", "--send-at": "send_at", "--send-in": "send_in"}
+
+
+def send_time(options: Options, now: float) -> float | None:
+    """When the message is to be sent, from --send-at or --send-in; None: now. A time
+    already past means now. Raises UsageError naming the flag for a value it cannot read."""
+    if options.send_in is not None:
+        try:
+            when = now + parse_duration(options.send_in)
+        except ValueError as exc:
+            raise UsageError(f"--send-in: {exc}") from None
+    elif options.send_at is not None:
+        try:
+            when = parse_time(options.send_at)
+        except ValueError as exc:
+            raise UsageError(f"--send-at: {exc}") from None
+    else:
+        return None
+    return when if when > now else None
 
 
 def _value(flag: str, attached: str, rest: list[str]) -> str:
@@ -123,9 +154,10 @@ def prepare(message: bytes, options: Options, default_sender: str,
 
 
 def submit(host: str, port: int, sender: str, recipients: list[str], message: bytes,
-           timeout: float = 60.0) -> str:
+           timeout: float = 60.0, send_at: float | None = None) -> str:
     """Hand the message to the listener; return its queue ID. All recipients or none:
-    if any is refused the transaction is abandoned, so nothing is half sent."""
+    if any is refused the transaction is abandoned, so nothing is half sent. With
+    `send_at`, the listener must offer FUTURERELEASE, and is asked to hold it till then."""
     try:
         with smtplib.SMTP(host, port, timeout=timeout) as smtp:
             smtp.ehlo()
@@ -134,7 +166,15 @@ def submit(host: str, port: int, sender: str, recipients: list[str], message: by
                 options.append("SMTPUTF8")
             if not message.isascii():
                 options.append("BODY=8BITMIME")
-            _expect(smtp.mail(sender, options), f"sender <{sender}>")
+            what = f"sender <{sender}>"
+            if send_at is not None:
+                if not smtp.has_extn("futurerelease"):
+                    raise SubmissionFailed(f"the relay at {host}:{port} does not offer "
+                                           "scheduled delivery (FUTURERELEASE); the message "
+                                           "was not sent", permanent=True)
+                options.append(hold_parameter(send_at))
+                what += f" with {options[-1]}"
+            _expect(smtp.mail(sender, options), what)
             for recipient in recipients:
                 _expect(smtp.rcpt(recipient), f"recipient <{recipient}>")
             code, reply = smtp.data(message)

@@ -9,12 +9,18 @@ Layout (Postfix's queue names, Maildir's publishing rule)::
       incoming/   complete, never attempted: due now
       active/     claimed by a delivery worker (returned to incoming/ by recover())
       deferred/   waiting; the file's mtime is the next attempt time (as in Postfix)
+      scheduled/  not to be sent before a time a client or an operator asked for; the
+                  file's mtime is that time, as deferred/'s is the next attempt's
       hold/       never attempted until released
       failed/     permanent failure or expired; kept until deleted
       corrupt/    entries that could not be parsed, moved aside for the operator
-      state/      one JSON record per entry that has been attempted (recipient status,
-                  attempt history, last error), replaced atomically; it stays put while
-                  the message file moves between queues, like Postfix's defer/ logs
+      state/      one JSON record per entry that has been attempted or rescheduled
+                  (recipient status, attempt history, last error, send time), replaced
+                  atomically; it stays put while the message file moves between queues,
+                  like Postfix's defer/ logs
+      wake/       an empty file per entry an operator moved into scheduled/, so that a
+                  running daemon learns its new time; read and removed by the daemon
+      history/    the delivery journal (relay.history), one file per day
 
 A message file is immutable once published: a magic line, one line of JSON envelope, then
 the content. Whoever renames a file into active/ owns the entry until it renames it out;
@@ -49,7 +55,7 @@ HEADER_READ = 8192  # the first read of an entry: its envelope, unless it has ma
 MAX_HEADER_BYTES = 64 * 1024 * 1024  # 100,000 recipients of 320 bytes fit with room to spare
 ID_PATTERN = re.compile(r"^[0-9A-F]{21}$")
 QUEUE_DIRS = tuple(q.value for q in Queue)
-ALL_DIRS = ("tmp", *QUEUE_DIRS, "corrupt", "state")
+ALL_DIRS = ("tmp", *QUEUE_DIRS, "corrupt", "state", "wake", "history")
 _decode_json = json.JSONDecoder().decode
 OPEN_NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 OPEN_SPARE = os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -88,13 +94,17 @@ def new_id(now: float) -> str:
     return f"{int(now * 1_000_000):013X}{random.getrandbits(32):08X}"
 
 
-def envelope_head(entry_id: str, sender: str, recipients: tuple[str, ...], arrived: float,
-                  smtputf8: bool, size: int) -> bytes:
+def envelope_head(new: NewEntry, size: int) -> bytes:
     """The magic line and the one-line JSON envelope that begin an entry's file. The size
     comes last, right-aligned in a field of fixed width (JSON allows the spaces), so that a
     draft can write it once its content is complete without moving anything."""
-    fields = {"id": entry_id, "sender": sender, "recipients": list(recipients),
-              "arrived": arrived, "smtputf8": smtputf8}
+    fields: dict[str, object] = {"id": new.id, "sender": new.sender,
+                                 "recipients": list(new.recipients), "arrived": new.arrived,
+                                 "smtputf8": new.smtputf8}
+    if new.message_id is not None:
+        fields["message_id"] = new.message_id
+    if new.send_at is not None:
+        fields["send_at"] = new.send_at
     text = json.dumps(fields, ensure_ascii=False, separators=(",", ":"))
     return MAGIC + f'{text[:-1]},"size":{size:>{SIZE_FIELD}}}}'.encode() + b"\n"
 
@@ -218,8 +228,9 @@ class Spool:
         `syncing` is called as the fsyncs begin, once every file is written.
 
         The order is what makes it crash-safe: each complete file is written and fsynced
-        under tmp/, then renamed into incoming/, then incoming/ itself is fsynced so the
-        new names survive a power cut. A crash before a rename leaves only tmp/ debris,
+        under tmp/, then renamed into incoming/ (or, with a send_at, into scheduled/ with
+        that time as its mtime, set before the fsync), then the directory itself is
+        fsynced so the new names survive a power cut. A crash before a rename leaves only tmp/ debris,
         which recover() sweeps; after the directory fsync the entries exist for good.
         The files are written, then fsynced, then renamed, each step for the whole batch,
         so that the renames do not join the journal commits of the fsyncs. One fsync per
@@ -251,51 +262,64 @@ class Spool:
                 results[index] = exc
             else:
                 synced.append(index)
-        published: list[int] = []
+        published: dict[Queue, list[int]] = {}
         for index in synced:
+            queue = Queue.INCOMING if batch[index].send_at is None else Queue.SCHEDULED
             try:
-                self._rename_into_incoming(batch[index])
+                self._publish(batch[index], queue)
             except Exception as exc:
                 results[index] = exc
             else:
-                published.append(index)
-        if published:
+                published.setdefault(queue, []).append(index)
+        for queue, indexes in published.items():
             try:
-                self._sync_dir(Queue.INCOMING.value)
+                self._sync_dir(queue.value)
             except OSError as exc:
                 # Not durable: the clients will hear an error and send them again.
-                for index in published:
-                    _unlink_quietly(self._file(Queue.INCOMING, batch[index].id))
+                for index in indexes:
+                    _unlink_quietly(self._file(queue, batch[index].id))
                     results[index] = SpoolError(f"spool write failed: {exc.strerror}")
             else:
-                for index in published:
+                for index in indexes:
                     new = batch[index]
                     results[index] = Entry(
-                        id=new.id, queue=Queue.INCOMING, sender=new.sender,
+                        id=new.id, queue=queue, sender=new.sender,
                         recipients=tuple(Recipient(a) for a in new.recipients),
-                        arrived=new.arrived, size=new.size, smtputf8=new.smtputf8)
+                        arrived=new.arrived, size=new.size, smtputf8=new.smtputf8,
+                        send_at=new.send_at, message_id=new.message_id)
         return [results[index] for index in range(len(batch))]
 
     def _write_tmp(self, new: NewEntry) -> int:
         """Create the entry's file in tmp/ and write it, or finish the draft it was written
         to; return the open descriptor."""
-        if new.draft is not None:
-            return new.draft.finish()
-        head = envelope_head(new.id, new.sender, new.recipients, new.arrived, new.smtputf8,
-                             new.size)
         tmp = self._tmp_file(new.id)
-        with _failed_write_removes(tmp):
-            fault_point("before-spool-write")
-            if self._take_spare(tmp):
-                return _overwrite(tmp, [head, *new.parts])
-            return _create(tmp, [head, *new.parts])
+        if new.draft is not None:
+            fd = new.draft.finish()
+        else:
+            head = envelope_head(new, new.size)
+            with _failed_write_removes(tmp):
+                fault_point("before-spool-write")
+                if self._take_spare(tmp):
+                    fd = _overwrite(tmp, [head, *new.parts])
+                else:
+                    fd = _create(tmp, [head, *new.parts])
+        if new.send_at is not None:
+            with _failed_write_removes(tmp):
+                try:
+                    # The due time, as deferred/ keeps its next attempt; set before the
+                    # fsync, which makes it durable with the content.
+                    _set_mtime(fd, new.send_at)
+                except BaseException:
+                    os.close(fd)
+                    raise
+        return fd
 
-    def draft(self, entry_id: str, sender: str, recipients: tuple[str, ...], arrived: float,
-              smtputf8: bool) -> Draft:
+    def draft(self, new: NewEntry) -> Draft:
         """Start the file of a new entry whose content is still arriving (a large message:
-        it goes to disk as it comes rather than into memory). Raises SpoolFull or SpoolError."""
-        tmp = self._tmp_file(entry_id)
-        head = envelope_head(entry_id, sender, recipients, arrived, smtputf8, 0)
+        it goes to disk as it comes rather than into memory). `new` carries the envelope;
+        its parts are not used. Raises SpoolFull or SpoolError."""
+        tmp = self._tmp_file(new.id)
+        head = envelope_head(new, 0)
         with _failed_write_removes(tmp):
             fault_point("before-spool-write")
             if self._take_spare(tmp):
@@ -322,11 +346,11 @@ class Spool:
             finally:
                 os.close(fd)
 
-    def _rename_into_incoming(self, new: NewEntry) -> None:
+    def _publish(self, new: NewEntry, queue: Queue) -> None:
         tmp = self._tmp_file(new.id)
         with _failed_write_removes(tmp):
             fault_point("after-fsync-before-rename")
-            os.rename(tmp, self._file(Queue.INCOMING, new.id))
+            os.rename(tmp, self._file(queue, new.id))
 
     # --- start-up -----------------------------------------------------------------------
 
@@ -342,6 +366,8 @@ class Spool:
             _unlink_quietly(self.path / "tmp" / name)
         for name in os.listdir(self.path / Queue.ACTIVE.value):
             os.rename(self._file(Queue.ACTIVE, name), self._file(Queue.INCOMING, name))
+        for name in os.listdir(self.path / "wake"):  # due_times() below covers them all
+            _unlink_quietly(self.path / "wake" / name)
         due = self.due_times()
         existing = {name for d in (*QUEUE_DIRS, "corrupt") for name in os.listdir(self.path / d)}
         for name in os.listdir(self.path / "state"):
@@ -361,13 +387,14 @@ class Spool:
         return moved
 
     def due_times(self) -> list[tuple[str, float]]:
-        """(id, due time) of every entry that may be attempted: incoming now, deferred at
-        its mtime. Reads directories only, never an entry."""
+        """(id, due time) of every entry that may be attempted: incoming now, deferred and
+        scheduled at their mtimes. Reads directories only, never an entry."""
         due: list[tuple[str, float]] = []
         with os.scandir(self.path / Queue.INCOMING.value) as it:
             due.extend((e.name, 0.0) for e in it)
-        with os.scandir(self.path / Queue.DEFERRED.value) as it:
-            due.extend((e.name, e.stat().st_mtime) for e in it)
+        for queue in (Queue.DEFERRED, Queue.SCHEDULED):
+            with os.scandir(self.path / queue.value) as it:
+                due.extend((e.name, e.stat().st_mtime) for e in it)
         return due
 
     def counts(self) -> dict[str, int]:
@@ -412,14 +439,16 @@ class Spool:
 
     def claim(self, entry_id: str, now: float) -> Entry | None:
         """Move a due entry into active/ and return it; None if it is not due or not there
-        (held, deleted, or taken by someone else). A deferred entry is due once its mtime
-        has passed, as in Postfix's qmgr, so a stale schedule never retries early.
+        (held, deleted, or taken by someone else). A deferred or scheduled entry is due
+        once its mtime has passed, as in Postfix's qmgr, so a stale schedule never retries
+        or sends early (waiting_until tells when it is due).
 
         Raises CorruptEntry after moving an unparsable entry to corrupt/.
         """
-        for queue in (Queue.INCOMING, Queue.DEFERRED):
+        for queue in (Queue.INCOMING, Queue.DEFERRED, Queue.SCHEDULED):
             try:
-                if queue is Queue.DEFERRED and os.stat(self._file(queue, entry_id)).st_mtime > now:
+                if queue is not Queue.INCOMING and \
+                        os.stat(self._file(queue, entry_id)).st_mtime > now:
                     return None
                 os.rename(self._file(queue, entry_id), self._file(Queue.ACTIVE, entry_id))
             except FileNotFoundError:
@@ -437,6 +466,15 @@ class Spool:
         except FileNotFoundError:
             return None
         return entry.with_queue(Queue.ACTIVE)
+
+    def waiting_until(self, entry_id: str) -> float | None:
+        """When a deferred or scheduled entry is due (its mtime); None if it is in neither."""
+        for queue in (Queue.DEFERRED, Queue.SCHEDULED):
+            try:
+                return os.stat(self._file(queue, entry_id)).st_mtime
+            except FileNotFoundError:
+                continue
+        return None
 
     def content(self, entry: Entry) -> bytes:
         """The message bytes (with our Received: header) of an entry."""
@@ -544,16 +582,88 @@ class Spool:
         self._save_state(fresh)
         return self._move(fresh, Queue.INCOMING)
 
-    def delete(self, entry_id: str) -> Queue | None:
-        """Remove an entry from any queue but active/ (or from corrupt/, returning None)."""
-        for queue in (Queue.INCOMING, Queue.DEFERRED, Queue.HOLD, Queue.FAILED):
+    def reschedule(self, entry_id: str, sources: tuple[Queue, ...], send_at: float,
+                   now: float) -> Entry | None:
+        """Move the entry from the first of `sources` holding it into scheduled/, due at
+        `send_at`, or, if that is not after `now`, into incoming/, due now. Its state
+        record keeps the new send time, from which max_age counts.
+
+        The entry passes through hold/, where delivery never claims it, so that its state
+        record is not written under an attempt's feet (an attempt that took it first
+        makes this EntryBusy); an interruption leaves it held, never lost. A running
+        daemon hears of the new time through wake/. None if it is in none of `sources`.
+        """
+        if not self._take_into_hold(entry_id, sources):
+            self._locate(entry_id)
+            return None
+        entry = self._load_or_quarantine(Queue.HOLD, entry_id)
+        due = send_at > now
+        entry = replace(entry, send_at=send_at if due else now, next_attempt=None)
+        self._save_state(entry)
+        target = Queue.SCHEDULED if due else Queue.INCOMING
+        if due:
+            os.utime(self._file(Queue.HOLD, entry_id), (send_at, send_at))
+        moved = self._move(entry, target)
+        self._sync_dir(target.value)
+        if due:
+            self.wake(entry_id)
+        return moved
+
+    def _take_into_hold(self, entry_id: str, sources: tuple[Queue, ...]) -> bool:
+        for source in sources:
+            if source is Queue.HOLD:
+                if os.path.exists(self._file(Queue.HOLD, entry_id)):
+                    return True
+                continue
             try:
-                os.unlink(self._file(queue, entry_id))
+                os.rename(self._file(source, entry_id), self._file(Queue.HOLD, entry_id))
             except FileNotFoundError:
                 continue
+            return True
+        return False
+
+    def wake(self, entry_id: str) -> None:
+        """Tell a running daemon that this entry's due time changed (wake/)."""
+        fd = os.open(self.path / "wake" / entry_id, OPEN_NEW & ~os.O_EXCL, 0o600)
+        os.close(fd)
+
+    def take_wakes(self) -> list[tuple[str, float]]:
+        """(id, due time) of each entry named in wake/, each name removed before its entry
+        is looked at (so a later change is never missed); names no longer scheduled are
+        dropped. Cheap when wake/ is empty, as it nearly always is."""
+        woken = []
+        for name in os.listdir(self.path / "wake"):
+            _unlink_quietly(self.path / "wake" / name)
+            if not is_valid_id(name):
+                continue
+            try:
+                woken.append((name, os.stat(self._file(Queue.SCHEDULED, name)).st_mtime))
+            except FileNotFoundError:
+                continue
+        return woken
+
+    def delete(self, entry_id: str) -> Entry | None:
+        """Remove an entry from any queue but active/ and return it as it was (its queue
+        and its recipients' status), or None for one in corrupt/. It is taken into hold/
+        first, where delivery never claims it, so what is returned is what was deleted."""
+        sources = (Queue.INCOMING, Queue.DEFERRED, Queue.SCHEDULED, Queue.HOLD, Queue.FAILED)
+        for queue in sources:
+            if queue is not Queue.HOLD:
+                try:
+                    os.rename(self._file(queue, entry_id), self._file(Queue.HOLD, entry_id))
+                except FileNotFoundError:
+                    continue
+            try:
+                entry = self.load(Queue.HOLD, entry_id)
+            except FileNotFoundError:
+                continue
+            except CorruptEntry:
+                entry = None
+            os.unlink(self._file(Queue.HOLD, entry_id))
             _unlink_quietly(self.path / "state" / entry_id)
-            self._sync_dir(queue.value)
-            return queue
+            for name in {queue.value, Queue.HOLD.value}:  # gone from both for good
+                self._sync_dir(name)
+            return None if entry is None else entry.with_queue(queue)
         try:
             os.unlink(self.path / "corrupt" / entry_id)
         except FileNotFoundError:
@@ -667,6 +777,7 @@ class Spool:
             "last_error": entry.last_error,
             "requeued": entry.requeued,
             "notice": entry.notice,
+            "send_at": entry.send_at,
         }
         data = json.dumps(record, ensure_ascii=False, separators=(",", ":")).encode()
         tmp = self.path / "tmp" / f"{entry.id}.state.{secrets.token_hex(4)}"
@@ -792,6 +903,14 @@ def _write_all(fd: int, parts: list[bytes]) -> None:
         raise
 
 
+def _set_mtime(fd: int, when: float) -> None:
+    try:
+        os.utime(fd, (when, when))
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def _fsync_once(fd: int) -> None:
     # An fsync error means the data may be gone: the caller discards the file and never
     # retries fsync on this descriptor (PostgreSQL's "fsyncgate" lesson).
@@ -876,9 +995,14 @@ def _entry_from_header(header: dict[str, Any], queue: Queue, where: str) -> Entr
         raise CorruptEntry(where, "envelope address contains control characters or <>")
     if not isinstance(arrived, (int, float)) or not isinstance(smtputf8, bool):
         raise CorruptEntry(where, "envelope arrival time or flags malformed")
+    send_at, message_id = header.get("send_at"), header.get("message_id")
+    if not (send_at is None or isinstance(send_at, (int, float))) or \
+            not (message_id is None or isinstance(message_id, str)):
+        raise CorruptEntry(where, "envelope send time or Message-ID malformed")
     return Entry(id=entry_id, queue=queue, sender=sender,
                  recipients=tuple(Recipient(a) for a in recipients),
-                 arrived=float(arrived), size=size, smtputf8=smtputf8)
+                 arrived=float(arrived), size=size, smtputf8=smtputf8,
+                 send_at=None if send_at is None else float(send_at), message_id=message_id)
 
 
 def _apply_state(entry: Entry, state: Any, where: str) -> Entry:
@@ -894,6 +1018,7 @@ def _apply_state(entry: Entry, state: Any, where: str) -> Entry:
         last_error = state["last_error"]
         requeued = state.get("requeued")
         notice = state.get("notice")
+        send_at = state.get("send_at", entry.send_at)
     except (KeyError, TypeError, ValueError) as exc:
         raise CorruptEntry(where, f"malformed state record: {exc!r}") from None
     if notice is not None and not (isinstance(notice, str) and is_valid_id(notice)):
@@ -901,4 +1026,5 @@ def _apply_state(entry: Entry, state: Any, where: str) -> Entry:
     return replace(entry, recipients=recipients, attempts=attempts,
                    next_attempt=None if next_attempt is None else float(next_attempt),
                    last_error=None if last_error is None else str(last_error),
-                   requeued=None if requeued is None else float(requeued), notice=notice)
+                   requeued=None if requeued is None else float(requeued), notice=notice,
+                   send_at=None if send_at is None else float(send_at))

@@ -16,7 +16,7 @@ from typing import Any
 from .entry import Entry, Queue
 
 STATES = tuple(q.state for q in Queue)
-_COLUMNS = (("ID", 21), ("SIZE", 6), ("ARRIVED", 20), ("STATE", 8), ("ATT", 3),
+_COLUMNS = (("ID", 21), ("SIZE", 6), ("ARRIVED", 20), ("STATE", 9), ("ATT", 3),
             ("NEXT ATTEMPT", 20), ("SENDER", 24), ("RECIPIENTS", 28), ("LAST ERROR", 0))
 LAST_ERROR_WIDTH = 60
 
@@ -43,6 +43,7 @@ def entry_json(entry: Entry) -> dict[str, Any]:
         "state": entry.state,
         "attempts": len(entry.attempts),
         "next_attempt": iso(entry.next_attempt) if entry.queue is Queue.DEFERRED else None,
+        "send_at": iso(entry.send_at),
         "sender": entry.sender,
         "recipients": [{"address": r.address, "status": r.status.value, "reply": r.reply}
                        for r in entry.recipients],
@@ -73,13 +74,21 @@ def table(entries: list[Entry], corrupt: int) -> str:
             f" +{len(entry.recipients) - 1}" if len(entry.recipients) > 1 else "")
         lines.append(_row([
             entry.id, human_size(entry.size), iso(entry.arrived) or "", entry.state,
-            str(len(entry.attempts)),
-            (iso(entry.next_attempt) or "") if entry.queue is Queue.DEFERRED else "",
+            str(len(entry.attempts)), _next_attempt(entry),
             f"<{entry.sender}>", recipients,
             _shorten(entry.last_error or "", LAST_ERROR_WIDTH),
         ]))
     lines.append(summary(entries, corrupt))
     return "\n".join(lines)
+
+
+def _next_attempt(entry: Entry) -> str:
+    """A deferred entry's retry time; a scheduled one's send time."""
+    if entry.queue is Queue.DEFERRED:
+        return iso(entry.next_attempt) or ""
+    if entry.queue is Queue.SCHEDULED:
+        return iso(entry.send_at) or ""
+    return ""
 
 
 def summary(entries: list[Entry], corrupt: int) -> str:
@@ -101,6 +110,8 @@ def show(entry: Entry, content: bytes, with_body: bool) -> str:
         f"Size:         {entry.size} bytes",
         f"Sender:       <{escape(entry.sender)}>",
     ]
+    if entry.send_at is not None:
+        lines.append(f"Send at:      {iso(entry.send_at)}")
     if entry.queue is Queue.DEFERRED and entry.next_attempt is not None:
         lines.append(f"Next attempt: {iso(entry.next_attempt)}")
     if entry.last_error:

@@ -76,6 +76,13 @@ def test_sizes(text: object, size: int) -> None:
     ("upstream: {host: h.example, verify: yes please}", "upstream.verify", "true or false"),
     ("delivery: {retry_min: 1h, retry_max: 1m}", "delivery.retry_max", "retry_min"),
     ("log: {level: loud}", "log.level", "debug | info"),
+    ("log: {redact_addresses: maybe}", "log.redact_addresses", "true or false"),
+    ("delivery: {max_schedule: later}", "delivery.max_schedule", "expected a duration"),
+    ("delivery: {max_schedule: 0}", "delivery.max_schedule", "at least 1s"),
+    ("delivery: {max_schedule: 40000d}", "delivery.max_schedule", "at most 999999999"),
+    ("history: {enabled: 1}", "history.enabled", "true or false"),
+    ("history: {keep: 12h}", "history.keep", "at least 86400s"),
+    ("history: {kept: 30d}", "history.kept", "did you mean 'keep'"),
     ("listen: [1, 2]", "listen", "expected a mapping"),
     ("metrics: {port: 99999}", "metrics.port", "expected an integer 0-65535"),
     ("metrics: {address: 0.0.0.0, port: 9465}", "metrics.address", "add metrics.allow"),
@@ -108,6 +115,18 @@ def test_bounces_notify_takes_sender_or_an_address() -> None:
     assert config.bounces.notify == "ops@example.com"
     assert config.bounces.from_address == "relay@example.com"
     assert config.bounces.max_per_hour == 3
+
+
+def test_schedule_history_and_redaction_defaults() -> None:
+    """max_schedule 30 days; history kept 30 days and on; addresses shown in full."""
+    config = parse_config("{}", {})
+    assert config.delivery.max_schedule == 30 * 86400
+    assert config.history.enabled and config.history.keep == 30 * 86400
+    assert not config.log.redact_addresses
+    set_ = parse_config("delivery: {max_schedule: 7d}\nhistory: {enabled: false, keep: 90d}\n"
+                        "log: {redact_addresses: true}", {})
+    assert set_.delivery.max_schedule == 7 * 86400 and set_.history.keep == 90 * 86400
+    assert not set_.history.enabled and set_.log.redact_addresses
 
 
 def test_port_error_message_shows_the_bad_value() -> None:
@@ -165,8 +184,8 @@ def test_example_config_loads_with_every_key() -> None:
     for key in ("address", "port", "max_message_size", "max_recipients", "max_connections",
                 "timeout", "allow", "path", "min_free", "host", "tls", "verify", "ca_file",
                 "username", "password_env", "connections", "retry_min", "retry_max", "max_age",
-                "max_attempts", "level", "format", "sender", "notify", "from",
-                "max_per_hour"):
+                "max_attempts", "max_schedule", "level", "format", "redact_addresses", "sender",
+                "notify", "from", "max_per_hour", "enabled", "keep"):
         assert f"{key}:" in text, key
 
 

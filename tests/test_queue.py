@@ -50,18 +50,19 @@ def test_listing_shows_each_state_and_a_summary(patient_relay: RelayProcess) -> 
     assert " deferred " in rows[deferred] and "451 4.2.0" in rows[deferred]
     assert " held " in rows[held]
     assert lines[-1].startswith("-- 3 messages, ")
-    assert lines[-1].endswith("0 queued, 0 active, 1 deferred, 1 held, 1 failed")
+    assert lines[-1].endswith("0 queued, 0 active, 1 deferred, 1 held, 1 failed, 0 scheduled")
 
 
 def test_json_listing_has_the_contract_fields(patient_relay: RelayProcess) -> None:
-    """--json: one array; id, size, arrived, state, attempts, next_attempt, sender,
-    recipients[{address, status, reply}], last_error."""
+    """--json: one array; id, size, arrived, state, attempts, next_attempt, send_at,
+    sender, recipients[{address, status, reply}], last_error."""
     entry_id = send_and_wait(patient_relay, ["tempfail@example.com", "ok@example.com"],
                              "deferred")
     result = patient_relay.cli("queue", "--json")
     [item] = json.loads(result.stdout)
     assert set(item) == {"id", "size", "arrived", "state", "attempts", "next_attempt",
-                         "sender", "recipients", "last_error"}
+                         "send_at", "sender", "recipients", "last_error"}
+    assert item["send_at"] is None
     assert item["id"] == entry_id and item["state"] == "deferred" and item["attempts"] == 1
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", item["arrived"])
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", item["next_attempt"])

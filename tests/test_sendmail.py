@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import yaml
 
 from conftest import RelayProcess, relay_config, run_cli, wait_for
 from relay.errors import UsageError
-from relay.sendmail import Options, parse_args, prepare, read_message
+from relay.schedule import parse_rfc3339
+from relay.sendmail import Options, parse_args, prepare, read_message, send_time
 
 
 @pytest.fixture
@@ -121,3 +127,126 @@ def test_message_without_headers_gets_them_before_its_body() -> None:
     head, body = message.split(b"\r\n\r\n", 1)
     assert head.startswith(b"From: root@host.example\r\nDate: ")
     assert body == b"just a line\r\n"
+
+
+class FakeListener:
+    """A minimal SMTP listener on loopback that takes one session and keeps the command
+    lines it got: what `relay sendmail` would send to a listener that offers (or not)
+    FUTURERELEASE, whatever the relay's own listener offers today."""
+
+    def __init__(self, futurerelease: bool) -> None:
+        self.futurerelease = futurerelease
+        self.lines: list[str] = []
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        connection, _ = self.server.accept()
+        with connection, connection.makefile("rb") as reader:
+            connection.sendall(b"220 fake ESMTP\r\n")
+            for raw in reader:
+                line = raw.decode().rstrip("\r\n")
+                self.lines.append(line)
+                verb = line.split(" ", 1)[0].upper()
+                if verb == "EHLO":
+                    extra = b"250-FUTURERELEASE 2592000 2027-01-03T12:00:00Z\r\n" \
+                        if self.futurerelease else b""
+                    connection.sendall(b"250-fake\r\n" + extra + b"250 8BITMIME\r\n")
+                elif verb == "DATA":
+                    connection.sendall(b"354 go ahead\r\n")
+                    for body in reader:
+                        if body == b".\r\n":
+                            break
+                    connection.sendall(b"250 2.0.0 Ok: queued as 00000000000000000ABCD\r\n")
+                elif verb == "QUIT":
+                    connection.sendall(b"221 bye\r\n")
+                    return
+                else:
+                    connection.sendall(b"250 ok\r\n")
+
+    def close(self) -> None:
+        self.server.close()
+        self.thread.join(timeout=10)
+
+
+@pytest.fixture
+def fake_listener(request: pytest.FixtureRequest,
+                  tmp_path: Path) -> Iterator[tuple[FakeListener, Path]]:
+    listener = FakeListener(futurerelease=request.param)
+    config = tmp_path / "relay.yaml"
+    config.write_text(yaml.safe_dump(relay_config(tmp_path, None, None,
+                                                  listen={"port": listener.port})))
+    yield listener, config
+    listener.close()
+
+
+@pytest.mark.parametrize("argv, send_at, send_in", [
+    (["--send-at", "2026-12-05T09:00:00Z", "a@x.example"], "2026-12-05T09:00:00Z", None),
+    (["--send-at=2026-12-05T09:00:00Z", "a@x.example"], "2026-12-05T09:00:00Z", None),
+    (["--send-in", "5m", "-t"], None, "5m"),
+    (["-oi", "--send-in=2h", "a@x.example"], None, "2h"),
+])
+def test_send_at_and_send_in_are_read_in_both_forms(argv: list[str], send_at: str | None,
+                                                    send_in: str | None) -> None:
+    """--send-at TIME, --send-at=TIME, --send-in DURATION, --send-in=DURATION."""
+    options = parse_args(argv)
+    assert (options.send_at, options.send_in) == (send_at, send_in)
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["--send-at", "2026-12-05T09:00:00Z", "--send-in", "5m", "a@x.example"], "not both"),
+    (["--send-in"], "needs a value"),
+    (["--send-at="], "needs a value"),
+])
+def test_send_flags_that_cannot_be_honoured_are_usage_errors(argv: list[str],
+                                                             fragment: str) -> None:
+    """Both flags at once, or either without a value: usage errors."""
+    with pytest.raises(UsageError, match=fragment):
+        parse_args(argv)
+
+
+def test_send_time_comes_from_either_flag_and_a_past_time_means_now() -> None:
+    """A duration from now, or a time; a time already past, or none, sends now."""
+    now = 1_796_457_600.0  # 2026-12-05T08:00:00Z
+    assert send_time(parse_args(["--send-in", "5m"]), now) == now + 300
+    assert send_time(parse_args(["--send-at", "2026-12-05T09:00:00Z"]), now) == now + 3600
+    assert send_time(parse_args(["--send-at", "2026-12-05T07:00:00Z"]), now) is None
+    assert send_time(parse_args([]), now) is None
+
+
+@pytest.mark.parametrize("argv, flag", [(["--send-in", "soon"], "--send-in"),
+                                        (["--send-at", "after lunch"], "--send-at")])
+def test_an_unreadable_send_time_names_its_flag(argv: list[str], flag: str) -> None:
+    """A value that is no duration or time is a usage error naming the flag."""
+    with pytest.raises(UsageError, match=f"^{flag}: "):
+        send_time(parse_args(argv), 0.0)
+
+
+@pytest.mark.parametrize("fake_listener", [True], indirect=True)
+def test_send_in_asks_the_listener_to_hold_the_message_with_holduntil(
+        fake_listener: tuple[FakeListener, Path]) -> None:
+    """MAIL carries HOLDUNTIL=<the time, rounded up to the second, RFC 3339 UTC>."""
+    listener, config = fake_listener
+    before = time.time()
+    result = run_cli(config, "sendmail", "--send-in", "2h", "-v", "a@x.example",
+                     stdin=b"Subject: x\n\nbody\n")
+    after = time.time()
+    assert result.returncode == 0, result.stderr
+    [mail] = [line for line in listener.lines if line.upper().startswith("MAIL")]
+    hold = mail.split("HOLDUNTIL=")[1].split()[0]
+    assert before + 7200 <= parse_rfc3339(hold) <= after + 7201
+
+
+@pytest.mark.parametrize("fake_listener", [False], indirect=True)
+def test_a_listener_without_futurerelease_gets_no_message_and_exit_65(
+        fake_listener: tuple[FakeListener, Path]) -> None:
+    """Rather than send it now, sendmail says the relay cannot schedule, and sends nothing."""
+    listener, config = fake_listener
+    result = run_cli(config, "sendmail", "--send-at", "2099-01-01T00:00:00Z", "a@x.example",
+                     stdin=b"Subject: x\n\nbody\n")
+    assert result.returncode == 65
+    assert "does not offer scheduled delivery (FUTURERELEASE)" in result.stderr
+    assert "not sent" in result.stderr
+    assert [line.split()[0].upper() for line in listener.lines] == ["EHLO", "QUIT"]

@@ -111,7 +111,8 @@ def test_readiness_status_watchdog_reload_and_stopping(tmp_path: Path, make_rela
     wait_for(lambda: notify_socket.saw(lambda m: m == "READY=1"), what="READY=1")
     relay.send("app@example.com", ["user@example.com"], BODY)
     wait_for(lambda: notify_socket.saw(lambda m: m == "STATUS=0 queued, 0 active, 1 deferred, "
-                                                      "0 held, 0 failed"), what="STATUS=")
+                                                      "0 held, 0 failed, 0 scheduled"),
+             what="STATUS=")
     wait_for(lambda: notify_socket.drain().count("WATCHDOG=1") >= 3, what="watchdog pings")
     seen = len(notify_socket.drain())
     relay.reload(config)

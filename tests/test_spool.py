@@ -452,7 +452,8 @@ def test_a_draft_is_published_with_its_size_and_exact_content(spool: Spool,
     if old_size:
         delivered(spool, b"Subject: old\r\n\r\n" + b"o" * old_size)
     entry_id = new_id(time.time())
-    draft = spool.draft(entry_id, "s@example.com", ("r@example.net",), time.time(), False)
+    draft = spool.draft(NewEntry(entry_id, "s@example.com", ("r@example.net",), (), time.time(),
+                                 False))
     pieces = [b"Received: x\r\n", b"Subject: big\r\n\r\n", b"b" * 1_000_000, b"\r\nend\r\n"]
     for piece in pieces:
         draft.write([piece])
@@ -468,7 +469,8 @@ def test_a_draft_is_published_with_its_size_and_exact_content(spool: Spool,
 
 def test_a_discarded_draft_leaves_nothing(spool: Spool) -> None:
     entry_id = new_id(time.time())
-    draft = spool.draft(entry_id, "s@example.com", ("r@example.net",), time.time(), False)
+    draft = spool.draft(NewEntry(entry_id, "s@example.com", ("r@example.net",), (), time.time(),
+                                 False))
     draft.write([b"x" * 10_000])
     draft.discard()
     assert os.listdir(spool.path / "tmp") == []
@@ -478,7 +480,8 @@ def test_a_draft_that_fills_the_disk_is_refused_and_removed(
         spool: Spool, monkeypatch: pytest.MonkeyPatch) -> None:
     """ENOSPC while content arrives: SpoolFull, and the draft's file is gone."""
     entry_id = new_id(time.time())
-    draft = spool.draft(entry_id, "s@example.com", ("r@example.net",), time.time(), False)
+    draft = spool.draft(NewEntry(entry_id, "s@example.com", ("r@example.net",), (), time.time(),
+                                 False))
 
     def full(fd: int, buffers: object) -> int:
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -522,7 +525,8 @@ def test_census_counts_queues_and_finds_the_oldest_waiting_entry(spool: Spool) -
     store(spool)
     (spool.path / "incoming" / "0-stray").write_text("")
     counts, oldest = spool.census()
-    assert counts == {"queued": 3, "active": 0, "deferred": 0, "held": 1, "failed": 0}
+    assert counts == {"queued": 3, "active": 0, "deferred": 0, "scheduled": 0, "held": 1,
+                      "failed": 0}
     assert oldest == relay.spool.arrival_of(waiting)
     assert oldest is not None and abs(oldest - time.time()) < 60
 

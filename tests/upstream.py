@@ -15,6 +15,7 @@ import base64
 import random
 import ssl
 import threading
+import time
 from dataclasses import dataclass
 
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
@@ -41,6 +42,7 @@ class Transaction:
     tls: bool
     authenticated: bool
     mail_options: tuple[str, ...]
+    at: float = 0.0  # time.time() when the final dot was answered
 
 
 class Upstream:
@@ -232,6 +234,7 @@ class Upstream:
                 tls=session.ssl is not None or self.implicit_context is not None,
                 authenticated=session.authenticated,
                 mail_options=tuple(envelope.mail_options),
+                at=time.time(),
             ))
         return "250 2.0.0 Ok: queued upstream"
 
