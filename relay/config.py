@@ -20,6 +20,7 @@ from typing import Any
 
 import yaml
 
+from .addresses import WILDCARD, address_problem, expand
 from .errors import ConfigError
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -87,6 +88,15 @@ class SendmailConfig:
 
 
 @dataclass(frozen=True)
+class AddressesConfig:
+    hostname: str | None = None  # None: the system's FQDN (relay.hostname finds it)
+    aliases: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # keys lower-case
+    sender_domains: tuple[str, ...] = ()  # lower-case; empty: any
+    default_sender: str | None = None
+    redirect_to: str | None = None
+
+
+@dataclass(frozen=True)
 class Config:
     listen: ListenConfig = ListenConfig()
     spool: SpoolConfig = SpoolConfig()
@@ -94,6 +104,7 @@ class Config:
     delivery: DeliveryConfig = DeliveryConfig()
     log: LogConfig = LogConfig()
     sendmail: SendmailConfig = SendmailConfig()
+    addresses: AddressesConfig = AddressesConfig()
     source: Path | None = None  # the file it was read from; None for built-in defaults
 
 
@@ -172,6 +183,7 @@ def parse_config(text: str, environ: Mapping[str, str], source: Path | None = No
         delivery=_delivery(section.child("delivery")),
         log=_log(section.child("log")),
         sendmail=_sendmail(section.child("sendmail")),
+        addresses=_addresses(section.child("addresses")),
         source=source,
     )
     section.reject_unknown()
@@ -307,6 +319,56 @@ def _sendmail(s: _Section) -> SendmailConfig:
     config = SendmailConfig(sender=s.get("sender", _nonempty_text, None))
     s.reject_unknown()
     return config
+
+
+def _addresses(s: _Section) -> AddressesConfig:
+    hostname = s.get("hostname", _mail_domain, None)
+    domains = s.get("sender_domains", _domain_list, ())
+    default_sender = s.get("default_sender", _mailbox, None)
+    if default_sender is not None:
+        if not domains:
+            raise ConfigError(s.key("default_sender"), "replaces senders outside "
+                              "addresses.sender_domains, which is empty: list the domains")
+        if default_sender.rpartition("@")[2].lower() not in domains:
+            raise ConfigError(s.key("default_sender"), f"{default_sender} is not in one of "
+                              "addresses.sender_domains")
+    config = AddressesConfig(
+        hostname=hostname,
+        aliases=_aliases(s.child("aliases"), hostname),
+        sender_domains=domains,
+        default_sender=default_sender,
+        redirect_to=s.get("redirect_to", _mailbox, None),
+    )
+    s.reject_unknown()
+    return config
+
+
+def _aliases(s: _Section, hostname: str | None) -> dict[str, tuple[str, ...]]:
+    """Alias names are matched without regard to case, as in aliases(5); each leads to
+    addresses or further names, and must lead somewhere without a loop."""
+    aliases: dict[str, tuple[str, ...]] = {}
+    for name in list(s.data):
+        key = s.key(str(name))
+        if not isinstance(name, str):
+            raise ConfigError(key, f"an alias name is text; quote it ({_describe(name)})")
+        if name != WILDCARD:
+            try:
+                _local_name(name)
+            except ValueError as exc:
+                raise ConfigError(key, str(exc)) from None
+        if name.lower() in aliases:
+            raise ConfigError(key, f"{name.lower()} is listed twice (names ignore case)")
+        aliases[name.lower()] = s.get(name, _alias_targets, ())
+    local = ("localhost", hostname or "localhost")
+    for name, targets in aliases.items():
+        names = targets if name == WILDCARD else (name,)
+        for target in names:
+            if "@" in target and target.rpartition("@")[2].lower() not in local:
+                continue
+            problem = expand(aliases, local, target.rpartition("@")[0] or target).problem
+            if problem is not None:
+                raise ConfigError(s.key(name), problem)
+    return aliases
 
 
 # --- the section walker ---------------------------------------------------------------
@@ -456,6 +518,50 @@ def _hostname(value: Any) -> str:
     return text
 
 
+def _mail_domain(value: Any) -> str:
+    text = _nonempty_text(value).lower()
+    if not _HOSTNAME.match(text) or _is_ip_address(text):
+        raise ValueError(f"expected a host name such as mail.example.com, got {_describe(value)}")
+    problem = address_problem(f"postmaster@{text}", True)
+    if problem is not None:
+        raise ValueError(f"{text} cannot be used in an address: {problem}")
+    return text
+
+
+def _domain_list(value: Any) -> tuple[str, ...]:
+    items = [value] if isinstance(value, str) else value
+    if isinstance(items, list):
+        return tuple(dict.fromkeys(_mail_domain(item) for item in items))
+    raise ValueError(f"expected a list of domains like [mg.example.com], got {_describe(value)}")
+
+
+def _mailbox(value: Any) -> str:
+    """A complete address (local part and domain), as an envelope carries it."""
+    text = _nonempty_text(value)
+    if "@" not in text:
+        raise ValueError(f"expected an address such as noreply@mg.example.com, got {_describe(value)}")
+    problem = address_problem(text, True)
+    if problem is not None:
+        raise ValueError(f"{text} is not a valid address: {problem}")
+    return text
+
+
+def _local_name(value: Any) -> str:
+    text = _nonempty_text(value)
+    if "@" in text or address_problem(f"{text}@example.com", True) is not None:
+        raise ValueError(f"{text!r} is not a local name such as root or www-data")
+    return text
+
+
+def _alias_targets(value: Any) -> tuple[str, ...]:
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not items:
+        raise ValueError(f"expected an address, a local name, or a list of them, got "
+                         f"{_describe(value)}")
+    return tuple(dict.fromkeys(_mailbox(item) if isinstance(item, str) and "@" in item
+                               else _local_name(item) for item in items))
+
+
 def _ip_address_text(value: Any) -> str:
     try:
         return str(ipaddress.ip_address(_nonempty_text(value)))
@@ -500,6 +606,14 @@ def _describe(value: Any) -> str:
 
 def _is_loopback(address: str) -> bool:
     return ipaddress.ip_address(address).is_loopback
+
+
+def _is_ip_address(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text.strip("[]"))
+    except ValueError:
+        return False
+    return True
 
 
 def _is_loopback_host(host: str) -> bool:
