@@ -195,7 +195,9 @@ def _print_listing(spool: Spool, args: argparse.Namespace) -> int:
         if args.state and item.state != args.state:
             continue
         if args.match and not any(args.match in a for a in
-                                  (item.sender, *(r.address for r in item.recipients))):
+                                  (item.sender, *(r.address for r in item.recipients),
+                                   item.original_sender or "",
+                                   *(item.original_recipients or ()))):
             continue
         entries.append(item)
     if args.json:

@@ -14,12 +14,14 @@ import os
 import signal
 from concurrent.futures import ThreadPoolExecutor
 
+from . import addresses
 from .clock import SteadyClock
 from .config import Config, keep_restart_only, load_config, restart_required
 from .delivery import Delivery
 from .entry import Entry
 from .errors import ConfigError
-from .listener import ServerFactory, local_hostname
+from .hostname import system_name
+from .listener import ServerFactory
 from .log import log_event, setup_logging
 from .spool import Spool
 from .systemd import notify, watchdog_interval
@@ -41,6 +43,7 @@ class Daemon:
         self.delivery = Delivery(self.spool, self.writer, config, clock=self.clock,
                                  client_sessions=self._client_sessions)
         self._reported_skew = 0.0
+        self.system = system_name()  # read once: a reload keeps the names found at start
         self._factory: ServerFactory | None = None
         self._server: asyncio.Server | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -67,9 +70,15 @@ class Daemon:
         for entry_id, when in due:
             self.delivery.schedule(entry_id, when)
         listen = self.config.listen
+        rules = addresses.rules_for(self.config.addresses, self.system)
+        if self.config.addresses.hostname is None and self.system.fqdn is None:
+            log_event(logging.WARNING, None, event="hostname", hostname=rules.hostname,
+                      reason="the system has no fully qualified host name (neither "
+                             "gethostname nor /etc/hosts gives one)",
+                      action="set addresses.hostname in the config")
         self.writer.start()
         self._factory = ServerFactory(self.spool, self.writer, listen, self._stored,
-                                      local_hostname(), self.clock)
+                                      rules, self.clock)
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(self._factory, host=listen.address,
                                                 port=listen.port)
@@ -120,7 +129,7 @@ class Daemon:
         new = keep_restart_only(self.config, new)
         self.config = new
         setup_logging(new.log)
-        self._factory.reconfigure(new.listen)
+        self._factory.reconfigure(new.listen, addresses.rules_for(new.addresses, self.system))
         self.spool.min_free = new.spool.min_free
         self.delivery.reconfigure(new)
         log_event(logging.INFO, None, event="reload", status="reloaded",

@@ -67,6 +67,8 @@ class NewEntry:
     parts: tuple[bytes, ...]  # the content in pieces, the headers we add first
     arrived: float
     smtputf8: bool
+    original_sender: str | None = None  # as received, when address rules rewrote it
+    original_recipients: tuple[str, ...] | None = None  # likewise
 
     @property
     def size(self) -> int:
@@ -88,6 +90,9 @@ class Entry:
     next_attempt: float | None = None
     last_error: str | None = None
     requeued: float | None = None  # when an operator requeued it: the age for expiry restarts
+    # The envelope as received, when the address rules rewrote it (relay.addresses).
+    original_sender: str | None = None
+    original_recipients: tuple[str, ...] | None = None
 
     @property
     def age_from(self) -> float:

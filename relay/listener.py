@@ -1,8 +1,9 @@
 """The listener's policy: who may connect, which addresses pass, and spooling each message.
 
 The SMTP protocol (relay.smtpd) asks it at each step. It checks that the client may
-connect (allow networks, connection limit), validates the sender and each recipient with
-email-validator (syntax only, never DNS), enforces the recipient limit and free space,
+connect (allow networks, connection limit), has the sender and each recipient judged by
+the address rules (relay.addresses: syntax, never DNS; aliases; sender domains), enforces
+the recipient limit and free space, applies the rules' rewriting once the message is in,
 prepends a Received: header and hands the message to the spool writer's thread.
 `250 ... queued as ID` is sent only after the spool returned, that is after the entry is
 durable; a spool failure is answered 452. It never delivers.
@@ -16,13 +17,12 @@ import email.utils
 import functools
 import ipaddress
 import logging
-import socket
 import time
 from collections.abc import Callable
 from typing import Any
 
-from email_validator import EmailNotValidError, validate_email
-
+from . import addresses
+from .addresses import Rules
 from .config import IPNetwork, ListenConfig
 from .entry import Entry, NewEntry
 from .errors import SpoolError, SpoolFull
@@ -30,36 +30,10 @@ from .faults import fault_point
 from .headers import field_value, split_header
 from .log import log_event
 from .smtpd import Session, SMTPServer, Transaction
-from .spool import Spool, is_unsafe_address, new_id
+from .spool import Spool, new_id
 from .writer import SpoolWriter
 
 logger = logging.getLogger("relay.listener")
-
-MAX_ADDRESS_OCTETS = 254  # RFC 5321 4.5.3.1.3: a path is 256 octets including < and >
-MAX_LOCAL_PART_OCTETS = 64  # RFC 5321 4.5.3.1.1
-
-# An application sends from a handful of addresses, often to the same few: the answer for
-# each is kept (a pure function of its arguments) instead of running email-validator's
-# 30 us again for every MAIL and RCPT.
-@functools.lru_cache(maxsize=4096)
-def address_problem(address: str, smtputf8: bool) -> str | None:
-    """Why `address` is not a syntactically valid mailbox, or None if it is. No DNS."""
-    if len(address.encode("utf-8")) > MAX_ADDRESS_OCTETS:
-        return f"address longer than {MAX_ADDRESS_OCTETS} octets"
-    local, _, _ = address.rpartition("@")
-    if len(local.encode("utf-8")) > MAX_LOCAL_PART_OCTETS:
-        return f"local part longer than {MAX_LOCAL_PART_OCTETS} octets"
-    try:
-        validate_email(address, check_deliverability=False, globally_deliverable=False,
-                       allow_quoted_local=True, allow_domain_literal=True, allow_smtputf8=True)
-    except EmailNotValidError as exc:
-        return str(exc)
-    if not smtputf8 and not address.isascii():
-        return "non-ASCII address without the SMTPUTF8 parameter"
-    if is_unsafe_address(address):
-        return "control characters, '<' or '>' are not relayed"
-    return None
-
 
 class Gate:
     """Admission at connect time: allowed client networks and the connection limit."""
@@ -98,15 +72,20 @@ class Handler:
     `on_stored` is told of each entry once it is durable, with the content it holds."""
 
     def __init__(self, spool: Spool, writer: SpoolWriter, config: ListenConfig, gate: Gate,
-                 on_stored: Callable[[Entry, tuple[bytes, ...]], None], hostname: str,
+                 on_stored: Callable[[Entry, tuple[bytes, ...]], None], rules: Rules,
                  clock: Callable[[], float] = time.time) -> None:
         self.spool = spool
         self.writer = writer
         self.config = config
         self.gate = gate
         self.on_stored = on_stored
-        self.hostname = hostname
+        self.rules = rules
         self.clock = clock
+
+    @property
+    def hostname(self) -> str:
+        """The relay's name (addresses.hostname): greeting, Received: and Message-IDs."""
+        return self.rules.hostname
 
     def connect(self, peer: Any) -> str | None:
         refusal = self.gate.admit(peer)
@@ -119,10 +98,9 @@ class Handler:
         self.gate.release()
 
     def mail(self, session: Session, transaction: Transaction) -> str | None:
-        if transaction.sender:
-            problem = address_problem(transaction.sender, transaction.smtputf8)
-            if problem is not None:
-                return f"553 5.1.3 Error: bad sender address syntax: {problem}"
+        refusal = addresses.check_sender(self.rules, transaction.sender, transaction.smtputf8)
+        if refusal is not None:
+            return refusal
         try:
             # One statvfs: quicker than a round trip to a worker thread.
             self.spool.check_room(transaction.declared_size)
@@ -135,23 +113,26 @@ class Handler:
     def rcpt(self, session: Session, transaction: Transaction, address: str) -> str | None:
         if len(transaction.recipients) >= self.config.max_recipients:
             return "452 4.5.3 Error: too many recipients"
-        problem = address_problem(address, transaction.smtputf8)
-        if problem is not None:
-            return f"553 5.1.3 Error: bad recipient address syntax: {problem}"
-        return None
+        return addresses.check_recipient(self.rules, address, transaction.smtputf8)
 
     async def data(self, session: Session, transaction: Transaction, content: bytes) -> str:
+        head = split_header(content)[0]
+        applied = addresses.apply(self.rules, transaction.sender, transaction.recipients,
+                                  content, head)
+        if isinstance(applied, str):
+            return applied
         now = self.clock()
         entry_id = new_id(now)
         added = [self._received_header(session, transaction, entry_id, now)]
-        message_id = field_value(split_header(content)[0], "Message-ID")
+        message_id = field_value(head, "Message-ID")
         if message_id is None:
             # As Postfix's cleanup does: every attempt then carries the same Message-ID,
             # so a duplicate delivery can be recognised downstream.
             message_id = f"<{entry_id}@{self.hostname}>"
             added.append(f"Message-ID: {message_id}\r\n".encode())
-        new = NewEntry(entry_id, transaction.sender, tuple(transaction.recipients),
-                       (*added, content), now, transaction.smtputf8)
+        new = NewEntry(entry_id, applied.sender, applied.recipients,
+                       (*added, *applied.parts), now, transaction.smtputf8,
+                       applied.original_sender, applied.original_recipients)
         try:
             entry = await self.writer.store(new)
         except SpoolFull:
@@ -168,9 +149,14 @@ class Handler:
 
     def _stored(self, entry: Entry, parts: tuple[bytes, ...], client: str,
                 message_id: str) -> None:
+        rewritten: dict[str, str] = {}
+        if entry.original_sender is not None:
+            rewritten["orig_from"] = f"<{entry.original_sender}>"
+        if entry.original_recipients is not None:
+            rewritten["orig_to"] = ",".join(f"<{a}>" for a in entry.original_recipients)
         log_event(logging.INFO, entry.id, client=client,
-                  **{"from": entry.sender, "message-id": message_id}, size=entry.size,
-                  nrcpt=len(entry.recipients), status="queued")
+                  **{"from": entry.sender, "message-id": message_id}, **rewritten,
+                  size=entry.size, nrcpt=len(entry.recipients), status="queued")
         self.on_stored(entry, parts)
 
     def _received_header(self, session: Session, transaction: Transaction, entry_id: str,
@@ -193,13 +179,14 @@ class ServerFactory:
     limits apply to every connection made after it (sessions in progress keep theirs)."""
 
     def __init__(self, spool: Spool, writer: SpoolWriter, config: ListenConfig,
-                 on_stored: Callable[[Entry, tuple[bytes, ...]], None], hostname: str,
+                 on_stored: Callable[[Entry, tuple[bytes, ...]], None], rules: Rules,
                  clock: Callable[[], float] = time.time) -> None:
         self.gate = Gate(config.allow, config.max_connections)
-        self.handler = Handler(spool, writer, config, self.gate, on_stored, hostname, clock)
+        self.handler = Handler(spool, writer, config, self.gate, on_stored, rules, clock)
 
-    def reconfigure(self, config: ListenConfig) -> None:
+    def reconfigure(self, config: ListenConfig, rules: Rules) -> None:
         self.handler.config = config
+        self.handler.rules = rules
         self.gate.allow = config.allow
         self.gate.max_connections = config.max_connections
 
@@ -207,11 +194,6 @@ class ServerFactory:
         config = self.handler.config
         return SMTPServer(self.handler, self.handler.hostname, config.max_message_size,
                           config.timeout)
-
-
-def local_hostname() -> str:
-    """The name we greet with; gethostname, not getfqdn, which may block on DNS."""
-    return _sanitize(socket.gethostname()) or "localhost"
 
 
 @functools.lru_cache(maxsize=2)

@@ -211,13 +211,22 @@ class Spool:
                     results[index] = Entry(
                         id=new.id, queue=Queue.INCOMING, sender=new.sender,
                         recipients=tuple(Recipient(a) for a in new.recipients),
-                        arrived=new.arrived, size=new.size, smtputf8=new.smtputf8)
+                        arrived=new.arrived, size=new.size, smtputf8=new.smtputf8,
+                        original_sender=new.original_sender,
+                        original_recipients=new.original_recipients)
         return [results[index] for index in range(len(batch))]
 
     def _write_tmp(self, new: NewEntry) -> int:
         """Create the entry's file in tmp/ and write it; return the open descriptor."""
-        header = {"id": new.id, "sender": new.sender, "recipients": list(new.recipients),
-                  "arrived": new.arrived, "size": new.size, "smtputf8": new.smtputf8}
+        header: dict[str, Any] = {
+            "id": new.id, "sender": new.sender, "recipients": list(new.recipients),
+            "arrived": new.arrived, "size": new.size, "smtputf8": new.smtputf8}
+        # Only when the address rules rewrote the envelope; entries without them (and
+        # those written before the rules existed) read as received unchanged.
+        if new.original_sender is not None:
+            header["original_sender"] = new.original_sender
+        if new.original_recipients is not None:
+            header["original_recipients"] = list(new.original_recipients)
         head = MAGIC + json.dumps(header, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
         tmp = self._tmp_file(new.id)
         with _failed_write_removes(tmp):
@@ -763,9 +772,18 @@ def _entry_from_header(header: dict[str, Any], queue: Queue, where: str) -> Entr
         raise CorruptEntry(where, "envelope address contains control characters or <>")
     if not isinstance(arrived, (int, float)) or not isinstance(smtputf8, bool):
         raise CorruptEntry(where, "envelope arrival time or flags malformed")
+    original_sender = header.get("original_sender")
+    original_recipients = header.get("original_recipients")
+    if not (original_sender is None or isinstance(original_sender, str)) or not (
+            original_recipients is None or (isinstance(original_recipients, list) and all(
+                isinstance(a, str) for a in original_recipients))):
+        raise CorruptEntry(where, "envelope original sender or recipients malformed")
     return Entry(id=entry_id, queue=queue, sender=sender,
                  recipients=tuple(Recipient(a) for a in recipients),
-                 arrived=float(arrived), size=size, smtputf8=smtputf8)
+                 arrived=float(arrived), size=size, smtputf8=smtputf8,
+                 original_sender=original_sender,
+                 original_recipients=None if original_recipients is None
+                 else tuple(original_recipients))
 
 
 def _apply_state(entry: Entry, state: Any, where: str) -> Entry:
