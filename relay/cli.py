@@ -11,15 +11,14 @@ import asyncio
 import gc
 import json
 import os
-import socket
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NoReturn
 
-from . import admin, daemon, sendmail, views
+from . import __version__, addresses, admin, daemon, sendmail, views
 from .admin import Action
-from .config import Config, load_config
+from .config import Config, find_config_file, load_config
 from .entry import Entry
 from .errors import (
     ConfigError,
@@ -31,6 +30,7 @@ from .errors import (
     SubmissionFailed,
     UsageError,
 )
+from .hostname import system_name
 from .log import setup_logging
 from .spool import Spool, is_valid_id
 from .upstream import SessionError, UpstreamSession, likely_cause, make_tls_context
@@ -75,13 +75,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="relay", parents=[common],
                      description="A local SMTP smarthost: accepts mail, keeps it on disk, "
                                  "relays it upstream.")
+    parser.add_argument("--version", action="version", version=f"relay {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     commands.add_parser("serve", parents=[common],
                         help="run the listener and delivery in the foreground")
     commands.add_parser("check", parents=[common],
                         help="validate the config, then connect, TLS and AUTH to the upstream")
     commands.add_parser("sendmail", parents=[common], add_help=False,
-                        help="sendmail-compatible submission of a message on stdin")
+                        help="sendmail-compatible submission of a message on stdin "
+                             "(relay sendmail --help)")
 
     queue = commands.add_parser("queue", parents=[common], help="list and manage the queue")
     queue.add_argument("--json", action="store_true", help="one JSON array instead of a table")
@@ -107,9 +109,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
-    # Installed as /usr/sbin/sendmail (a symlink), or `relay sendmail`: sendmail's own
-    # option syntax (-oi, -fSENDER) is not argparse's, so it has its own parser.
-    if argv is None and Path(sys.argv[0]).name == "sendmail":
+    # Installed as /usr/sbin/sendmail, mailq or newaliases (symlinks), or `relay sendmail`:
+    # sendmail's own option syntax (-oi, -fSENDER) is not argparse's, so it has its own
+    # parser; mailq is `relay queue` and newaliases is `sendmail -bi`.
+    name = Path(sys.argv[0]).name if argv is None else "relay"
+    if name == "mailq":
+        args_list = ["queue", *args_list]
+    elif name == "newaliases":
+        return _guard(lambda: _sendmail(["-bi", *args_list]))
+    elif name == "sendmail":
         return _guard(lambda: _sendmail(args_list))
     if args_list[:1] == ["sendmail"]:
         return _guard(lambda: _sendmail(args_list[1:]))
@@ -264,17 +272,47 @@ async def _check(config: Config) -> int:
 
 def _sendmail(argv: list[str]) -> int:
     options = sendmail.parse_args(argv)
+    if options.mode == "help":
+        print(sendmail.USAGE, end="")
+        return EX_OK
+    if options.mode == "newaliases":
+        # Package scripts run newaliases after they add a system user: it must succeed.
+        path = find_config_file(options.config, os.environ) or "relay.yaml"
+        print(f"relay: aliases live in relay.yaml ({path}), under addresses.aliases; "
+              "there is nothing to rebuild: `systemctl reload relay` applies changes")
+        return EX_OK
     config = load_config(options.config, secrets=False)
+    if options.mode in ("queue", "flush"):
+        spool = Spool(config.spool.path)
+        _become_spool_owner(spool.path)
+        if options.mode == "flush":
+            return _act(spool, Action.FLUSH, admin.select_all(spool, Action.FLUSH))
+        return _list(spool, argparse.Namespace(json=False, state=None, match=None))
+    if options.mode == "verify":
+        return _verify(config, options.recipients)
     message = sendmail.read_message(sys.stdin.buffer.read(), options.dot_ends_input)
     default_sender = config.sendmail.sender or sendmail.default_sender()
-    sender, recipients, prepared = sendmail.prepare(
-        message, options, default_sender, socket.gethostname())
+    sender, recipients, prepared = sendmail.prepare(message, options, default_sender)
     host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(config.listen.address,
                                                      config.listen.address)
     entry_id = sendmail.submit(host, config.listen.port, sender, recipients, prepared)
     if options.verbose:
         print(f"queued as {entry_id}")
     return EX_OK
+
+
+def _verify(config: Config, recipients: list[str]) -> int:
+    """`sendmail -bv`: what the config's address rules make of each recipient. Nothing is
+    sent; the running relay answers the same as long as it runs this config."""
+    if not recipients:
+        raise UsageError("-bv needs the recipients to check")
+    rules = addresses.rules_for(config.addresses, system_name())
+    worst = EX_OK
+    for recipient in recipients:
+        accepted, verdict = addresses.describe(rules, recipient)
+        print(f"{views.escape(recipient)}: {views.escape(verdict)}")
+        worst = worst if accepted else EX_DATAERR
+    return worst
 
 
 def _describe(error: BaseException) -> str:
