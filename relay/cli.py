@@ -254,7 +254,8 @@ async def _check(config: Config) -> int:
     if upstream is None:
         print(f"{'upstream':<9} FAILED  no upstream section in the config; nothing to check")
         return EX_CONFIG
-    session = UpstreamSession(upstream, make_tls_context(upstream))
+    hostname = addresses.rules_for(config.addresses, system_name()).hostname
+    session = UpstreamSession(upstream, make_tls_context(upstream), hostname)
 
     def report(step: str, detail: str) -> None:
         print(f"{step:<9} ok      {views.escape(detail)}")

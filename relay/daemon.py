@@ -40,10 +40,14 @@ class Daemon:
         self.spool = Spool(config.spool.path, config.spool.min_free)
         self.clock = SteadyClock()
         self.writer = SpoolWriter(self.spool)
-        self.delivery = Delivery(self.spool, self.writer, config, clock=self.clock,
-                                 client_sessions=self._client_sessions)
-        self._reported_skew = 0.0
         self.system = system_name()  # read once: a reload keeps the names found at start
+        # EHLO to the upstream with the relay's name too, rather than the upstream
+        # session's getfqdn(), which would hold the event loop while DNS times out.
+        self.delivery = Delivery(self.spool, self.writer, config, clock=self.clock,
+                                 client_sessions=self._client_sessions,
+                                 hostname=addresses.rules_for(config.addresses,
+                                                              self.system).hostname)
+        self._reported_skew = 0.0
         self._factory: ServerFactory | None = None
         self._server: asyncio.Server | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -129,7 +133,9 @@ class Daemon:
         new = keep_restart_only(self.config, new)
         self.config = new
         setup_logging(new.log)
-        self._factory.reconfigure(new.listen, addresses.rules_for(new.addresses, self.system))
+        rules = addresses.rules_for(new.addresses, self.system)
+        self._factory.reconfigure(new.listen, rules)
+        self.delivery.hostname = rules.hostname
         self.spool.min_free = new.spool.min_free
         self.delivery.reconfigure(new)
         log_event(logging.INFO, None, event="reload", status="reloaded",

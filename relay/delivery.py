@@ -166,8 +166,10 @@ class Delivery:
     def __init__(self, spool: Spool, writer: SpoolWriter, config: Config,
                  clock: Callable[[], float] = time.time,
                  rand: Callable[[], float] = random.random,
-                 client_sessions: Callable[[], int] = lambda: 0) -> None:
+                 client_sessions: Callable[[], int] = lambda: 0,
+                 hostname: str | None = None) -> None:
         self.spool = spool
+        self.hostname = hostname  # EHLO's name; None: the upstream session looks it up
         self.writer = writer
         self.config = config
         self._client_sessions = client_sessions  # how many the listener has open now
@@ -262,7 +264,7 @@ class Delivery:
     def _new_session(self) -> UpstreamSession | None:
         if self.config.upstream is None:
             return None
-        return UpstreamSession(self.config.upstream, self._tls_context)
+        return UpstreamSession(self.config.upstream, self._tls_context, self.hostname)
 
     async def _work(self, number: int) -> None:
         session: UpstreamSession | None = None

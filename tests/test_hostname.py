@@ -72,6 +72,16 @@ def test_the_fqdn_names_sender_received_and_message_id(make_relay, tmp_path: Pat
     assert f"Message-ID: <{entry_id}@relay-test.example.net>\r\n".encode() in content
 
 
+def test_upstream_hears_the_relays_name_in_ehlo(make_relay, upstream, ca_file: Path,
+                                                tmp_path: Path) -> None:
+    """Delivery greets the upstream with addresses.hostname, not a DNS lookup's answer."""
+    relay = make_relay(relay_config(tmp_path, upstream, ca_file,
+                                    addresses={"hostname": "mail.example.com"}))
+    relay.send("app@example.org", ["user@example.org"], b"Subject: s\r\n\r\nbody\r\n")
+    wait_for(lambda: upstream.transactions, what="the delivery")
+    assert set(upstream.ehlo_names) == {"mail.example.com"}
+
+
 def test_configured_hostname_wins(make_relay, tmp_path: Path) -> None:
     """addresses.hostname replaces the system's name everywhere, without a warning."""
     relay = make_relay(relay_config(tmp_path, None, None,
