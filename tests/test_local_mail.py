@@ -113,12 +113,14 @@ def test_cron_invocation_reaches_roots_alias(relay: RelayProcess, links: Path,
     (["-t"], LOGWATCH_MESSAGE, ("ops@example.com",), b"From: Logwatch <root@vm.example.com>"),
     (["-oi", "-t"], UPGRADES_MESSAGE, ("ops@example.com",), b"From: root@vm.example.com"),
     (["-t", "-i"], PHP_MESSAGE, ("customer@example.org",), b"From: Shop <shop@example.com>"),
+    (["-i", "--", "root"], b"Subject: s-nail\n\nhello\n", ("ops@example.com",),
+     f"From: {USER}@vm.example.com".encode()),
 ])
-def test_dash_t_messages_go_to_their_header_recipients(
+def test_other_callers_reach_their_recipients(
         relay: RelayProcess, links: Path, upstream: Upstream, argv: list[str],
         message: bytes, recipients: tuple[str, ...], from_field: bytes) -> None:
-    """logwatch, unattended-upgrades and PHP: recipients from To:, bare ones through the
-    aliases; From: qualified only where it was bare."""
+    """logwatch, unattended-upgrades and PHP (-t: recipients from To:), s-nail (-i --
+    root): bare names through the aliases; From: qualified only where it was bare."""
     result = run(relay, links, "sendmail", *argv, stdin=message)
     assert result.returncode == 0, result.stderr
     transaction = delivered(upstream)
