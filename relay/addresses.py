@@ -229,31 +229,33 @@ def describe(rules: Rules, address: str) -> tuple[bool, str]:
 
 def _edit_header(rules: Rules, head: list[bytes], recipients: tuple[str, ...]) -> bytes | None:
     """The header section with the rules' edits, or None when it needs none."""
+    edits: list[tuple[int, int, tuple[bytes, bytes | None]]] = []  # From: fields' lines
+    for start, line in enumerate(head):
+        if line[:5].lower() != b"from:":
+            continue
+        end = start + 1
+        while end < len(head) and head[end][:1] in (b" ", b"\t"):
+            end += 1
+        rewritten = _edit_from(rules, b"".join(head[start:end]))
+        if rewritten is not None:
+            edits.append((start, end, rewritten))
+    if not edits and not rules.redirect_to:
+        return None
     out: list[bytes] = []
     if rules.redirect_to:
         eol = b"\n" if head and not head[0].endswith(b"\r\n") else b"\r\n"
         out.append(_field("X-Original-To", recipients, eol))
     reply_to_wanted = not any(line[:9].lower() == b"reply-to:" for line in head)
-    edited = bool(out)
-    start = 0
-    while start < len(head):
-        end = start + 1
-        while end < len(head) and head[end][:1] in (b" ", b"\t"):
-            end += 1
-        field = head[start:end]
-        start = end
-        rewritten = _edit_from(rules, b"".join(field)) if field[0][:5].lower() == b"from:" \
-            else None
-        if rewritten is None:
-            out += field
-            continue
-        new_from, replaced = rewritten
+    done = 0
+    for start, end, (new_from, reply_to) in edits:
+        out += head[done:start]
         out.append(new_from)
-        if replaced is not None and reply_to_wanted:
-            out.append(replaced)
+        if reply_to is not None and reply_to_wanted:
+            out.append(reply_to)
             reply_to_wanted = False
-        edited = True
-    return b"".join(out) if edited else None
+        done = end
+    out += head[done:]
+    return b"".join(out)
 
 
 def _edit_from(rules: Rules, field: bytes) -> tuple[bytes, bytes | None] | None:
