@@ -18,7 +18,7 @@ from typing import NoReturn
 
 from . import __version__, addresses, admin, daemon, sendmail, views
 from .admin import Action
-from .config import Config, find_config_file, load_config
+from .config import SEARCH_PATH, Config, find_config_file, load_config
 from .entry import Entry
 from .errors import (
     ConfigError,
@@ -278,7 +278,7 @@ def _sendmail(argv: list[str]) -> int:
         return EX_OK
     if options.mode == "newaliases":
         # Package scripts run newaliases after they add a system user: it must succeed.
-        path = find_config_file(options.config, os.environ) or "relay.yaml"
+        path = find_config_file(options.config, os.environ) or SEARCH_PATH[-1]
         print(f"relay: aliases live in relay.yaml ({path}), under addresses.aliases; "
               "there is nothing to rebuild: `systemctl reload relay` applies changes")
         return EX_OK

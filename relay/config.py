@@ -540,6 +540,9 @@ def _mailbox(value: Any) -> str:
     text = _nonempty_text(value)
     if "@" not in text:
         raise ValueError(f"expected an address such as noreply@mg.example.com, got {_describe(value)}")
+    if not text.isascii():
+        # It replaces addresses of clients that need not have asked for SMTPUTF8.
+        raise ValueError(f"{text} is not an ASCII address")
     problem = address_problem(text, True)
     if problem is not None:
         raise ValueError(f"{text} is not a valid address: {problem}")

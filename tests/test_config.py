@@ -229,6 +229,8 @@ addresses:
     ("addresses: {sender_domains: [mg.example.com], default_sender: noreply@example.com}",
      "addresses.default_sender", "not in one of addresses.sender_domains"),
     ("addresses: {redirect_to: root}", "addresses.redirect_to", "expected an address"),
+    ("addresses: {redirect_to: j\u00fcrgen@example.com}", "addresses.redirect_to",
+     "not an ASCII address"),
     ("addresses: {redirect: a@x.org}", "addresses.redirect", "did you mean 'redirect_to'"),
 ])
 def test_addresses_errors_name_the_key(text: str, key: str, fragment: str) -> None:
