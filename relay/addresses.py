@@ -3,9 +3,9 @@ the senders the upstream may send for, and staging's redirection.
 
 Pure: no I/O. The listener asks once per step: `check_sender` at MAIL, `check_recipient`
 at RCPT, and `apply` once the message is in, for the envelope and header edits to store
-with the queue entry; the config checks its aliases with `expand` before the relay starts.
-Headers are edited as bytes: From: may change, Reply-To: and X-Original-To: may be added,
-and every other byte of the message stays as it came.
+with the queue entry; the config checks its aliases with `alias_problem` before the relay
+starts. Headers are edited as bytes: From: may change, Reply-To: and X-Original-To: may
+be added, and every other byte of the message stays as it came.
 """
 
 from __future__ import annotations
@@ -115,6 +115,20 @@ def expand(aliases: Mapping[str, tuple[str, ...]], local_domains: Iterable[str],
     targets: dict[str, None] = {}
     problem = _expand(aliases, frozenset(local_domains), name, (), targets)
     return Expansion(() if problem else tuple(targets), problem)
+
+
+def alias_problem(aliases: Mapping[str, tuple[str, ...]],
+                  local_domains: Iterable[str]) -> tuple[str, str] | None:
+    """The first entry of an alias table that loops or leads to a name without an entry,
+    and why; None when every entry leads to addresses."""
+    local = frozenset(local_domains)
+    for name, targets in aliases.items():
+        for target in targets if name == WILDCARD else (name,):
+            if _is_local(target, local):
+                problem = expand(aliases, local, _local_part(target)).problem
+                if problem is not None:
+                    return name, problem
+    return None
 
 
 def _expand(aliases: Mapping[str, tuple[str, ...]], local_domains: frozenset[str],

@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from .addresses import WILDCARD, address_problem, expand
+from .addresses import WILDCARD, address_problem, alias_problem
 from .errors import ConfigError
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -359,15 +359,9 @@ def _aliases(s: _Section, hostname: str | None) -> dict[str, tuple[str, ...]]:
         if name.lower() in aliases:
             raise ConfigError(key, f"{name.lower()} is listed twice (names ignore case)")
         aliases[name.lower()] = s.get(name, _alias_targets, ())
-    local = ("localhost", hostname or "localhost")
-    for name, targets in aliases.items():
-        names = targets if name == WILDCARD else (name,)
-        for target in names:
-            if "@" in target and target.rpartition("@")[2].lower() not in local:
-                continue
-            problem = expand(aliases, local, target.rpartition("@")[0] or target).problem
-            if problem is not None:
-                raise ConfigError(s.key(name), problem)
+    problem = alias_problem(aliases, {"localhost", hostname or "localhost"})
+    if problem is not None:
+        raise ConfigError(s.key(problem[0]), problem[1])
     return aliases
 
 

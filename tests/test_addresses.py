@@ -10,6 +10,7 @@ from relay.addresses import (
     RULES_CHANGED,
     Applied,
     Rules,
+    alias_problem,
     apply,
     check_recipient,
     check_sender,
@@ -295,3 +296,16 @@ def test_hostname_default_and_local_names(configured: str | None, system: System
     assert rules.hostname == hostname
     assert {"localhost", hostname, system.short} <= rules.local_domains
     assert rules.is_local(f"root@{system.fqdn or system.short}")
+
+
+@pytest.mark.parametrize("aliases, found", [
+    ({"root": ("ops@example.com",), "www-data": ("root",), "*": ("root",)}, None),
+    ({"root": ("ops@example.com",), "admin": ("boss",)}, ("admin", 'no entry for boss, and no "*"')),
+    ({"root": ("ops@example.com",), "*": ("nobody",)}, ("*", "alias loop: nobody -> nobody")),
+    ({"root": ("root@vm.example.com",)}, ("root", "alias loop: root -> root")),
+    ({"root": ("root@elsewhere.example",)}, None),
+])
+def test_alias_table_check(aliases: dict[str, tuple[str, ...]],
+                           found: tuple[str, str] | None) -> None:
+    """The config's check: the first entry that loops or leads nowhere, and why."""
+    assert alias_problem(aliases, {"localhost", "vm.example.com"}) == found
