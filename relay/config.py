@@ -533,7 +533,8 @@ def _mailbox(value: Any) -> str:
     """A complete address (local part and domain), as an envelope carries it."""
     text = _nonempty_text(value)
     if "@" not in text:
-        raise ValueError(f"expected an address such as noreply@mg.example.com, got {_describe(value)}")
+        raise ValueError(f"expected an address such as noreply@mg.example.com, got "
+                         f"{_describe(value)}")
     if not text.isascii():
         # It replaces addresses of clients that need not have asked for SMTPUTF8.
         raise ValueError(f"{text} is not an ASCII address")

@@ -16,7 +16,8 @@ from pathlib import Path
 
 HOSTS = Path("/etc/hosts")
 MAX_HOSTS_BYTES = 16 << 20  # /etc/hosts with a blocklist can be large; beyond this, no name
-_NAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?)*$")
+_LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?"
+_NAME = re.compile(rf"^{_LABEL}(\.{_LABEL})*$")
 
 
 @dataclass(frozen=True)

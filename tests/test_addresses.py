@@ -185,19 +185,19 @@ def test_untouched_message_is_passed_on_as_the_same_bytes() -> None:
 @pytest.mark.parametrize("rules, header, expected", [
     # cron's From: a comment standing in for the display name
     (REWRITING, b"From: root (Cron Daemon)\r\n",
-     b"From: Cron Daemon <noreply@mg.example.com>\r\n"
-     b"Reply-To: Cron Daemon <root@vm.example.com>\r\n"),
+     (b"From: Cron Daemon <noreply@mg.example.com>\r\n"
+      b"Reply-To: Cron Daemon <root@vm.example.com>\r\n")),
     (REWRITING, b"From: (Cron Daemon) <root@vm>\r\n",
-     b"From: Cron Daemon <noreply@mg.example.com>\r\n"
-     b"Reply-To: Cron Daemon <root@vm.example.com>\r\n"),
+     (b"From: Cron Daemon <noreply@mg.example.com>\r\n"
+      b"Reply-To: Cron Daemon <root@vm.example.com>\r\n")),
     # a display name with a comma and quotes stays quoted
     (REWRITING, b'From: "Doe, John \\"JD\\"" <john@elsewhere.example>\r\n',
-     b'From: "Doe, John \\"JD\\"" <noreply@mg.example.com>\r\n'
-     b'Reply-To: "Doe, John \\"JD\\"" <john@elsewhere.example>\r\n'),
+     (b'From: "Doe, John \\"JD\\"" <noreply@mg.example.com>\r\n'
+      b'Reply-To: "Doe, John \\"JD\\"" <john@elsewhere.example>\r\n')),
     # an encoded word is kept as it was written
     (REWRITING, b"From: =?utf-8?q?J=C3=B6rg_M=C3=BCller?= <j@elsewhere.example>\r\n",
-     b"From: =?utf-8?q?J=C3=B6rg_M=C3=BCller?= <noreply@mg.example.com>\r\n"
-     b"Reply-To: =?utf-8?q?J=C3=B6rg_M=C3=BCller?= <j@elsewhere.example>\r\n"),
+     (b"From: =?utf-8?q?J=C3=B6rg_M=C3=BCller?= <noreply@mg.example.com>\r\n"
+      b"Reply-To: =?utf-8?q?J=C3=B6rg_M=C3=BCller?= <j@elsewhere.example>\r\n")),
     # raw UTF-8, and bytes that are not UTF-8, survive byte for byte
     (REWRITING, "From: Jörg <j@elsewhere.example>\r\n".encode(),
      "From: Jörg <noreply@mg.example.com>\r\nReply-To: Jörg <j@elsewhere.example>\r\n".encode()),
@@ -205,16 +205,16 @@ def test_untouched_message_is_passed_on_as_the_same_bytes() -> None:
      b"From: J\xf6rg <noreply@mg.example.com>\r\nReply-To: J\xf6rg <j@elsewhere.example>\r\n"),
     # a folded field
     (REWRITING, b"From: The Nightly\r\n\tBackup Job\r\n <backup@localhost>\r\n",
-     b"From: The Nightly Backup Job <noreply@mg.example.com>\r\n"
-     b"Reply-To: The Nightly Backup Job <backup@vm.example.com>\r\n"),
+     (b"From: The Nightly Backup Job <noreply@mg.example.com>\r\n"
+      b"Reply-To: The Nightly Backup Job <backup@vm.example.com>\r\n")),
     # several addresses: only those outside the domains are replaced
     (REWRITING, b"From: A <a@mg.example.com>, B <b@elsewhere.example>\r\n",
-     b"From: A <a@mg.example.com>, B <noreply@mg.example.com>\r\n"
-     b"Reply-To: B <b@elsewhere.example>\r\n"),
+     (b"From: A <a@mg.example.com>, B <noreply@mg.example.com>\r\n"
+      b"Reply-To: B <b@elsewhere.example>\r\n")),
     # a group: its mailboxes, replaced once
     (REWRITING, b"From: Ops: a@elsewhere.example, B <b@other.example>;\r\n",
-     b"From: noreply@mg.example.com\r\n"
-     b"Reply-To: a@elsewhere.example, B <b@other.example>\r\n"),
+     (b"From: noreply@mg.example.com\r\n"
+      b"Reply-To: a@elsewhere.example, B <b@other.example>\r\n")),
     # nothing a parser can read: replaced all the same
     (REWRITING, b"From: <<<\r\n", b"From: noreply@mg.example.com\r\n"),
     # without sender rules, bare and local addresses are qualified, nothing else
@@ -300,7 +300,8 @@ def test_hostname_default_and_local_names(configured: str | None, system: System
 
 @pytest.mark.parametrize("aliases, found", [
     ({"root": ("ops@example.com",), "www-data": ("root",), "*": ("root",)}, None),
-    ({"root": ("ops@example.com",), "admin": ("boss",)}, ("admin", 'no entry for boss, and no "*"')),
+    ({"root": ("ops@example.com",), "admin": ("boss",)},
+     ("admin", 'no entry for boss, and no "*"')),
     ({"root": ("ops@example.com",), "*": ("nobody",)}, ("*", "alias loop: nobody -> nobody")),
     ({"root": ("root@vm.example.com",)}, ("root", "alias loop: root -> root")),
     ({"root": ("root@elsewhere.example",)}, None),
