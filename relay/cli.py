@@ -15,16 +15,22 @@ import gc
 import http.client
 import json
 import os
-import socket
 import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NoReturn
 
-from . import admin, history, report, stats, views
+from . import __version__, addresses, admin, history, report, stats, views
 from .admin import Action
-from .config import Config, MailgunApiConfig, UpstreamConfig, load_config
+from .config import (
+    SEARCH_PATH,
+    Config,
+    MailgunApiConfig,
+    UpstreamConfig,
+    find_config_file,
+    load_config,
+)
 from .entry import Entry, Queue
 from .errors import (
     CheckFailed,
@@ -39,6 +45,7 @@ from .errors import (
     UsageError,
 )
 from .history_query import Query, search
+from .hostname import system_name
 from .log import setup_logging
 from .schedule import parse_since, parse_when
 from .spool import Spool, is_valid_id
@@ -86,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="relay", parents=[common],
                      description="A local SMTP smarthost: accepts mail, keeps it on disk, "
                                  "relays it upstream.")
+    parser.add_argument("--version", action="version", version=f"relay {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     commands.add_parser("serve", parents=[common],
                         help="run the listener and delivery in the foreground")
@@ -95,7 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--local", action="store_true",
                        help="instead, ask the running relay's /healthz (metrics.port)")
     commands.add_parser("sendmail", parents=[common], add_help=False,
-                        help="sendmail-compatible submission of a message on stdin")
+                        help="sendmail-compatible submission of a message on stdin "
+                             "(relay sendmail --help)")
 
     queue = commands.add_parser("queue", parents=[common], help="list and manage the queue")
     queue.add_argument("--json", action="store_true", help="one JSON array instead of a table")
@@ -141,9 +150,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
-    # Installed as /usr/sbin/sendmail (a symlink), or `relay sendmail`: sendmail's own
-    # option syntax (-oi, -fSENDER) is not argparse's, so it has its own parser.
-    if argv is None and Path(sys.argv[0]).name == "sendmail":
+    # Installed as /usr/sbin/sendmail, mailq or newaliases (symlinks), or `relay sendmail`:
+    # sendmail's own option syntax (-oi, -fSENDER) is not argparse's, so it has its own
+    # parser; mailq is `relay queue` and newaliases is `sendmail -bi`.
+    name = Path(sys.argv[0]).name if argv is None else "relay"
+    if name == "mailq":
+        args_list = ["queue", *args_list]
+    elif name == "newaliases":
+        return _guard(lambda: _sendmail(["-bi", *args_list]))
+    elif name == "sendmail":
         return _guard(lambda: _sendmail(args_list))
     if args_list[:1] == ["sendmail"]:
         return _guard(lambda: _sendmail(args_list[1:]))
@@ -248,7 +263,9 @@ def _print_listing(spool: Spool, args: argparse.Namespace) -> int:
         if args.state and item.state != args.state:
             continue
         if args.match and not any(args.match in a for a in
-                                  (item.sender, *(r.address for r in item.recipients))):
+                                  (item.sender, *(r.address for r in item.recipients),
+                                   item.original_sender or "",
+                                   *(item.original_recipients or ()))):
             continue
         entries.append(item)
     if args.json:
@@ -361,6 +378,7 @@ async def _check(config: Config) -> int:
         print(f"{'upstream':<9} FAILED  no upstream section in the config; nothing to check")
         return EX_CONFIG
     headed = config.upstreams != (config.upstream,)
+    hostname = addresses.rules_for(config.addresses, system_name()).hostname
     worst = EX_OK
     for upstream in config.upstreams:
         if headed:
@@ -369,16 +387,16 @@ async def _check(config: Config) -> int:
                      else f"{upstream.api_url}, domain {upstream.domain}")
             print(f"\n{'upstream':<9} {views.escape(upstream.name)} "
                   f"({upstream.transport} {where})")
-        failure = await (_check_smtp(upstream) if isinstance(upstream, UpstreamConfig)
+        failure = await (_check_smtp(upstream, hostname) if isinstance(upstream, UpstreamConfig)
                          else _check_api(upstream))
         if failure is not None:
             worst = max(worst, exit_status(failure))
     return worst
 
 
-async def _check_smtp(upstream: UpstreamConfig) -> CheckFailed | None:
+async def _check_smtp(upstream: UpstreamConfig, hostname: str) -> CheckFailed | None:
     from .upstream import SessionError, UpstreamSession, likely_cause, make_tls_context
-    session = UpstreamSession(upstream, make_tls_context(upstream))
+    session = UpstreamSession(upstream, make_tls_context(upstream), hostname)
 
     def report(step: str, detail: str) -> None:
         print(f"{step:<9} ok      {views.escape(detail)}")
@@ -443,18 +461,48 @@ def _loopback_for(address: str) -> str:
 def _sendmail(argv: list[str]) -> int:
     from . import sendmail
     options = sendmail.parse_args(argv)
+    if options.mode == "help":
+        print(sendmail.USAGE, end="")
+        return EX_OK
+    if options.mode == "newaliases":
+        # Package scripts run newaliases after they add a system user: it must succeed.
+        path = find_config_file(options.config, os.environ) or SEARCH_PATH[-1]
+        print(f"relay: aliases live in relay.yaml ({path}), under addresses.aliases; "
+              "there is nothing to rebuild: `systemctl reload relay` applies changes")
+        return EX_OK
     send_at = sendmail.send_time(options, time.time())
     config = load_config(options.config, secrets=False)
+    if options.mode in ("queue", "flush"):
+        spool = Spool(config.spool.path)
+        _become_spool_owner(spool.path)
+        if options.mode == "flush":
+            return _act(spool, Action.FLUSH, admin.select_all(spool, Action.FLUSH), 0.0, None)
+        return _list(spool, argparse.Namespace(json=False, state=None, match=None))
+    if options.mode == "verify":
+        return _verify(config, options.recipients)
     message = sendmail.read_message(sys.stdin.buffer.read(), options.dot_ends_input)
     default_sender = config.sendmail.sender or sendmail.default_sender()
-    sender, recipients, prepared = sendmail.prepare(
-        message, options, default_sender, socket.gethostname())
+    sender, recipients, prepared = sendmail.prepare(message, options, default_sender)
     host = _loopback_for(config.listen.address)
     entry_id = sendmail.submit(host, config.listen.port, sender, recipients, prepared,
                                send_at=send_at)
     if options.verbose:
         print(f"queued as {entry_id}")
     return EX_OK
+
+
+def _verify(config: Config, recipients: list[str]) -> int:
+    """`sendmail -bv`: what the config's address rules make of each recipient. Nothing is
+    sent; the running relay answers the same as long as it runs this config."""
+    if not recipients:
+        raise UsageError("-bv needs the recipients to check")
+    rules = addresses.rules_for(config.addresses, system_name())
+    worst = EX_OK
+    for recipient in recipients:
+        accepted, verdict = addresses.describe(rules, recipient)
+        print(f"{views.escape(recipient)}: {views.escape(verdict)}")
+        worst = worst if accepted else EX_DATAERR
+    return worst
 
 
 def _describe(error: BaseException) -> str:

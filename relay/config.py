@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 from email_validator import EmailNotValidError, validate_email
 
+from .addressconfig import AddressesConfig, parse_addresses
 from .configvalues import (
     IPNetwork,
     Section,
@@ -50,7 +51,8 @@ from .upstreamconfig import (
 # The upstream classes and value parsers live in their own modules and are named here too,
 # where the rest of the relay looks for the configuration's types.
 __all__ = [
-    "AnyUpstream", "Config", "DeliveryConfig", "IPNetwork", "ListenConfig", "LogConfig",
+    "AddressesConfig", "AnyUpstream", "Config", "DeliveryConfig", "IPNetwork", "ListenConfig",
+    "LogConfig",
     "MailgunApiConfig", "Rate", "SendmailConfig", "SpoolConfig", "UpstreamConfig",
     "find_config_file", "keep_restart_only", "load_config", "parse_config", "parse_duration",
     "parse_size", "restart_required",
@@ -138,6 +140,7 @@ class Config:
     metrics: MetricsConfig = MetricsConfig()
     bounces: BouncesConfig = BouncesConfig()
     history: HistoryConfig = HistoryConfig()
+    addresses: AddressesConfig = AddressesConfig()
     source: Path | None = None  # the file it was read from; None for built-in defaults
 
     @property
@@ -234,6 +237,7 @@ def parse_config(text: str, environ: Mapping[str, str], source: Path | None = No
         metrics=_metrics(section.child("metrics")),
         bounces=_bounces(section.child("bounces")),
         history=_history(section.child("history")),
+        addresses=parse_addresses(section.child("addresses")),
         source=source,
     )
     section.reject_unknown()

@@ -15,13 +15,15 @@ import signal
 from concurrent.futures import ThreadPoolExecutor
 
 from .bounces import Bounces
+from . import addresses
 from .clock import SteadyClock
 from .config import Config, keep_restart_only, load_config, restart_required
 from .delivery import Delivery
 from .entry import Entry
 from .errors import ConfigError
 from .history import HistoryWriter, journal_dir
-from .listener import ServerFactory, local_hostname
+from .hostname import system_name
+from .listener import ServerFactory
 from .log import log_event, setup_logging
 from .metrics import Metrics, Recorder
 from .monitor import Monitor
@@ -42,6 +44,8 @@ class Daemon:
         self.spool = Spool(config.spool.path, config.spool.min_free)
         self.clock = SteadyClock()
         self.writer = SpoolWriter(self.spool)
+        self.system = system_name()  # read once: a reload keeps the names found at start
+        hostname = addresses.rules_for(config.addresses, self.system).hostname
         # Off (metrics.port null): the calls still happen, into a Recorder that keeps nothing.
         self.metrics = Metrics(self.spool, self.clock) if config.metrics.port is not None \
             else Recorder()
@@ -49,13 +53,15 @@ class Daemon:
             ("listener", self._listener_problem), ("spool", self.spool.write_problem),
         ]) if isinstance(self.metrics, Metrics) else None
         self.bounces = Bounces(config.bounces, self.spool, self.writer, self._stored,
-                               local_hostname(), self.clock, self.metrics)
+                               hostname, self.clock, self.metrics)
         self.history = HistoryWriter(journal_dir(self.spool.path), config.history.keep) \
             if config.history.enabled else None
+        # EHLO to the upstream with the relay's name too, rather than the upstream
+        # session's getfqdn(), which would hold the event loop while DNS times out.
         self.delivery = Delivery(self.spool, self.writer, config, clock=self.clock,
                                  client_sessions=self._client_sessions,
                                  metrics=self.metrics, bounces=self.bounces,
-                                 history=self.history)
+                                 history=self.history, hostname=hostname)
         self._reported_skew = 0.0
         self._factory: ServerFactory | None = None
         self._server: asyncio.Server | None = None
@@ -83,11 +89,17 @@ class Daemon:
         for entry_id, when in due:
             self.delivery.schedule(entry_id, when)
         listen = self.config.listen
+        rules = addresses.rules_for(self.config.addresses, self.system)
+        if self.config.addresses.hostname is None and self.system.fqdn is None:
+            log_event(logging.WARNING, None, event="hostname", hostname=rules.hostname,
+                      reason="the system has no fully qualified host name (neither "
+                             "gethostname nor /etc/hosts gives one)",
+                      action="set addresses.hostname in the config")
         self.writer.start()
         if self.history is not None:
             self.history.start()
-        self._factory = ServerFactory(self.spool, self.writer, listen, self._stored,
-                                      local_hostname(), self.clock)
+        self._factory = ServerFactory(self.spool, self.writer, self.config, self._stored,
+                                      rules, self.metrics, self.clock)
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(self._factory, host=listen.address,
                                                 port=listen.port)
@@ -150,7 +162,9 @@ class Daemon:
         new = keep_restart_only(self.config, new)
         self.config = new
         setup_logging(new.log)
-        self._factory.reconfigure(new.listen)
+        rules = addresses.rules_for(new.addresses, self.system)
+        self._factory.reconfigure(new, rules)
+        self.delivery.hostname = rules.hostname
         self.spool.min_free = new.spool.min_free
         if self.history is not None:
             self.history.keep = new.history.keep

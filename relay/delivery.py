@@ -171,11 +171,12 @@ class Delivery:
                  rand: Callable[[], float] = random.random,
                  client_sessions: Callable[[], int] = lambda: 0,
                  metrics: Recorder | None = None, bounces: Bounces | None = None,
-                 history: HistoryWriter | None = None) -> None:
+                 history: HistoryWriter | None = None, hostname: str | None = None) -> None:
         self.spool = spool
         self.metrics = metrics or Recorder()
         self.bounces = bounces  # None: failures are recorded without notices
         self.history = history  # told of each attempt's outcome (the delivery journal)
+        self.hostname = hostname  # EHLO's name; None: the upstream session looks it up
         self.writer = writer
         self.config = config
         self._client_sessions = client_sessions  # how many the listener has open now
@@ -277,7 +278,7 @@ class Delivery:
     def _new_session(self) -> UpstreamSession | None:
         if self.config.upstream is None:
             return None
-        return UpstreamSession(self.config.upstream, self._tls_context)
+        return UpstreamSession(self.config.upstream, self._tls_context, self.hostname)
 
     async def _work(self, number: int) -> None:
         session: UpstreamSession | None = None

@@ -83,6 +83,8 @@ class NewEntry:
     draft: Written | None = None
     send_at: float | None = None  # not before then: published into scheduled/
     message_id: str | None = None  # the Message-ID header's value, for the history
+    original_sender: str | None = None  # as received, when address rules rewrote it
+    original_recipients: tuple[str, ...] | None = None  # likewise
 
     @property
     def size(self) -> int:
@@ -109,6 +111,9 @@ class Entry:
     notice: str | None = None  # the queue ID of its bounce notice, once one was decided on
     send_at: float | None = None  # when it was (or is) to be sent, if it was scheduled
     message_id: str | None = None
+    # The envelope as received, when the address rules rewrote it (relay.addresses).
+    original_sender: str | None = None
+    original_recipients: tuple[str, ...] | None = None
 
     @property
     def age_from(self) -> float:

@@ -1,12 +1,14 @@
 """The listener's policy: who may connect, which addresses pass, and spooling each message.
 
 aiosmtpd speaks the protocol (relay.smtp_server) and asks this handler at each step through
-its hooks. It checks that the client may connect (allowed networks, connection limit),
-validates the sender and each recipient with email-validator (syntax only, never DNS),
-enforces the recipient limit and free space, prepends a Received: header, and hands the
+its hooks. It checks that the client may connect (allowed networks, connection limit), has
+the sender and each recipient judged by the address rules (relay.addresses: syntax, never
+DNS; aliases; sender domains) and the sender's route (relay.routing), enforces the
+recipient limit and free space, reads a send time (relay.schedule), applies the rules'
+rewriting once the message's header is in, prepends a Received: header, and hands the
 message to the spool writer's thread. `250 ... queued as ID` is sent only after the spool
-returned, that is after the entry is durable; a spool failure is answered 451 or 452, an
-error of ours 451, never a traceback. It never delivers.
+returned, that is after the entry is durable; a spool failure is answered 452, an error
+of ours 451, never a traceback. It never delivers.
 """
 
 from __future__ import annotations
@@ -17,29 +19,28 @@ import email.utils
 import functools
 import ipaddress
 import logging
-import socket
 import time
 from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
 from aiosmtpd.smtp import Session
-from email_validator import EmailNotValidError, validate_email
 
-from .config import IPNetwork, ListenConfig
+from . import addresses, routing, schedule
+from .addresses import Rules
+from .config import Config, IPNetwork
 from .entry import Entry, NewEntry
-from .errors import SpoolError, SpoolFull
+from .errors import ScheduleRefused, SpoolError, SpoolFull
 from .faults import fault_point
 from .headers import field_value, split_header
 from .log import log_event
+from .metrics import Recorder, Refusal
 from .smtp_server import RelayEnvelope, RelaySMTP
-from .spool import Draft, Spool, is_unsafe_address, new_id
+from .spool import Draft, Spool, new_id
 from .writer import SpoolWriter
 
 logger = logging.getLogger("relay.listener")
 
-MAX_ADDRESS_OCTETS = 254  # RFC 5321 4.5.3.1.3: a path is 256 octets including < and >
-MAX_LOCAL_PART_OCTETS = 64  # RFC 5321 4.5.3.1.1
 # A message larger than this goes to its spool file as it arrives rather than into memory,
 # so that memory does not grow with message size times sessions.
 SPILL_BYTES = 1024 * 1024
@@ -47,29 +48,6 @@ INTERNAL_ERROR = "451 4.3.0 Error: internal error, try again later"
 NO_ROOM = "452 4.3.1 Error: insufficient system storage"
 WRITE_ERROR = "452 4.3.1 Error: queue file write error"
 NULL_PATH = "<>"  # aiosmtpd's mail_from for the null reverse-path
-
-
-# An application sends from a handful of addresses, often to the same few: the answer for
-# each is kept (a pure function of its arguments) instead of running email-validator's
-# 30 us again for every MAIL and RCPT.
-@functools.lru_cache(maxsize=4096)
-def address_problem(address: str, smtputf8: bool) -> str | None:
-    """Why `address` is not a syntactically valid mailbox, or None if it is. No DNS."""
-    if len(address.encode("utf-8", "surrogateescape")) > MAX_ADDRESS_OCTETS:
-        return f"address longer than {MAX_ADDRESS_OCTETS} octets"
-    local, _, _ = address.rpartition("@")
-    if len(local.encode("utf-8", "surrogateescape")) > MAX_LOCAL_PART_OCTETS:
-        return f"local part longer than {MAX_LOCAL_PART_OCTETS} octets"
-    try:
-        validate_email(address, check_deliverability=False, globally_deliverable=False,
-                       allow_quoted_local=True, allow_domain_literal=True, allow_smtputf8=True)
-    except EmailNotValidError as exc:
-        return str(exc)
-    if not smtputf8 and not address.isascii():
-        return "non-ASCII address without the SMTPUTF8 parameter"
-    if is_unsafe_address(address):
-        return "control characters, '<' or '>' are not relayed"
-    return None
 
 
 class Gate:
@@ -80,12 +58,12 @@ class Gate:
         self.max_connections = max_connections
         self.active = 0
 
-    def admit(self, peer: Any) -> str | None:
-        """None if the client may proceed (and is counted), else the reply to refuse it."""
+    def admit(self, peer: Any) -> tuple[Refusal, str] | None:
+        """None if the client may proceed (and is counted), else why and the reply."""
         if not self.allows(peer):
-            return "554 5.7.1 Error: client not authorized to submit mail"
+            return Refusal.ALLOW, "554 5.7.1 Error: client not authorized to submit mail"
         if self.active >= self.max_connections:
-            return "421 4.7.0 Error: too many connections"
+            return Refusal.CONNECTIONS, "421 4.7.0 Error: too many connections"
         self.active += 1
         return None
 
@@ -113,29 +91,24 @@ def _allowed(host: str, allow: tuple[IPNetwork, ...]) -> bool:
 
 class Message:
     """One message's content as DATA delivers it: kept in memory, or once it passes
-    SPILL_BYTES written to its spool file as it comes (relay.spool.Draft). The headers the
-    relay adds go first; they are made when the message's header is known: at its end, or
-    when it is spilled."""
+    SPILL_BYTES written to its spool file as it comes (relay.spool.Draft). `seal` turns
+    the content so far, its header complete, into the entry to store (the relay's own
+    headers added, the rules applied), or the reply that refuses it; it runs at the end,
+    or when the message is spilled."""
 
-    def __init__(self, spool: Spool, entry_id: str, sender: str, recipients: tuple[str, ...],
-                 arrived: float, smtputf8: bool,
-                 added_headers: Callable[[list[bytes]], list[bytes]]) -> None:
+    def __init__(self, spool: Spool, seal: Callable[[bytes], NewEntry | str]) -> None:
         self.spool = spool
-        self.id = entry_id
-        self.sender = sender
-        self.recipients = recipients
-        self.arrived = arrived
-        self.smtputf8 = smtputf8
-        self._added_headers = added_headers
+        self._seal = seal
         self._parts: list[bytes] = []
         self._size = 0
+        self._sealed: NewEntry | None = None  # the envelope of a spilled message
         self._draft: Draft | None = None
         self.error: SpoolError | None = None  # the spool failed while the content came in
-        self.message_id: str | None = None
+        self.refusal: str | None = None  # the rules refused it while the content came in
         self._handed_over = False  # to the spool writer, which owns the draft from then on
 
     def write(self, content: bytes) -> None:
-        if self.error is not None:
+        if self.error is not None or self.refusal is not None:
             return
         if self._draft is None:
             self._parts.append(content)
@@ -149,11 +122,15 @@ class Message:
             self._fail(exc)
 
     def _spill(self) -> None:
-        parts = self._with_added_headers()
+        sealed = self._seal(b"".join(self._parts))
         self._parts = []
+        if isinstance(sealed, str):
+            self.refusal = sealed
+            return
+        self._sealed = replace(sealed, parts=())
         try:
-            self._draft = self.spool.draft(self._new_entry(()))
-            self._draft.write(parts)
+            self._draft = self.spool.draft(self._sealed)
+            self._draft.write(list(sealed.parts))
         except SpoolError as exc:
             self._fail(exc)
 
@@ -161,24 +138,15 @@ class Message:
         self.error = error
         self.discard()
 
-    def _with_added_headers(self) -> list[bytes]:
-        content = b"".join(self._parts)
-        head, _ = split_header(content)
-        added = self._added_headers(head)
-        self.message_id = field_value(head, "Message-ID") or field_value(added, "Message-ID")
-        return [*added, content]
-
-    def new_entry(self) -> NewEntry:
-        """The entry to store, once the content is complete; the draft is the writer's
-        from now on."""
+    def new_entry(self) -> NewEntry | str:
+        """The entry to store, once the content is complete, or the reply refusing it;
+        the draft is the writer's from now on."""
+        if self.refusal is not None:
+            return self.refusal
         self._handed_over = True
-        if self._draft is not None:
-            return replace(self._new_entry(()), draft=self._draft)
-        return self._new_entry(tuple(self._with_added_headers()))
-
-    def _new_entry(self, parts: tuple[bytes, ...]) -> NewEntry:
-        return NewEntry(self.id, self.sender, self.recipients, parts, self.arrived,
-                        self.smtputf8, message_id=self.message_id)
+        if self._sealed is not None:
+            return replace(self._sealed, draft=self._draft)
+        return self._seal(b"".join(self._parts))
 
     def discard(self) -> None:
         self._parts = []
@@ -191,15 +159,16 @@ class Handler:
     """The listener's policy, in aiosmtpd's handler hooks. `on_stored` is told of each
     entry once it is durable, with the content it holds in memory (none if spilled)."""
 
-    def __init__(self, spool: Spool, writer: SpoolWriter, config: ListenConfig, gate: Gate,
-                 on_stored: Callable[[Entry, tuple[bytes, ...]], None], hostname: str,
-                 clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, spool: Spool, writer: SpoolWriter, config: Config, gate: Gate,
+                 on_stored: Callable[[Entry, tuple[bytes, ...]], None], rules: Rules,
+                 metrics: Recorder, clock: Callable[[], float] = time.time) -> None:
         self.spool = spool
         self.writer = writer
         self.config = config
         self.gate = gate
         self.on_stored = on_stored
-        self.hostname = hostname
+        self.rules = rules
+        self.metrics = metrics
         self.clock = clock
 
     def __dir__(self) -> list[str]:
@@ -207,31 +176,55 @@ class Handler:
         and reading every attribute of the handler at each connection: those only."""
         return _HOOK_NAMES
 
-    # --- connection (relay.smtp_server asks) ------------------------------------------------
+    @property
+    def hostname(self) -> str:
+        """The relay's name (addresses.hostname): greeting, Received: and Message-IDs."""
+        return self.rules.hostname
+
+    # --- the session (relay.smtp_server) asks -------------------------------------------
 
     def admit(self, peer: Any) -> str | None:
-        refusal = self.gate.admit(peer)
-        if refusal is not None:
-            log_event(logging.INFO, None, event="refused", client=peer, reply=refusal,
-                      status="refused")
-        return refusal
+        refused = self.gate.admit(peer)
+        if refused is None:
+            return None
+        reason, reply = refused
+        self.metrics.refused(reason)
+        log_event(logging.INFO, None, event="refused", client=peer, reply=reply,
+                  status="refused")
+        return reply
 
     def release(self) -> None:
         self.gate.release()
 
-    # --- aiosmtpd's hooks -------------------------------------------------------------------
-
     def extensions(self) -> list[str]:
         """EHLO's keywords besides aiosmtpd's: the session answers pipelined commands in
-        order, and every reply carries an RFC 3463 code."""
-        return ["PIPELINING", "ENHANCEDSTATUSCODES"]
+        order, every reply carries an RFC 3463 code, and mail may be sent later (RFC 4865)."""
+        return ["PIPELINING", "ENHANCEDSTATUSCODES",
+                schedule.futurerelease_keyword(self.config.delivery.max_schedule, self.clock())]
+
+    def replied(self, reply: str) -> None:
+        """Every error reply the session sends, for the refusal counts."""
+        reason = refusal_reason(reply)
+        if reason is not None:
+            self.metrics.refused(reason)
+
+    # --- aiosmtpd's hooks -------------------------------------------------------------------
 
     async def handle_MAIL(self, server: RelaySMTP, session: Session, envelope: RelayEnvelope,
                           address: str, mail_options: list[str]) -> str:
-        if address != NULL_PATH:
-            problem = address_problem(address, envelope.smtp_utf8)
-            if problem is not None:
-                return f"553 5.1.3 Error: bad sender address syntax: {problem}"
+        sender = "" if address == NULL_PATH else address
+        refusal = addresses.check_sender(self.rules, sender, envelope.smtp_utf8)
+        if refusal is not None:
+            return refusal
+        unrouted = routing.refusal(self.config.upstreams, self._final_sender(sender))
+        if unrouted is not None:
+            return str(unrouted)
+        try:
+            envelope.send_at = schedule.hold_send_at(
+                envelope.holdfor, envelope.holduntil, self.clock(),
+                self.config.delivery.max_schedule)
+        except ScheduleRefused as exc:
+            return exc.reply
         try:
             # One statvfs: quicker than a round trip to a worker thread.
             self.spool.check_room(envelope.declared_size)
@@ -245,14 +238,11 @@ class Handler:
 
     async def handle_RCPT(self, server: RelaySMTP, session: Session, envelope: RelayEnvelope,
                           address: str, rcpt_options: list[str]) -> str:
-        if len(envelope.rcpt_tos) >= self.config.max_recipients:
+        if len(envelope.rcpt_tos) >= self.config.listen.max_recipients:
             return "452 4.5.3 Error: too many recipients"
-        if address.lower() == "postmaster":
-            # RFC 5321 4.1.1.3: <Postmaster> without a domain is always accepted.
-            address = f"postmaster@{self.hostname}"
-        problem = address_problem(address, envelope.smtp_utf8)
-        if problem is not None:
-            return f"553 5.1.3 Error: bad recipient address syntax: {problem}"
+        refusal = addresses.check_recipient(self.rules, address, envelope.smtp_utf8)
+        if refusal is not None:
+            return refusal
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(rcpt_options)
         return "250 2.1.5 Ok"
@@ -268,25 +258,44 @@ class Handler:
     def begin_message(self, session: Session, envelope: RelayEnvelope) -> Message:
         now = self.clock()
         entry_id = new_id(now)
+        rules, max_schedule = self.rules, self.config.delivery.max_schedule
         sender = "" if envelope.mail_from == NULL_PATH else (envelope.mail_from or "")
         recipients = tuple(envelope.rcpt_tos)
 
-        def added_headers(head: list[bytes]) -> list[bytes]:
-            added = [self._received_header(session, envelope.smtp_utf8, recipients, entry_id,
-                                           now)]
-            if field_value(head, "Message-ID") is None:
+        def seal(content: bytes) -> NewEntry | str:
+            try:
+                header_send_at, content = schedule.message_send_at(content, now, max_schedule)
+            except ScheduleRefused as exc:
+                return exc.reply
+            head = split_header(content)[0]
+            applied = addresses.apply(rules, sender, recipients, content, head)
+            if isinstance(applied, str):
+                return applied
+            added = [self._received_header(session, envelope.smtp_utf8, recipients,
+                                           entry_id, now)]
+            message_id = field_value(head, "Message-ID")
+            if message_id is None:
                 # As Postfix's cleanup does: every attempt then carries the same
                 # Message-ID, so a duplicate delivery can be recognised downstream.
-                added.append(f"Message-ID: <{entry_id}@{self.hostname}>\r\n".encode())
-            return added
-        return Message(self.spool, entry_id, sender, recipients, now, envelope.smtp_utf8,
-                       added_headers)
+                message_id = f"<{entry_id}@{rules.hostname}>"
+                added.append(f"Message-ID: {message_id}\r\n".encode())
+            # A MAIL parameter (RFC 4865) wins over the header.
+            send_at = envelope.send_at if envelope.send_at is not None else header_send_at
+            return NewEntry(entry_id, applied.sender, applied.recipients,
+                            (*added, *applied.parts), now, envelope.smtp_utf8,
+                            send_at=send_at, message_id=message_id,
+                            original_sender=applied.original_sender,
+                            original_recipients=applied.original_recipients)
+        return Message(self.spool, seal)
 
     async def end_message(self, session: Session, envelope: RelayEnvelope,
                           message: Message) -> str:
+        started = time.monotonic()
         if message.error is not None:
             return NO_ROOM if isinstance(message.error, SpoolFull) else WRITE_ERROR
         new = message.new_entry()
+        if isinstance(new, str):
+            return new
         try:
             entry = await self.writer.store(new)
         except SpoolFull:
@@ -295,18 +304,31 @@ class Handler:
             log_event(logging.ERROR, new.id, status="refused", reason=str(exc))
             return WRITE_ERROR
         fault_point("after-rename-before-250")
+        self.metrics.accepted(time.monotonic() - started)
         # Logged and handed to delivery just after the 250 is written, not before: the
         # client waits for neither.
         asyncio.get_running_loop().call_soon(self._stored, entry, new.parts,
-                                             _client_name(session), message.message_id)
+                                             _client_name(session), new.message_id)
         return f"250 2.0.0 Ok: queued as {entry.id}"
 
     def _stored(self, entry: Entry, parts: tuple[bytes, ...], client: str,
                 message_id: str | None) -> None:
+        rewritten: dict[str, str] = {}
+        if entry.original_sender is not None:
+            rewritten["orig_from"] = f"<{entry.original_sender}>"
+        if entry.original_recipients is not None:
+            rewritten["orig_to"] = ",".join(f"<{a}>" for a in entry.original_recipients)
         log_event(logging.INFO, entry.id, client=client,
-                  **{"from": entry.sender, "message-id": message_id}, size=entry.size,
-                  nrcpt=len(entry.recipients), status="queued")
+                  **{"from": entry.sender, "message-id": message_id}, **rewritten,
+                  size=entry.size, nrcpt=len(entry.recipients), status="queued")
         self.on_stored(entry, parts)
+
+    def _final_sender(self, sender: str) -> str:
+        """The envelope sender the upstream will see, once the rules have applied."""
+        qualified = self.rules.qualify(sender)
+        if self.rules.default_sender is not None and self.rules.outside(qualified):
+            return self.rules.default_sender
+        return qualified
 
     def _received_header(self, session: Session, smtputf8: bool, recipients: tuple[str, ...],
                          entry_id: str, now: float) -> bytes:
@@ -327,28 +349,44 @@ class Handler:
 _HOOK_NAMES = [name for name in dir(Handler) if name.startswith(("handle_", "auth_"))]
 
 
+def refusal_reason(reply: str) -> Refusal | None:
+    """Why an error reply refused mail, for relay_messages_refused_total; None for the
+    errors that refuse nothing by themselves (a syntax error the client can correct)."""
+    code, enhanced = reply[:3], reply[4:9]
+    if code in ("553", "550"):
+        return Refusal.ADDRESS
+    if code == "552":
+        return Refusal.SIZE
+    if code == "452" and enhanced == "4.3.1":
+        return Refusal.DISK
+    if code == "451":
+        return Refusal.ERROR
+    if code == "421":
+        return Refusal.TIMEOUT if enhanced == "4.4.2" else Refusal.PROTOCOL
+    if code == "502" and reply.endswith("goodbye."):
+        return Refusal.PROTOCOL
+    return None
+
+
 class ServerFactory:
-    """Makes one session per connection from the current listen config, so a reload's new
-    limits apply to every connection made after it (sessions in progress keep theirs)."""
+    """Makes one session per connection from the current config, so a reload's new limits
+    and rules apply to every connection made after it (sessions in progress keep theirs)."""
 
-    def __init__(self, spool: Spool, writer: SpoolWriter, config: ListenConfig,
-                 on_stored: Callable[[Entry, tuple[bytes, ...]], None], hostname: str,
-                 clock: Callable[[], float] = time.time) -> None:
-        self.gate = Gate(config.allow, config.max_connections)
-        self.handler = Handler(spool, writer, config, self.gate, on_stored, hostname, clock)
+    def __init__(self, spool: Spool, writer: SpoolWriter, config: Config,
+                 on_stored: Callable[[Entry, tuple[bytes, ...]], None], rules: Rules,
+                 metrics: Recorder, clock: Callable[[], float] = time.time) -> None:
+        self.gate = Gate(config.listen.allow, config.listen.max_connections)
+        self.handler = Handler(spool, writer, config, self.gate, on_stored, rules, metrics,
+                               clock)
 
-    def reconfigure(self, config: ListenConfig) -> None:
+    def reconfigure(self, config: Config, rules: Rules) -> None:
         self.handler.config = config
-        self.gate.allow = config.allow
-        self.gate.max_connections = config.max_connections
+        self.handler.rules = rules
+        self.gate.allow = config.listen.allow
+        self.gate.max_connections = config.listen.max_connections
 
     def __call__(self) -> RelaySMTP:
-        return RelaySMTP(self.handler, self.handler.config, self.handler.hostname)
-
-
-def local_hostname() -> str:
-    """The name we greet with; gethostname, not getfqdn, which may block on DNS."""
-    return _printable_ascii(socket.gethostname()) or "localhost"
+        return RelaySMTP(self.handler, self.handler.config.listen, self.handler.hostname)
 
 
 @functools.lru_cache(maxsize=2)

@@ -17,7 +17,6 @@ import email.utils
 import getpass
 import re
 import smtplib
-import socket
 from dataclasses import dataclass, field
 
 from .config import parse_duration
@@ -25,10 +24,35 @@ from .errors import SubmissionFailed, UsageError
 from .headers import split_header
 from .schedule import hold_parameter, parse_time
 
-# Options that take a value (attached, -fSENDER, or as the next argument) and that we ignore.
-_IGNORED_WITH_VALUE = set("BCOhLNRVX")
-# Flags that take no value and change nothing for us.
-_IGNORED_FLAGS = set("nmUGAq")
+# Postfix's sendmail takes these letters with a value (getopt "B:C:F:GIL:N:O:R:UV:X:b:ce:
+# f:h:imno:p:q:r:tvx"); those without one here act alone. -q's interval is optional.
+_WITH_VALUE = frozenset("BCFLNORVXbefhopr")
+# sendmail's modes (-bX) and what each does here.
+MODES = {"m": "deliver", "p": "queue", "v": "verify", "i": "newaliases"}
+
+USAGE = """\
+usage: sendmail [-t] [-i|-oi] [-f SENDER] [-F NAME] [-v] [--config FILE] [--] [RCPT ...]
+       sendmail -bp | -q | -bv RCPT ... | -bi
+       mailq, newaliases: the same as sendmail -bp and -bi
+
+Reads a message on stdin and hands it to the relay's listener, which queues it.
+  -t          recipients from the To:, Cc: and Bcc: headers too (Bcc: is removed)
+  -i, -oi     a line with a single "." does not end the message
+  -f SENDER   the envelope sender (default: sendmail.sender, else the invoking user)
+  -F NAME     the full name in a From: header that is added when there is none
+  -v          print the queue ID
+  --send-at TIME       send at TIME (RFC 3339 or RFC 5322), not now
+  --send-in DURATION   send after DURATION (5m, 2h, 1d), not now
+  -bm         send the message (the default)
+  -bp         list the queue (as mailq and relay queue)
+  -q          flush: deferred messages become due now (as relay queue flush)
+  -bv         say, for each RCPT, whether the relay accepts it and where it goes
+  -bi, -I     nothing to do: aliases live in relay.yaml (addresses.aliases)
+  --config F  the relay's config file
+Other sendmail flags (-odb, -oem, -B8BITMIME, -N, -U, ...) are accepted and ignored.
+Exit status: 0 queued, 64 bad command line, 65 refused by the relay, 75 relay unreachable
+(the message was not sent), 78 bad config.
+"""
 
 
 @dataclass
@@ -42,10 +66,13 @@ class Options:
     config: str | None = None
     send_at: str | None = None  # --send-at TIME
     send_in: str | None = None  # --send-in DURATION
+    mode: str = "deliver"  # or queue (-bp), flush (-q), verify (-bv), newaliases (-bi), help
 
 
 def parse_args(argv: list[str]) -> Options:
-    """sendmail's command line. Raises UsageError for what cannot be honoured."""
+    """sendmail's command line as getopt reads it: flags may be grouped (-ti), a value
+    may be attached (-fSENDER) or follow. Unknown flags are ignored, as Postfix does.
+    Raises UsageError for what cannot be honoured."""
     options = Options()
     args = list(argv)
     while args:
@@ -53,38 +80,31 @@ def parse_args(argv: list[str]) -> Options:
         if arg == "--":
             options.recipients += args
             break
-        name, equals, attached = arg.partition("=")
-        if name in _LONG:
-            value = attached if equals else _value(arg, "", args)
-            if name != "--config" and not value.strip():
-                raise UsageError(f"option {name} needs a value")
-            setattr(options, _LONG[name], value)
-        elif not arg.startswith("-") or arg == "-":
+        if arg.startswith("--"):
+            _long_option(options, arg, args)
+        elif arg.startswith("-") and arg != "-":
+            _flags(options, arg, args)
+        else:
             options.recipients.append(arg)
-        elif arg in ("-t", "-i", "-oi", "-v"):
-            options.extract_recipients |= arg == "-t"
-            options.dot_ends_input &= arg not in ("-i", "-oi")
-            options.verbose |= arg == "-v"
-        elif arg[1] in "fr":
-            options.sender = _value(arg, arg[2:], args)
-        elif arg[1] == "F":
-            options.full_name = _value(arg, arg[2:], args)
-        elif arg[1] == "b":
-            if arg != "-bm":
-                raise UsageError(f"sendmail mode {arg} is not supported; only -bm (deliver mail)")
-        elif arg[1] == "o":
-            if arg == "-o":
-                _value(arg, "", args)
-        elif arg[1] in _IGNORED_WITH_VALUE:
-            _value(arg, arg[2:], args)
-        elif arg[1] not in _IGNORED_FLAGS:
-            raise UsageError(f"unknown option {arg}")
     if options.send_at is not None and options.send_in is not None:
         raise UsageError("give --send-at or --send-in, not both")
     return options
 
 
 _LONG = {"--config": "config", "--send-at": "send_at", "--send-in": "send_in"}
+
+
+def _long_option(options: Options, arg: str, args: list[str]) -> None:
+    name, equals, attached = arg.partition("=")
+    if arg == "--help":
+        options.mode = "help"
+    elif name in _LONG:
+        value = attached if equals else _value(arg, "", args)
+        if name != "--config" and not value.strip():
+            raise UsageError(f"option {name} needs a value")
+        setattr(options, _LONG[name], value)
+    else:
+        raise UsageError(f"unknown option {arg} (sendmail --help lists the options)")
 
 
 def send_time(options: Options, now: float) -> float | None:
@@ -105,6 +125,37 @@ def send_time(options: Options, now: float) -> float | None:
     return when if when > now else None
 
 
+def _flags(options: Options, arg: str, args: list[str]) -> None:
+    position = 1
+    while position < len(arg):
+        flag, rest = arg[position], arg[position + 1:]
+        position += 1
+        if flag == "q":
+            options.mode = "flush"  # -q, and -qINTERVAL or -qRsite: the whole queue
+            return
+        if flag not in _WITH_VALUE:
+            options.extract_recipients |= flag == "t"
+            options.dot_ends_input &= flag != "i"
+            options.verbose |= flag == "v"
+            if flag == "I":
+                options.mode = "newaliases"
+            continue
+        value = _value(f"-{flag}", rest, args)
+        if flag in "fr":
+            options.sender = value
+        elif flag == "F":
+            options.full_name = value
+        elif flag == "o" and value == "i":
+            options.dot_ends_input = False
+        elif flag == "b":
+            if value not in MODES:
+                raise UsageError(f"sendmail mode -b{value} is not supported; the relay knows "
+                                 "-bm (send), -bp (list the queue), -bv (check recipients) "
+                                 "and -bi (aliases)")
+            options.mode = MODES[value]
+        return
+
+
 def _value(flag: str, attached: str, rest: list[str]) -> str:
     if attached:
         return attached
@@ -123,10 +174,11 @@ def read_message(data: bytes, dot_ends_input: bool) -> bytes:
     return b"".join(line + b"\r\n" for line in lines)
 
 
-def prepare(message: bytes, options: Options, default_sender: str,
-            hostname: str) -> tuple[str, list[str], bytes]:
+def prepare(message: bytes, options: Options, default_sender: str) -> tuple[str, list[str], bytes]:
     """The envelope and the message to submit: recipients from the arguments and, with -t,
-    from To/Cc/Bcc; Bcc removed; From, Date and Message-ID added when missing."""
+    from To/Cc/Bcc; Bcc removed; From and Date added when missing. Bare names (root) stay
+    bare: the listener qualifies them and applies the aliases, and adds the Message-ID
+    with the relay's host name."""
     head, body = split_header(message)
     parsed = email.parser.BytesHeaderParser(policy=email.policy.compat32).parsebytes(
         b"".join(head) + b"\r\n")
@@ -147,8 +199,6 @@ def prepare(message: bytes, options: Options, default_sender: str,
         added.append(f"From: {email.utils.formataddr((options.full_name or '', mailbox))}")
     if parsed["Date"] is None:
         added.append(f"Date: {email.utils.formatdate(localtime=True)}")
-    if parsed["Message-ID"] is None:
-        added.append(f"Message-ID: {email.utils.make_msgid(domain=hostname)}")
     new_head = [line.encode() + b"\r\n" for line in added] + kept
     return sender, list(dict.fromkeys(recipients)), b"".join(new_head) + b"\r\n" + body
 
@@ -187,8 +237,8 @@ def submit(host: str, port: int, sender: str, recipients: list[str], message: by
 
 
 def default_sender() -> str:
-    """The invoking user at this host, as sendmail does."""
-    return f"{getpass.getuser()}@{socket.gethostname()}"
+    """The invoking user's name, bare: the listener puts the relay's host name to it."""
+    return getpass.getuser()
 
 
 def _expect(answer: tuple[int, bytes], what: str) -> None:

@@ -75,6 +75,7 @@ _HAS_ENHANCED = re.compile(r"^\d{3}[ -][245]\.\d{1,3}\.\d{1,3}( |$)")
 _CLOSING = ("221", "421")
 GOODBYE = "502 5.5.1 Too many unrecognized commands, goodbye."
 TIMEOUT = "421 4.4.2 Error: timeout exceeded"
+TOO_MANY_ERRORS = "421 4.7.0 Error: too many errors"
 
 
 class RelayEnvelope(Envelope):
@@ -83,6 +84,9 @@ class RelayEnvelope(Envelope):
     def __init__(self) -> None:
         super().__init__()
         self.declared_size = 0  # MAIL's SIZE=, 0 when not given
+        self.holdfor: str | None = None  # MAIL's HOLDFOR= and HOLDUNTIL= (RFC 4865)
+        self.holduntil: str | None = None
+        self.send_at: float | None = None  # what the policy made of them
 
 
 class MessageSink(Protocol):
@@ -100,6 +104,9 @@ class Policy(Protocol):
 
     def extensions(self) -> list[str]:
         """EHLO keywords besides aiosmtpd's (SIZE, 8BITMIME, SMTPUTF8, HELP)."""
+
+    def replied(self, reply: str) -> None:
+        """An error reply (4xx or 5xx) the session sent."""
 
     def release(self) -> None: ...
 
@@ -182,11 +189,14 @@ class RelaySMTP(SMTP):
             reply = _with_enhanced_code(text)
         self._hold(reply.encode("utf-8", "replace") + b"\r\n")
         code = reply[:3]
+        if code[:1] in ("4", "5"):
+            self.policy.replied(reply)
         if code in _CLOSING or reply == GOODBYE:
             self._end_session()
             return
         if code[:1] in ("4", "5") and self._count_error(reply):
-            self._hold(b"421 4.7.0 Error: too many errors\r\n")
+            self._hold(TOO_MANY_ERRORS.encode() + b"\r\n")
+            self.policy.replied(TOO_MANY_ERRORS)
             self._end_session()
             return
         if self._held_size > HELD_REPLIES:
@@ -248,6 +258,7 @@ class RelaySMTP(SMTP):
             return
         self._flush()
         if self.transport is not None:
+            self.policy.replied(TIMEOUT)
             self.transport.write(TIMEOUT.encode() + b"\r\n")  # type: ignore[attr-defined]
             self.transport.abort()  # type: ignore[attr-defined]
 
@@ -303,17 +314,28 @@ class RelaySMTP(SMTP):
                             "RSET VRFY")
 
     async def smtp_MAIL(self, arg: str | None) -> None:
-        # aiosmtpd checks SIZE= with str.isdigit(), which takes '²', and int() then raises.
         path = self._strip_command_keyword("FROM:", arg or "")
         _, parameters = self._getaddr(path) if path else (None, None)
-        size = _SIZE_PARAMETER.search(parameters or "")
+        envelope = self.envelope
+        assert isinstance(envelope, RelayEnvelope) and self.session is not None
+        kept, hold = [], {}
+        for parameter in (parameters or "").split():
+            name, equals, value = parameter.partition("=")
+            if name.upper() in ("HOLDFOR", "HOLDUNTIL") and self.session.extended_smtp:
+                hold[name.upper()] = value  # a bare keyword: "", refused as malformed
+            else:
+                kept.append(parameter)
+        # aiosmtpd checks SIZE= with str.isdigit(), which takes '²', and int() then raises.
+        size = _SIZE_PARAMETER.search(" ".join(kept))
         if size is not None and not (size.group(1).isascii() and size.group(1).isdigit()):
             await self.push("501 5.5.4 Syntax: MAIL FROM:<address> SIZE=<number>")
             return
-        envelope = self.envelope
-        assert isinstance(envelope, RelayEnvelope)
         if not envelope.mail_from:
             envelope.declared_size = int(size.group(1)) if size is not None else 0
+            envelope.holdfor, envelope.holduntil = hold.get("HOLDFOR"), hold.get("HOLDUNTIL")
+        if hold and path is not None and parameters is not None:
+            # RFC 4865's parameters are the policy's: aiosmtpd refuses any it does not know.
+            arg = f"FROM:{path[:len(path) - len(parameters)].rstrip()} {' '.join(kept)}"
         await super().smtp_MAIL(arg)
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:

@@ -105,6 +105,12 @@ def envelope_head(new: NewEntry, size: int) -> bytes:
         fields["message_id"] = new.message_id
     if new.send_at is not None:
         fields["send_at"] = new.send_at
+    # Only when the address rules rewrote the envelope; entries without them (and those
+    # written before the rules existed) read as received unchanged.
+    if new.original_sender is not None:
+        fields["original_sender"] = new.original_sender
+    if new.original_recipients is not None:
+        fields["original_recipients"] = list(new.original_recipients)
     text = json.dumps(fields, ensure_ascii=False, separators=(",", ":"))
     return MAGIC + f'{text[:-1]},"size":{size:>{SIZE_FIELD}}}}'.encode() + b"\n"
 
@@ -286,7 +292,9 @@ class Spool:
                         id=new.id, queue=queue, sender=new.sender,
                         recipients=tuple(Recipient(a) for a in new.recipients),
                         arrived=new.arrived, size=new.size, smtputf8=new.smtputf8,
-                        send_at=new.send_at, message_id=new.message_id)
+                        send_at=new.send_at, message_id=new.message_id,
+                        original_sender=new.original_sender,
+                        original_recipients=new.original_recipients)
         return [results[index] for index in range(len(batch))]
 
     def _write_tmp(self, new: NewEntry) -> int:
@@ -999,10 +1007,19 @@ def _entry_from_header(header: dict[str, Any], queue: Queue, where: str) -> Entr
     if not (send_at is None or isinstance(send_at, (int, float))) or \
             not (message_id is None or isinstance(message_id, str)):
         raise CorruptEntry(where, "envelope send time or Message-ID malformed")
+    original_sender = header.get("original_sender")
+    original_recipients = header.get("original_recipients")
+    if not (original_sender is None or isinstance(original_sender, str)) or not (
+            original_recipients is None or (isinstance(original_recipients, list) and all(
+                isinstance(a, str) for a in original_recipients))):
+        raise CorruptEntry(where, "envelope original sender or recipients malformed")
     return Entry(id=entry_id, queue=queue, sender=sender,
                  recipients=tuple(Recipient(a) for a in recipients),
                  arrived=float(arrived), size=size, smtputf8=smtputf8,
-                 send_at=None if send_at is None else float(send_at), message_id=message_id)
+                 send_at=None if send_at is None else float(send_at), message_id=message_id,
+                 original_sender=original_sender,
+                 original_recipients=None if original_recipients is None
+                 else tuple(original_recipients))
 
 
 def _apply_state(entry: Entry, state: Any, where: str) -> Entry:

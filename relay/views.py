@@ -52,9 +52,13 @@ def entry_json(entry: Entry) -> dict[str, Any]:
 
 
 def detail_json(entry: Entry, content: bytes, with_body: bool) -> dict[str, Any]:
-    """`relay queue show --json`: the listing fields plus headers and every attempt."""
+    """`relay queue show --json`: the listing fields plus the envelope as received (when
+    address rules rewrote it), headers and every attempt."""
     headers, body = split_message(content)
     data = entry_json(entry)
+    data["original_sender"] = entry.original_sender
+    data["original_recipients"] = (None if entry.original_recipients is None
+                                   else list(entry.original_recipients))
     data["headers"] = [{"name": name, "value": value} for name, value in headers]
     data["attempt_history"] = [{"at": iso(a.at), "relay": a.relay, "reply": a.reply,
                                 "duration": a.duration} for a in entry.attempts]
@@ -108,7 +112,9 @@ def show(entry: Entry, content: bytes, with_body: bool) -> str:
         f"State:        {entry.state}",
         f"Arrived:      {iso(entry.arrived)}",
         f"Size:         {entry.size} bytes",
-        f"Sender:       <{escape(entry.sender)}>",
+        f"Sender:       <{escape(entry.sender)}>" + (
+            "" if entry.original_sender is None
+            else f" (rewritten from <{escape(entry.original_sender)}>)"),
     ]
     if entry.send_at is not None:
         lines.append(f"Send at:      {iso(entry.send_at)}")
@@ -117,7 +123,9 @@ def show(entry: Entry, content: bytes, with_body: bool) -> str:
     if entry.last_error:
         lines.append(f"Last error:   {escape(entry.last_error)}")
     width = max(len(escape(r.address)) for r in entry.recipients)
-    lines.append("Recipients:")
+    lines.append("Recipients:" + (
+        "" if entry.original_recipients is None else "   (rewritten from "
+        + ", ".join(escape(a) for a in entry.original_recipients) + ")"))
     lines += [f"  {escape(r.address):<{width}}  {r.status.value:<7}  {escape(r.reply or '')}"
               .rstrip() for r in entry.recipients]
     lines.append(f"Attempts:     {len(entry.attempts)}")

@@ -185,7 +185,8 @@ def test_example_config_loads_with_every_key() -> None:
                 "timeout", "allow", "path", "min_free", "host", "tls", "verify", "ca_file",
                 "username", "password_env", "connections", "retry_min", "retry_max", "max_age",
                 "max_attempts", "max_schedule", "level", "format", "redact_addresses", "sender",
-                "notify", "from", "max_per_hour", "enabled", "keep"):
+                "notify", "from", "max_per_hour", "enabled", "keep", "hostname", "aliases",
+                "sender_domains", "default_sender", "redirect_to"):
         assert f"{key}:" in text, key
 
 
@@ -227,3 +228,58 @@ def test_unusable_spool_exits_69_before_opening_a_port(tmp_path: Path) -> None:
     assert result.returncode == 69
     assert "cannot use spool directory" in result.stderr and "a-file" in result.stderr
     assert "listening" not in result.stderr
+
+
+def test_addresses_section_as_the_issue_writes_it() -> None:
+    """hostname, aliases with "*" and lists, sender_domains, default_sender, redirect_to."""
+    config = parse_config("""
+addresses:
+  hostname: VM.Example.com
+  aliases:
+    Root: ops@example.com
+    www-data: [root, web@example.com]
+    "*": ops@example.com
+  sender_domains: [MG.example.com]
+  default_sender: noreply@mg.example.com
+  redirect_to: staging@example.com
+""", {}).addresses
+    assert config.hostname == "vm.example.com"
+    assert config.aliases == {"root": ("ops@example.com",),
+                              "www-data": ("root", "web@example.com"),
+                              "*": ("ops@example.com",)}
+    assert config.sender_domains == ("mg.example.com",)
+    assert (config.default_sender, config.redirect_to) == ("noreply@mg.example.com",
+                                                           "staging@example.com")
+
+
+@pytest.mark.parametrize("text, key, fragment", [
+    ("addresses: {hostname: 10.0.0.1}", "addresses.hostname", "expected a host name"),
+    ("addresses: {hostname: vm.local}", "addresses.hostname", "cannot be used in an address"),
+    ("addresses: {aliases: [root]}", "addresses.aliases", "expected a mapping"),
+    ("addresses: {aliases: {root: }}", "addresses.aliases.root", "expected an address"),
+    ("addresses: {aliases: {root: 'a@@x.org'}}", "addresses.aliases.root", "not a valid address"),
+    ("addresses: {aliases: {yes: a@x.org}}", "addresses.aliases.True", "quote it"),
+    ("addresses: {aliases: {r@x: a@x.org}}", "addresses.aliases.r@x", "not a local name"),
+    ("addresses: {aliases: {root: a@x.org, ROOT: b@x.org}}", "addresses.aliases.ROOT",
+     "listed twice"),
+    ("addresses: {aliases: {root: admin}}", "addresses.aliases.root", 'no entry for admin'),
+    ("addresses: {aliases: {a: b, b: [x@y.org, a]}}", "addresses.aliases.a",
+     "alias loop: a -> b -> a"),
+    ("addresses: {aliases: {'*': nobody}}", "addresses.aliases.*", "alias loop"),
+    ("addresses: {hostname: vm.example.com, aliases: {root: root@vm.example.com}}",
+     "addresses.aliases.root", "alias loop: root -> root"),
+    ("addresses: {sender_domains: [mg.example.com, 'bad domain']}",
+     "addresses.sender_domains", "expected a host name"),
+    ("addresses: {default_sender: noreply@mg.example.com}", "addresses.default_sender",
+     "sender_domains, which is empty"),
+    ("addresses: {sender_domains: [mg.example.com], default_sender: noreply@example.com}",
+     "addresses.default_sender", "not in one of addresses.sender_domains"),
+    ("addresses: {redirect_to: root}", "addresses.redirect_to", "expected an address"),
+    ("addresses: {redirect_to: j\u00fcrgen@example.com}", "addresses.redirect_to",
+     "not an ASCII address"),
+    ("addresses: {redirect: a@x.org}", "addresses.redirect", "did you mean 'redirect_to'"),
+])
+def test_addresses_errors_name_the_key(text: str, key: str, fragment: str) -> None:
+    error = error_for(text)
+    assert error.key == key
+    assert fragment in error.message

@@ -188,6 +188,9 @@ class RelayKeeper(Keeper):
     def extensions(self) -> list[str]:
         return []
 
+    def replied(self, reply: str) -> None:
+        pass
+
     def begin_message(self, session: Session, envelope: RelayEnvelope) -> Sink:
         return Sink(self.messages)
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from conftest import relay_config, wait_for
-from relay.listener import address_problem
+from relay.addresses import address_problem
 from relay.spool import Spool, new_id
 
 

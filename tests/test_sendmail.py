@@ -108,8 +108,31 @@ def test_option_parsing(argv: list[str], expected: Options) -> None:
     assert parse_args(argv) == expected
 
 
-@pytest.mark.parametrize("argv", [["-bs"], ["-f"], ["-Z"]])
+@pytest.mark.parametrize("argv, expected", [
+    # cron (Debian), bsd-mailx and s-nail, logwatch and unattended-upgrades, PHP
+    (["-FCronDaemon", "-i", "-B8BITMIME", "-oem", "root"],
+     Options(full_name="CronDaemon", dot_ends_input=False, recipients=["root"])),
+    (["-i", "--", "root"], Options(dot_ends_input=False, recipients=["root"])),
+    (["-oi", "-t"], Options(dot_ends_input=False, extract_recipients=True)),
+    (["-ti"], Options(dot_ends_input=False, extract_recipients=True)),
+    (["-Z", "-x", "-G", "-odi", "-e", "p", "-Ck", "a@x.example"],
+     Options(recipients=["a@x.example"])),
+    (["-bp"], Options(mode="queue")),
+    (["-q"], Options(mode="flush")),
+    (["-q30m"], Options(mode="flush")),
+    (["-bv", "root"], Options(mode="verify", recipients=["root"])),
+    (["-bi"], Options(mode="newaliases")),
+    (["-I"], Options(mode="newaliases")),
+    (["--help"], Options(mode="help")),
+])
+def test_debian_callers_and_unknown_flags(argv: list[str], expected: Options) -> None:
+    """The lines Debian's programs run, grouped flags, the modes; unknown flags ignored."""
+    assert parse_args(argv) == expected
+
+
+@pytest.mark.parametrize("argv", [["-bs"], ["-bd"], ["-f"], ["--frobnicate"]])
 def test_unsupported_options_are_usage_errors(argv: list[str]) -> None:
+    """Modes the relay has no part for, a flag without its value, unknown long options."""
     with pytest.raises(UsageError):
         parse_args(argv)
 
@@ -122,7 +145,7 @@ def test_lone_dot_ends_input_unless_dash_i() -> None:
 def test_message_without_headers_gets_them_before_its_body() -> None:
     """A bare text on stdin (echo hi | sendmail x) is body; headers are added above it."""
     sender, recipients, message = prepare(b"just a line\r\n", Options(recipients=["a@x.example"]),
-                                          "root@host.example", "host.example")
+                                          "root@host.example")
     assert (sender, recipients) == ("root@host.example", ["a@x.example"])
     head, body = message.split(b"\r\n\r\n", 1)
     assert head.startswith(b"From: root@host.example\r\nDate: ")

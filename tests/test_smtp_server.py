@@ -18,7 +18,10 @@ from aiosmtpd.smtp import SMTP
 
 import relay.smtp_server
 from conftest import RelayProcess, relay_config, wait_for
-from relay.config import ListenConfig
+from relay.addresses import rules_for
+from relay.config import AddressesConfig, Config, ListenConfig
+from relay.hostname import system_name
+from relay.metrics import Recorder
 from relay.listener import Gate, Handler
 from relay.smtp_server import MAIL_LINE_LIMIT, RelayEnvelope, RelaySMTP
 from test_data import RelayKeeper, Transport, waiting
@@ -161,7 +164,8 @@ def test_listing_only_the_hooks_finds_every_hook_of_the_listener() -> None:
         async def run() -> list[str]:
             return sorted(RelaySMTP(handler, ListenConfig(), "relay.example")._handle_hooks)
         return asyncio.run(run())
-    args: Any = (None, None, ListenConfig(), Gate((), 1), None, "relay.example")
+    rules = rules_for(AddressesConfig(hostname="relay.example"), system_name())
+    args: Any = (None, None, Config(), Gate((), 1), None, rules, Recorder())
     assert hooks(Handler(*args)) == hooks(WholeDir(*args)) == ["MAIL", "RCPT", "exception"]
 
 
@@ -240,7 +244,7 @@ def test_rset_counts_toward_the_limit_of_commands_without_mail(
 
 def test_refused_commands_count_toward_the_error_limit(holding_relay: RelayProcess) -> None:
     """Refused commands reset the idle timer, so they are counted: the 21st error ends it."""
-    replies = replies_to(holding_relay, b"EHLO c\r\n" + b"MAIL FROM:<bad>\r\n" * 25)
+    replies = replies_to(holding_relay, b"EHLO c\r\n" + b"MAIL FROM:<a..b@example.com>\r\n" * 25)
     assert [r[:3] for r in replies[1:]] == [b"553"] * 21 + [b"421"]
     assert replies[-1] == b"421 4.7.0 Error: too many errors"
 

@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relay.entry import NewEntry, Queue, Status
+from relay.entry import Entry, NewEntry, Queue, Status
 from relay.errors import CorruptEntry, SpoolError, SpoolFull, SpoolLocked
 import relay.spool
 from relay.spool import HEADER_READ, Spool, new_id
@@ -41,6 +41,25 @@ def test_store_publishes_a_private_file_with_envelope_and_content(spool: Spool) 
     assert entry.sender == "s@example.com" and entry.queue is Queue.INCOMING
     assert spool.content(entry) == b"Received: x\r\n" + CONTENT
     assert os.listdir(spool.path / "tmp") == []
+
+
+def test_the_envelope_as_received_is_kept_beside_the_rewritten_one(spool: Spool) -> None:
+    """Address rules' originals are written only when they differ, and read back; an
+    entry without them (as every entry before the rules) reads as unrewritten."""
+    rewritten = NewEntry(new_id(time.time()), "noreply@mg.example.com", ("ops@example.com",),
+                         (CONTENT,), time.time(), False, original_sender="root",
+                         original_recipients=("root",))
+    plain = replace(rewritten, id=new_id(time.time() + 1), original_sender=None,
+                    original_recipients=None)
+    results = spool.store_many([rewritten, plain])
+    assert all(isinstance(result, Entry) for result in results)
+    entry = spool.find(rewritten.id)
+    assert (entry.original_sender, entry.original_recipients) == ("root", ("root",))
+    assert results[0] == entry
+    envelope = (spool.path / "incoming" / plain.id).read_bytes().split(b"\n")[1]
+    assert b"original" not in envelope
+    assert spool.find(plain.id).original_sender is None
+    assert spool.find(plain.id).original_recipients is None
 
 
 @pytest.mark.plan(33)
@@ -384,6 +403,9 @@ def test_corrupt_entry_is_moved_aside_on_claim(spool: Spool, name: str, data: by
     ({"sender": None}, "sender or recipients malformed"),
     ({"sender": "s@example.com\r\nRSET"}, "control characters"),
     ({"arrived": "yesterday"}, "arrival time"),
+    ({"original_sender": ["root"]}, "original sender or recipients malformed"),
+    ({"original_recipients": "root"}, "original sender or recipients malformed"),
+    ({"original_recipients": ["root", None]}, "original sender or recipients malformed"),
 ])
 def test_an_envelope_of_the_wrong_shape_is_corrupt(spool: Spool, change: dict[str, object],
                                                    reason: str) -> None:

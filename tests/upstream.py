@@ -60,6 +60,7 @@ class Upstream:
         self.data_seen: list[bytes] = []  # every message whose final dot arrived, kept or not
         self.data_replies: list[str] = []
         self.auth_attempts = 0
+        self.ehlo_names: list[str] = []  # the name each EHLO gave
         self.mail_commands = 0
         self.rset_commands = 0
         self.abort_next_mail = False  # drop the connection at the next MAIL, once
@@ -167,6 +168,7 @@ class Upstream:
     async def handle_EHLO(self, server: SMTP, session: Session, envelope: Envelope,
                           hostname: str, responses: list[str]) -> list[str]:
         session.host_name = hostname
+        self.ehlo_names.append(hostname)
         if self.pipelining:
             responses.insert(-1, "250-PIPELINING")
         return responses
