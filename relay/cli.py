@@ -1,7 +1,8 @@
 """The command line: argument parsing, output, and the one map from errors to exit statuses.
 
 Exit statuses (sysexits.h): 0 success, 64 usage, 65 bad input data, 69 unavailable,
-75 temporary failure, 77 permission denied, 78 configuration error.
+70 internal software error, 75 temporary failure, 77 permission denied, 78 configuration
+error.
 """
 
 from __future__ import annotations
@@ -24,21 +25,28 @@ from .entry import Entry
 from .errors import (
     ConfigError,
     CorruptEntry,
+    CredentialsRejected,
     EntryBusy,
     EntryNotFound,
+    ForeignFile,
     RelayError,
+    SessionError,
     SpoolError,
     SubmissionFailed,
+    TaskFailed,
     UsageError,
+    WrongState,
 )
 from .log import setup_logging
+from .policy import Stage
 from .spool import Spool, is_valid_id
-from .upstream import SessionError, UpstreamSession, likely_cause, make_tls_context
+from .upstream import UpstreamSession, likely_cause, make_tls_context
 
 EX_OK = 0
 EX_USAGE = 64
 EX_DATAERR = 65
 EX_UNAVAILABLE = 69
+EX_SOFTWARE = 70
 EX_TEMPFAIL = 75
 EX_NOPERM = 77
 EX_CONFIG = 78
@@ -50,13 +58,17 @@ def exit_status(error: BaseException) -> int:
         return EX_CONFIG
     if isinstance(error, UsageError):
         return EX_USAGE
-    if isinstance(error, EntryNotFound):
+    if isinstance(error, (EntryNotFound, WrongState)):
         return EX_DATAERR
     if isinstance(error, SubmissionFailed):
         return EX_DATAERR if error.permanent else EX_TEMPFAIL
     if isinstance(error, EntryBusy):
         return EX_TEMPFAIL
-    if isinstance(error, (SpoolError, OSError)):
+    if isinstance(error, CredentialsRejected):
+        return EX_NOPERM
+    if isinstance(error, TaskFailed):
+        return EX_SOFTWARE
+    if isinstance(error, (SpoolError, SessionError, OSError)):
         return EX_UNAVAILABLE
     return EX_TEMPFAIL
 
@@ -68,7 +80,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument("--config", metavar="FILE",
                         help="config file (default: $RELAY_CONFIG, ./relay.yaml, "
                              "/etc/relay/relay.yaml, else built-in defaults)")
@@ -137,6 +149,7 @@ def _dispatch(args: argparse.Namespace, config: Config) -> int:
     if args.command == "check":
         return asyncio.run(_check(config))
     spool = Spool(config.spool.path)
+    spool.on_foreign = _warn_foreign
     _become_spool_owner(spool.path)
     if args.action is None:
         return _list(spool, args)
@@ -226,15 +239,21 @@ def _show(spool: Spool, entry_id: str, as_json: bool, with_body: bool) -> int:
 
 def _act(spool: Spool, action: Action, ids: list[str]) -> int:
     worst = EX_OK
+    done = 0
     for entry_id in ids:
         outcome = admin.apply(spool, action, entry_id)
         line = f"{views.escape(entry_id)}: {outcome.message}"
         if outcome.error is None:
             print(line)
+            done += 1
         else:
             print(line, file=sys.stderr)
             worst = max(worst, exit_status(outcome.error))
-    print(f"-- {action.value}: {len(ids)} message{'s' if len(ids) != 1 else ''}", file=sys.stderr)
+    # What was done, not what was asked: an ID that was refused is not a message held.
+    summary = f"-- {action.value}: {done} message{'s' if done != 1 else ''} {action.past}"
+    if done < len(ids):
+        summary += f", {len(ids) - done} not (see above)"
+    print(summary, file=sys.stderr)
     return worst
 
 
@@ -246,17 +265,16 @@ async def _check(config: Config) -> int:
         return EX_CONFIG
     session = UpstreamSession(upstream, make_tls_context(upstream))
 
-    def report(step: str, detail: str) -> None:
-        print(f"{step:<9} ok      {views.escape(detail)}")
+    def report(stage: Stage, detail: str) -> None:
+        print(f"{stage.value:<9} ok      {views.escape(detail)}")
     try:
         smtp = await session.open(report)
     except SessionError as failure:
-        print(f"{failure.step:<9} FAILED  {views.escape(str(failure.reply))}")
+        print(f"{failure.stage.value:<9} FAILED  {views.escape(str(failure.reply))}")
         print(f"{'':<9} likely cause: {likely_cause(failure, upstream)}")
-        rejected = failure.step == "auth" and (failure.reply.code or 0) >= 500
-        return EX_NOPERM if rejected else EX_UNAVAILABLE
+        return exit_status(failure)
     response = await smtp.quit()
-    print(f"{'quit':<9} ok      {response.code} {views.escape(response.message)}")
+    print(f"{Stage.QUIT.value:<9} ok      {response.code} {views.escape(response.message)}")
     return EX_OK
 
 
@@ -273,6 +291,10 @@ def _sendmail(argv: list[str]) -> int:
     if options.verbose:
         print(f"queued as {entry_id}")
     return EX_OK
+
+
+def _warn_foreign(problem: ForeignFile) -> None:
+    print(f"relay: {views.escape(problem.path)}: {problem.reason}", file=sys.stderr)
 
 
 def _describe(error: BaseException) -> str:

@@ -30,6 +30,7 @@ LOOPBACK_NETWORKS = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("
 TLS_MODES = ("starttls", "implicit", "none")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
+GREETING_TIMEOUT = 15.0  # upstream.greeting_timeout unless upstream.timeout is shorter
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,10 @@ class UpstreamConfig:
     password: str | None = field(default=None, repr=False)
     connections: int = 4
     timeout: float = 60.0
+    # For the connect and the greeting alone: a port that speaks the other TLS mode stays
+    # silent, and should not cost every attempt the whole command timeout. Unset, it is
+    # GREETING_TIMEOUT, or `timeout` if that is shorter.
+    greeting_timeout: float = GREETING_TIMEOUT
 
     @property
     def name(self) -> str:
@@ -165,6 +170,7 @@ def parse_config(text: str, environ: Mapping[str, str], source: Path | None = No
     if data is None:
         data = {}
     section = _Section("", data)
+    section.only("listen", "spool", "upstream", "delivery", "log", "sendmail")
     config = Config(
         listen=_listen(section.child("listen")),
         spool=_spool(section.child("spool")),
@@ -174,7 +180,6 @@ def parse_config(text: str, environ: Mapping[str, str], source: Path | None = No
         sendmail=_sendmail(section.child("sendmail")),
         source=source,
     )
-    section.reject_unknown()
     return config
 
 
@@ -182,6 +187,8 @@ def parse_config(text: str, environ: Mapping[str, str], source: Path | None = No
 
 
 def _listen(s: _Section) -> ListenConfig:
+    s.only("address", "port", "max_message_size", "max_recipients", "max_connections",
+           "timeout", "allow")
     d = ListenConfig()
     address = s.get("address", _ip_address_text, d.address)
     allow_given = "allow" in s.data
@@ -201,17 +208,16 @@ def _listen(s: _Section) -> ListenConfig:
         timeout=s.get("timeout", _duration(minimum=1), d.timeout),
         allow=allow,
     )
-    s.reject_unknown()
     return config
 
 
 def _spool(s: _Section) -> SpoolConfig:
+    s.only("path", "min_free")
     d = SpoolConfig()
     config = SpoolConfig(
         path=s.get("path", _path, d.path),
         min_free=s.get("min_free", _size(minimum=0), d.min_free),
     )
-    s.reject_unknown()
     return config
 
 
@@ -219,6 +225,8 @@ def _upstream(s: _Section | None, environ: Mapping[str, str],
               secrets: bool) -> UpstreamConfig | None:
     if s is None:
         return None
+    s.only("host", "port", "tls", "verify", "ca_file", "username", "password_env",
+           "password_file", "password", "connections", "timeout", "greeting_timeout")
     host = s.get("host", _hostname, None)
     if host is None:
         raise ConfigError(s.key("host"), "required when the upstream section is present")
@@ -229,6 +237,7 @@ def _upstream(s: _Section | None, environ: Mapping[str, str],
             f"loopback upstream, not {host}"
         )
     default_port = 465 if tls == "implicit" else 587
+    timeout = s.get("timeout", _duration(minimum=1), 60.0)
     username = s.get("username", _nonempty_text, None)
     password = _password(s, environ, secrets)
     has_password = "password_env" in s.data or "password_file" in s.data
@@ -245,9 +254,10 @@ def _upstream(s: _Section | None, environ: Mapping[str, str],
         username=username,
         password=password,
         connections=s.get("connections", _int_range(1, 100), 4),
-        timeout=s.get("timeout", _duration(minimum=1), 60.0),
+        timeout=timeout,
+        greeting_timeout=s.get("greeting_timeout", _duration(minimum=1),
+                               min(GREETING_TIMEOUT, timeout)),
     )
-    s.reject_unknown()
     return config
 
 
@@ -280,6 +290,7 @@ def _password(s: _Section, environ: Mapping[str, str], secrets: bool) -> str | N
 
 
 def _delivery(s: _Section) -> DeliveryConfig:
+    s.only("retry_min", "retry_max", "max_age", "max_attempts")
     d = DeliveryConfig()
     config = DeliveryConfig(
         retry_min=s.get("retry_min", _duration(minimum=0.001), d.retry_min),
@@ -289,23 +300,22 @@ def _delivery(s: _Section) -> DeliveryConfig:
     )
     if config.retry_max < config.retry_min:
         raise ConfigError(s.key("retry_max"), "must not be shorter than delivery.retry_min")
-    s.reject_unknown()
     return config
 
 
 def _log(s: _Section) -> LogConfig:
+    s.only("level", "format")
     d = LogConfig()
     config = LogConfig(
         level=s.get("level", _choice(LOG_LEVELS), d.level),
         format=s.get("format", _choice(LOG_FORMATS), d.format),
     )
-    s.reject_unknown()
     return config
 
 
 def _sendmail(s: _Section) -> SendmailConfig:
+    s.only("sender")
     config = SendmailConfig(sender=s.get("sender", _nonempty_text, None))
-    s.reject_unknown()
     return config
 
 
@@ -313,20 +323,19 @@ def _sendmail(s: _Section) -> SendmailConfig:
 
 
 class _Section:
-    """One mapping of the YAML document; remembers which keys were read."""
+    """One mapping of the YAML document, with the keys it may hold (`only`)."""
 
     def __init__(self, prefix: str, data: Any) -> None:
         if not isinstance(data, dict):
             raise ConfigError(prefix, f"expected a mapping of keys, got {_describe(data)}")
         self.prefix = prefix
         self.data: dict[Any, Any] = data
-        self.known: list[str] = []
+        self.known: list[str] = []  # the keys this section may hold
 
     def key(self, name: str) -> str:
         return f"{self.prefix}.{name}" if self.prefix else name
 
     def get(self, name: str, convert: Callable[[Any], Any], default: Any) -> Any:
-        self.known.append(name)
         if name not in self.data or (self.data[name] is None and default is None):
             return default
         try:
@@ -335,13 +344,15 @@ class _Section:
             raise ConfigError(self.key(name), str(exc)) from None
 
     def child(self, name: str, optional: bool = False) -> Any:
-        self.known.append(name)
         value = self.data.get(name)
         if value is None:
             return None if optional else _Section(self.key(name), {})
         return _Section(self.key(name), value)
 
-    def reject_unknown(self) -> None:
+    def only(self, *names: str) -> None:
+        """Refuse unknown keys before any value is checked: a misspelt optional key
+        (`usrname:`) is reported as what it is, not as the rule it then breaks."""
+        self.known.extend(names)
         for name in self.data:
             if name not in self.known:
                 hint = difflib.get_close_matches(str(name), self.known, n=1)
