@@ -27,6 +27,12 @@ def log_event(level: int, queue_id: str | None, **fields: Any) -> None:
                extra={"queue_id": queue_id, "fields": fields})
 
 
+def log_failure(level: int, queue_id: str | None, exc: BaseException, **fields: Any) -> None:
+    """log_event with the traceback of `exc` (escaped onto the same line in text)."""
+    logger.log(level, "%s", _render_text(queue_id, fields), exc_info=exc,
+               extra={"queue_id": queue_id, "fields": fields})
+
+
 def setup_logging(config: LogConfig, stream: Any = None) -> None:
     """Route the relay's (and its libraries') logs to stderr in the configured format."""
     handler = logging.StreamHandler(stream or sys.stderr)
@@ -69,8 +75,9 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
         }
         if hasattr(record, "fields"):
-            if record.queue_id:
-                data["queue_id"] = record.queue_id
+            queue_id = getattr(record, "queue_id", None)
+            if queue_id:
+                data["queue_id"] = queue_id
             data.update(record.fields)
         else:
             data["message"] = record.getMessage()
