@@ -1,10 +1,8 @@
-"""The scheduler and the delivery workers: spool, policy and upstream tied together.
+"""The delivery workers: spool, policy and upstream tied together.
 
-The scheduler is an in-memory heap of (due time, queue ID), rebuilt from the spool at
-start-up; the spool on disk is always the truth and the heap only an index, so a stale or
-duplicate heap item costs at most a failed claim. `upstream.connections` workers each own
-one upstream session and take the next due entry as soon as it is due: a message handed
-over by the listener reaches a free worker at once, with no polling interval.
+`upstream.connections` workers each own one upstream session and take the next due entry
+from the scheduler (relay.scheduler) as soon as it is due: a message handed over by the
+listener reaches a free worker at once, with no polling interval.
 
 Every entry in active/ has an owner: the worker that claimed it (`_owned`), from the
 claim's rename until the rename that ends the attempt. One that has none (an error
@@ -17,8 +15,8 @@ could send the message again to recipients that have it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
-import heapq
 import logging
 import random
 import time
@@ -31,6 +29,7 @@ from .errors import CorruptEntry, SpoolError, TaskFailed
 from .faults import fault_point
 from .log import log_event, log_failure
 from .policy import AttemptResult, Disposition, Reply, Stage
+from .scheduler import Scheduler
 from .spool import Spool
 from .supervise import supervised
 from .upstream import UpstreamSession, make_tls_context
@@ -63,112 +62,6 @@ LISTENER_QUIET_WAIT = 0.005
 QUIET_SESSIONS = 4
 # How often active/ is looked through for entries no worker owns (Delivery.sweep).
 SWEEP_SECONDS = 2.0
-
-
-class Scheduler:
-    """Which entry is due next, and which idle worker hears of it. `_due` holds each ID's
-    current due time; heap items that disagree with it are stale (the entry was
-    rescheduled) and are skipped.
-
-    Each idle worker waits on a future of its own, and an entry that is due wakes one of
-    them, not all: with `upstream.connections` workers idle, waking every one of them for
-    each message cost more of the loop than the message's own delivery. Entries due
-    later are watched by one timer, armed for the earliest of them, which wakes a worker
-    when it fires; so a spool of 100,000 deferred entries costs nothing per new message.
-    A worker that takes an entry while another is due wakes the next. The worker that
-    went idle last is woken first: its session is the one most recently used, and the
-    others' sessions can stay closed.
-    """
-
-    def __init__(self, clock: Callable[[], float]) -> None:
-        self._clock = clock
-        self._heap: list[tuple[float, str]] = []
-        self._due: dict[str, float] = {}
-        self._idle: list[asyncio.Future[None]] = []  # a stack: the latest idle on top
-        self._timer: asyncio.TimerHandle | None = None
-        self._timer_due = 0.0  # when the timer fires, if it is armed
-        self._closed = False
-
-    def schedule(self, entry_id: str, due: float) -> None:
-        self._due[entry_id] = due
-        heapq.heappush(self._heap, (due, entry_id))
-        self._watch(self._clock())
-
-    def pop_due(self, now: float) -> str | None:
-        """The ID of the earliest entry due at `now`, removed from the schedule; else None."""
-        while self._heap:
-            due, entry_id = self._heap[0]
-            if self._due.get(entry_id) != due:
-                heapq.heappop(self._heap)
-                continue
-            if due > now:
-                return None
-            heapq.heappop(self._heap)
-            del self._due[entry_id]
-            return entry_id
-        return None
-
-    async def next_due(self) -> str | None:
-        """Wait until some entry is due and return its ID; None once the scheduler is closed."""
-        loop = asyncio.get_running_loop()
-        while not self._closed:
-            now = self._clock()
-            entry_id = self.pop_due(now)
-            if entry_id is not None:
-                self._watch(now)
-                return entry_id
-            self._watch(now)  # nothing is due: the timer must be armed for the earliest
-            waiter: asyncio.Future[None] = loop.create_future()
-            self._idle.append(waiter)
-            try:
-                await waiter
-            except asyncio.CancelledError:
-                if waiter.done() and not waiter.cancelled():
-                    self._wake_one()  # woken, then cancelled: the wakeup was someone's
-                raise
-            finally:
-                if waiter in self._idle:
-                    self._idle.remove(waiter)
-        return None
-
-    def close(self) -> None:
-        """Make every waiting and future next_due() return None."""
-        self._closed = True
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        while self._idle:
-            self._wake_one()
-
-    def _watch(self, now: float) -> None:
-        """Wake a worker if the earliest entry is due, else have the timer fire when it is."""
-        if not self._heap or self._closed:
-            return
-        earliest = self._heap[0][0]  # perhaps stale: then the worker finds nothing and sleeps
-        if earliest <= now:
-            self._wake_one()
-        elif self._timer is None or earliest < self._timer_due:
-            if self._timer is not None:
-                self._timer.cancel()
-            self._timer_due = earliest
-            self._timer = asyncio.get_running_loop().call_later(earliest - now, self._fire)
-
-    def _fire(self) -> None:
-        self._timer = None
-        self._watch(self._clock())
-
-    def _wake_one(self) -> None:
-        while self._idle:
-            if _wake(self._idle.pop()):
-                return
-
-
-def _wake(waiter: asyncio.Future[None]) -> bool:
-    """Wake a waiting worker; False if it had stopped waiting (woken or cancelled)."""
-    if waiter.done():
-        return False
-    waiter.set_result(None)
-    return True
 
 
 class Delivery:
@@ -400,7 +293,8 @@ class Delivery:
             # Shutdown past the grace period: hand the entry back, to be tried again
             # after retry_min (an attempt cut off after the final dot may duplicate).
             due = self._clock() + self.config.delivery.retry_min
-            self.spool.unclaim(entry, due)
+            with contextlib.suppress(OSError):  # else the sweep, or the next start, does it
+                self.spool.unclaim(entry, due)
             self.schedule(entry.id, due)
             raise
         except Exception as exc:  # noqa: BLE001
@@ -413,7 +307,15 @@ class Delivery:
                        content: bytes | None) -> None:
         """One attempt at the entry's pending recipients; `content` if already in hand."""
         if session is None:
-            waiting = await asyncio.to_thread(self.spool.defer, policy.await_upstream(entry))
+            try:
+                waiting = await asyncio.to_thread(self.spool.defer, policy.await_upstream(entry))
+            except SpoolError as exc:
+                # Not an attempt: nothing was sent, and nothing is lost by trying later.
+                due = self._clock() + self.config.delivery.retry_min
+                self.spool.return_to_queue(entry.id, due)
+                self.schedule(entry.id, due)
+                log_event(logging.WARNING, entry.id, status="deferred", reason=str(exc))
+                return
             log_event(logging.INFO, entry.id, status="deferred", reply=waiting.last_error)
             return
         started = self._clock()

@@ -1,9 +1,9 @@
 """One upstream SMTP session: connect, TLS, AUTH, then one envelope at a time.
 
 aiosmtplib sets the session up (connect, EHLO, STARTTLS, AUTH). Then the connection is
-taken over by `_Link`, which writes a transaction's MAIL, RCPT and DATA in one go when
-the server offers PIPELINING (RFC 2920), as Postfix does, and reads the replies in
-order: two round trips per message instead of four, which aiosmtplib cannot do.
+taken over by a `relay.link.Link`, which writes a transaction's MAIL, RCPT and DATA in
+one go when the server offers PIPELINING (RFC 2920), as Postfix does, and reads the
+replies in order: two round trips per message instead of four, which aiosmtplib cannot.
 
 Every failure comes back as a value (`policy.AttemptResult`), never as an exception: the
 caller asks `policy` what it means. The session is reused for consecutive messages (RSET
@@ -15,13 +15,11 @@ command is sent, 354 answers DATA alone, nothing may follow the final dot's repl
 transaction that ends without its DATA (a refused sender, refused recipients, a refused
 DATA) is confirmed by an RSET before any refusal is taken for good. Anything that does
 not fit ends the session as a protocol error, and no recipient of that transaction is
-marked sent or failed. Reply text is kept printable and bounded (`printable`): bytes that
-are not UTF-8 are shown as \\xNN.
+marked sent or failed. Reply text is kept printable and bounded (`link.printable`).
 """
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import re
 import socket
@@ -29,13 +27,13 @@ import ssl
 import time
 from collections.abc import Callable
 from dataclasses import replace
-from typing import cast
 
 import aiosmtplib
 from aiosmtplib.email import quote_address
 
 from .config import UpstreamConfig
 from .errors import ConfigError, CredentialsRejected, ReplyTimeout, SessionError
+from .link import Link, printable
 from .policy import AttemptResult, Reply, Stage, is_recipient_limit
 
 # Postfix reuses a cached connection for 2 s (smtp_connection_cache_time_limit); a little
@@ -51,16 +49,6 @@ RESET_FREE_SECONDS = 2.0
 _BARE_LINE_END = re.compile(rb"\r\n|\n|\r(?!\n)")
 _BARE_CR = re.compile(rb"\r(?!\n)")
 _DOT_AT_LINE_START = re.compile(rb"\n\.")
-# Bounds on what the upstream may send, as aiosmtplib's: a reply line, a whole reply
-# (continuation lines included), and everything unread at once.
-MAX_REPLY_LINE = 8192
-MAX_REPLY = 4 * MAX_REPLY_LINE
-MAX_UNREAD = 1024 * 1024
-# Replies are read into a buffer the session keeps, for the reason relay.smtpd gives.
-RECEIVE_BUFFER = MAX_REPLY_LINE
-QUIT_SECONDS = 5.0
-# Characters of a reply kept (state record, attempt history, logs): a server may send 32 KiB.
-MAX_REPLY_TEXT = 1000
 
 
 def make_tls_context(config: UpstreamConfig) -> ssl.SSLContext | None:
@@ -91,7 +79,7 @@ class UpstreamSession:
         self.config = config
         self._tls_context = tls_context
         self._local_hostname = local_hostname or socket.getfqdn()
-        self._link: _Link | None = None
+        self._link: Link | None = None
         self._last_used = 0.0
         self._clean = False  # the last transaction ended with a 2xx to the final dot
 
@@ -146,7 +134,7 @@ class UpstreamSession:
         if link is not None:
             await link.quit()
 
-    async def _ready_session(self) -> tuple[_Link, bool]:
+    async def _ready_session(self) -> tuple[Link, bool]:
         """The session to send on, and whether it is reused without an RSET to prove it."""
         clean, self._clean = self._clean, False
         link = self._link
@@ -166,8 +154,8 @@ class UpstreamSession:
         self._link = await self._connect()
         return self._link, False
 
-    async def _connect(self) -> _Link:
-        return _Link(await self.open(), self.config.timeout)
+    async def _connect(self) -> Link:
+        return Link(await self.open(), self.config.timeout)
 
     async def open(self, report: Callable[[Stage, str], None] = _ignore) -> aiosmtplib.SMTP:
         """Connect, force TLS as configured, and log in; `report(stage, detail)` hears each
@@ -227,7 +215,7 @@ class UpstreamSession:
             raise
         return smtp
 
-    async def _transaction(self, link: _Link, sender: str, recipients: list[str],
+    async def _transaction(self, link: Link, sender: str, recipients: list[str],
                            content: bytes, smtputf8: bool) -> AttemptResult:
         relay = self.config.name
         options: list[str] = []
@@ -317,7 +305,7 @@ class UpstreamSession:
         self._clean = True
         return AttemptResult(relay=relay, recipients=replies)
 
-    async def _read_refused(self, link: _Link, count: int) -> None:
+    async def _read_refused(self, link: Link, count: int) -> None:
         """Read the replies to the RCPTs and DATA pipelined after a refused MAIL: each must
         refuse too, or the replies are out of step with the commands."""
         for _ in range(count):
@@ -326,7 +314,7 @@ class UpstreamSession:
                 raise link.out_of_step(f"{reply} to a command after a refused MAIL",
                                        Stage.RCPT)
 
-    async def _ended_early(self, link: _Link, result: AttemptResult) -> AttemptResult:
+    async def _ended_early(self, link: Link, result: AttemptResult) -> AttemptResult:
         """A transaction that ended without its DATA. A permanent refusal in it is taken for
         good only once an RSET proves the replies in step: a reply left over from an extra
         or a missing one would answer the RSET. The session is then reset for reuse."""
@@ -338,144 +326,6 @@ class UpstreamSession:
                 raise link.out_of_step(f"RSET answered {reply}", Stage.RSET)
             self._clean = True
         return result
-
-
-class _Link(asyncio.BufferedProtocol):
-    """The upstream connection once aiosmtplib has set it up, taken over to send commands
-    and read replies, pipelined or one at a time. Replies are read strictly in order and
-    bounded in size; anything that leaves the session out of step (a timeout, a garbled
-    or oversized reply, a reply nobody asked for, a 421) closes it, so it is never
-    reused. Every SessionError it raises carries the stage of the command concerned."""
-
-    def __init__(self, smtp: aiosmtplib.SMTP, timeout: float) -> None:
-        transport = smtp.transport
-        if transport is None or transport.is_closing():
-            raise SessionError(Reply(None, "connection failed: closed during the set-up"),
-                               Stage.SESSION)
-        self.extensions = frozenset(smtp.esmtp_extensions)
-        self.timeout = timeout
-        self._transport = cast(asyncio.Transport, transport)
-        self._buffer = bytearray()
-        self._received = memoryview(bytearray(RECEIVE_BUFFER))
-        self._waiter: asyncio.Future[None] | None = None
-        self._lost: str | None = None
-        transport.set_protocol(self)
-
-    @property
-    def is_connected(self) -> bool:
-        return self._lost is None and not self._transport.is_closing()
-
-    @property
-    def unread(self) -> bool:
-        return bool(self._buffer)
-
-    def send(self, data: bytes, stage: Stage) -> None:
-        """Write commands; a reply waiting unread means replies and commands are out of
-        step (the server answered something twice), so nothing more is sent."""
-        if not self.is_connected:
-            raise SessionError(Reply(None, f"connection failed: {self._lost or 'closed'}"),
-                               stage)
-        if self._buffer:
-            raise self.out_of_step("a reply came that no command asked for", stage)
-        self._transport.write(data)
-
-    async def reply(self, stage: Stage, timeout: float | None = None) -> Reply:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + (self.timeout if timeout is None else timeout)
-        while True:
-            reply = self._parse(stage)
-            if reply is not None:
-                if reply.code == 421:
-                    self.abort("the upstream is closing the session (421)")
-                return reply
-            if self._lost is not None:
-                raise SessionError(Reply(None, f"connection failed: {self._lost}"), stage)
-            waiter = self._waiter = loop.create_future()
-            # One timer per wait, cheaper than asyncio.timeout's cancellation machinery.
-            timer = loop.call_at(deadline, _expire, waiter)
-            try:
-                await waiter
-            except TimeoutError:
-                self.abort("no reply in time")
-                raise ReplyTimeout(Reply(None, "timed out: no reply in time"), stage) from None
-            finally:
-                timer.cancel()
-                self._waiter = None
-
-    async def quit(self) -> None:
-        if self.is_connected:
-            try:
-                self.send(b"QUIT\r\n", Stage.QUIT)
-                await self.reply(Stage.QUIT, QUIT_SECONDS)
-            except SessionError:
-                pass
-        self._transport.close()
-
-    def abort(self, why: str) -> None:
-        self._lost = self._lost or why
-        self._transport.abort()
-
-    def out_of_step(self, why: str, stage: Stage) -> SessionError:
-        """End the session: its replies no longer match its commands."""
-        self.abort("replies out of step with commands")
-        return SessionError(Reply(None, f"protocol error: replies out of step with "
-                                        f"commands ({why})"), stage)
-
-    # --- asyncio.BufferedProtocol ---------------------------------------------------------
-
-    def get_buffer(self, sizehint: int) -> memoryview:
-        return self._received
-
-    def buffer_updated(self, nbytes: int) -> None:
-        self._buffer += self._received[:nbytes]
-        if len(self._buffer) > MAX_UNREAD:
-            self.abort("the upstream sent more than it was asked for")
-        self._wake()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._lost = self._lost or (printable(str(exc)) if exc else "closed by the upstream")
-        self._wake()
-
-    def _wake(self) -> None:
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(None)
-
-    def _parse(self, stage: Stage) -> Reply | None:
-        """The first complete reply in the buffer, removed from it; None if there is none
-        yet. A reply that breaks the grammar or the bounds closes the session."""
-        buffer = self._buffer
-        texts: list[bytes] = []
-        offset = 0
-        while True:
-            end = buffer.find(b"\n", offset, offset + MAX_REPLY_LINE)
-            if end < 0:
-                if len(buffer) - offset >= MAX_REPLY_LINE:
-                    raise self._garbled("reply line too long", stage)
-                return None
-            line = bytes(buffer[offset:end + 1])
-            offset = end + 1
-            code, separator = line[:3], line[3:4]
-            if not code.isdigit() or separator not in (b" ", b"-", b"\r", b"\n"):
-                shown = printable(line.decode("utf-8", "backslashreplace"))[:80]
-                raise self._garbled(f"malformed reply line {shown}", stage)
-            texts.append(line[4:].strip())
-            if separator != b"-":
-                del buffer[:offset]
-                # Bytes that are not UTF-8 (a Latin-1 server's "bo\xeete pleine") are kept
-                # as \xNN: printable, and the state record can always be written.
-                text = b" ".join(t for t in texts if t).decode("utf-8", "backslashreplace")
-                return Reply(int(code), printable(text))
-            if offset > MAX_REPLY:
-                raise self._garbled("reply too long", stage)
-
-    def _garbled(self, why: str, stage: Stage) -> SessionError:
-        self.abort(why)
-        return SessionError(Reply(None, f"protocol error: {why}"), stage)
-
-
-def _expire(waiter: asyncio.Future[None]) -> None:
-    if not waiter.done():
-        waiter.set_exception(TimeoutError())
 
 
 def _command(verb: str, address: str, options: list[str], encoding: str) -> bytes:
@@ -573,7 +423,7 @@ def reply_of(exc: BaseException) -> Reply:
     return Reply(None, printable(str(exc)))
 
 
-def _refusal(link: _Link, reply: Reply, stage: Stage) -> Reply:
+def _refusal(link: Link, reply: Reply, stage: Stage) -> Reply:
     """The reply that refused a command. A reply that refuses nothing (250 where 354 was
     due, 354 to anything but DATA) means replies and commands are out of step: nothing
     more from this session can be trusted, so it ends and the attempt counts as failed for
@@ -595,20 +445,3 @@ def _unsendable(exc: ValueError) -> Reply:
     """An address the client library will not send: a permanent failure of ours, so it is
     kept in failed/ with the reason instead of being retried forever."""
     return Reply(553, f"5.1.3 address cannot be sent safely: {printable(str(exc))}")
-
-
-def printable(text: str) -> str:
-    """Reply text as the relay keeps it: one line; bytes that were not UTF-8 (which
-    aiosmtplib decodes to surrogate escapes) shown as \\xNN; other control characters
-    escaped; at most MAX_REPLY_TEXT characters. Lossless for anything shorter, and always
-    encodable, so a state record holding it can be written."""
-    text = " ".join(text.split())
-    if not text.isprintable():  # surrogates and control characters are not
-        try:
-            text = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-        except UnicodeEncodeError:  # a surrogate that stands for no byte
-            text = text.encode("utf-8", "backslashreplace").decode("utf-8")
-        text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
-    if len(text) > MAX_REPLY_TEXT:
-        text = text[:MAX_REPLY_TEXT - 1] + "…"
-    return text

@@ -7,7 +7,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from relay.delivery import Scheduler
+from relay.scheduler import Scheduler
 
 
 def run(scenario: Callable[[Scheduler], Awaitable[Any]]) -> Any:
