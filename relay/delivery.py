@@ -213,10 +213,10 @@ class Delivery:
                 entry_id = await self.scheduler.next_due()
                 if entry_id is None:
                     return
-                if self._paused_until is not None and self._clock() < self._paused_until:
-                    # Paused while this worker waited (a flush, a retry come due): no
-                    # login before the pause ends.
-                    self.schedule(entry_id, self._paused_until)
+                if self._paused_until is not None:
+                    # Taken just as another worker paused delivery: it waits with the
+                    # rest (it was due, so it is due now), and no login happens.
+                    self.schedule(entry_id, self._clock())
                     continue
                 try:
                     if generation != self._generation:
@@ -242,12 +242,15 @@ class Delivery:
         pause = self.config.delivery.retry_max
         self._paused_until = self._clock() + pause
         self._resumed.clear()
+        # Retries coming due, a flush, new mail: all wait, with no login, until the end.
+        self.scheduler.hold()
         log_event(logging.ERROR, None, event="delivery", status="paused", reason=reason,
                   resumes=f"on reload, or in {pause:g}s with one more try")
 
     def _resume(self) -> None:
         self._paused_until = None
         self._resumed.set()
+        self.scheduler.release()
 
     async def _wait_while_paused(self) -> None:
         while self._paused_until is not None:

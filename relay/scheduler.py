@@ -24,6 +24,9 @@ class Scheduler:
     A worker that takes an entry while another is due wakes the next. The worker that
     went idle last is woken first: its session is the one most recently used, and the
     others' sessions can stay closed.
+
+    While held (delivery paused), nothing is handed out and every entry keeps its due
+    time; release() hands out what came due meanwhile.
     """
 
     def __init__(self, clock: Callable[[], float]) -> None:
@@ -34,6 +37,7 @@ class Scheduler:
         self._timer: asyncio.TimerHandle | None = None
         self._timer_due = 0.0  # when the timer fires, if it is armed
         self._closed = False
+        self._held = False
 
     def schedule(self, entry_id: str, due: float) -> None:
         self._due[entry_id] = due
@@ -59,7 +63,7 @@ class Scheduler:
         loop = asyncio.get_running_loop()
         while not self._closed:
             now = self._clock()
-            entry_id = self.pop_due(now)
+            entry_id = None if self._held else self.pop_due(now)
             if entry_id is not None:
                 self._watch(now)
                 return entry_id
@@ -77,6 +81,16 @@ class Scheduler:
                     self._idle.remove(waiter)
         return None
 
+    def hold(self) -> None:
+        """Hand out nothing until release(); entries stay scheduled as they are."""
+        self._held = True
+
+    def release(self) -> None:
+        """Hand out entries again, those that came due while held first."""
+        if self._held:
+            self._held = False
+            self._watch(self._clock())
+
     def close(self) -> None:
         """Make every waiting and future next_due() return None."""
         self._closed = True
@@ -88,7 +102,7 @@ class Scheduler:
 
     def _watch(self, now: float) -> None:
         """Wake a worker if the earliest entry is due, else have the timer fire when it is."""
-        if not self._heap or self._closed:
+        if not self._heap or self._closed or self._held:
             return
         earliest = self._heap[0][0]  # perhaps stale: then the worker finds nothing and sleeps
         if earliest <= now:
