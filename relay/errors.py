@@ -84,8 +84,8 @@ class ForeignFile(SpoolError):
 
 class WriterStopped(SpoolError):
     """Raised by SpoolWriter.store (and for every store waiting on it) once the writer
-    thread has died or stopped: the message was not stored. The listener answers it with
-    `451 4.3.0`: a fault of ours, not a full disk."""
+    thread has died or stopped: the message was not stored. For the listener to answer
+    `451 4.3.0`: a fault of ours, not a full disk (452)."""
 
 
 class EntryNotFound(RelayError):

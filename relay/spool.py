@@ -427,7 +427,7 @@ class Spool:
 
     def unclaim(self, entry: Entry, due: float) -> None:
         """Give an active entry back, deferred until `due`, if it is still in active/ (an
-        attempt that was cancelled before it reached the upstream)."""
+        attempt cancelled at shutdown)."""
         self.return_to_queue(entry.id, due)
 
     def return_to_queue(self, entry_id: str, due: float) -> bool:
@@ -655,7 +655,7 @@ class Spool:
             "last_error": entry.last_error,
             "requeued": entry.requeued,
         }
-        # Reply texts come printable from relay.upstream; should a lone surrogate get here
+        # Reply texts come printable from relay.link; should a lone surrogate get here
         # all the same, it is written as the JSON escape it reads back as, not refused.
         data = json.dumps(record, ensure_ascii=False, separators=(",", ":")).encode(
             "utf-8", "backslashreplace")

@@ -23,7 +23,7 @@ thread empties those it still holds once it has had nothing to do for SPARES_LIN
 seconds, and when it stops, so that delivered mail does not stay in tmp/.
 
 Should the thread die all the same (a bug), every store waiting for it and every later
-one fails at once with WriterStopped (the listener answers 451 4.3.0), `on_failure`
+one fails at once with WriterStopped (for the listener to answer 451 4.3.0), `on_failure`
 hears of it (the daemon exits for systemd to restart it), and removals go on from the
 default executor: a delivered entry must not be sent again for want of its removal.
 """

@@ -147,45 +147,44 @@ def _long_soak_section() -> list[str]:
     lines = ["## Long soak (tools/soak.py)", ""]
     if not LONG_SOAK.exists():
         return lines + ["No full run of tools/soak.py has been recorded (docs/soak.json).", ""]
-    return lines + ["The last full run, recorded by `python tools/soak.py --record "
-                    "docs/soak.json`; CI runs its --quick mode.", ""] + \
-        _soak_figures(json.loads(LONG_SOAK.read_text()))
+    recorded = ("The last full run, recorded by `python tools/soak.py --record "
+                "docs/soak.json`; CI runs its --quick mode.")
+    return [*lines, recorded, "", *_soak_figures(json.loads(LONG_SOAK.read_text()))]
 
 
 def _soak_figures(figures: dict[str, Any]) -> list[str]:
     faults = figures.get("faults") or {}
     injected = ", ".join(f"{n} {kind}" for kind, n in sorted(faults.items())) or "none"
     full = figures.get("disk_full_windows", 0)
-    disk = (f"; a ballast file filled the spool's tmpfs {full} times, and new mail was "
-            f"answered 452 {figures.get('refused_full', 0)} times meanwhile" if full else "")
-    passed = not figures.get("problems")
-    return [
-        f"{figures['accepted']} messages answered 250 from {figures.get('clients', 8)} "
-        f"clients while the relay was SIGKILLed {figures['kills']} times at random moments "
-        f"and {figures['upstream_failure_rate']:.0%} of upstream transactions met a fault "
-        f"({injected}){disk}; {figures['seconds']} s in all.",
-        "",
-        "| Figure | Value |",
-        "|---|---|",
-        f"| Messages accepted (250) | {figures['accepted']} |",
-        f"| Distinct Message-IDs delivered | {figures['delivered']} |",
-        f"| Duplicates delivered | {figures['duplicates']} |",
-        f"| of which resends of one entry after a kill | {figures['resent_after_kill']} |",
-        f"| of which resubmissions by clients that lost their 250 | "
-        f"{figures['resubmitted_by_clients']} |",
-        f"| Kills | {figures['kills']} |",
-        f"| Deliveries in doubt at a kill (upstream had the dot, state not updated) | "
-        f"{figures['in_doubt_deliveries']} |",
-        f"| Submissions in doubt at a kill (final dot sent, no reply) | "
-        f"{figures.get('in_doubt_submissions', 'not counted')} |",
-        f"| Answered 452 while the disk was full | {figures.get('refused_full', 0)} |",
-        f"| Seconds | {figures['seconds']} |",
-        "",
-        "Every accepted Message-ID was delivered at least once; resends never exceeded the "
-        "deliveries in doubt, nor resubmissions the submissions in doubt, and the queue "
-        "ended empty." if passed else "FAILED: " + "; ".join(figures["problems"]),
-        "",
+    disk = (f"; a ballast file filled the spool's tmpfs {full} times, and "
+            f"{figures.get('refused_full', 0)} submissions were answered 452 meanwhile"
+            if full else "")
+    summary = (f"{figures['accepted']} messages answered 250 from {figures.get('clients', 8)} "
+               f"clients while the relay was SIGKILLed {figures['kills']} times at random "
+               f"moments and {figures['upstream_failure_rate']:.0%} of upstream transactions "
+               f"met a fault ({injected}){disk}; {figures['seconds']} s in all.")
+    rows = [
+        ("Messages accepted (250)", figures["accepted"]),
+        ("Distinct Message-IDs delivered", figures["delivered"]),
+        ("Duplicates delivered", figures["duplicates"]),
+        ("of which resends of one entry after a kill", figures["resent_after_kill"]),
+        ("of which resubmissions by clients that lost their 250",
+         figures["resubmitted_by_clients"]),
+        ("Kills", figures["kills"]),
+        ("Deliveries in doubt at a kill (upstream had the dot, state not updated)",
+         figures["in_doubt_deliveries"]),
+        ("Submissions in doubt at a kill (final dot sent, no reply)",
+         figures.get("in_doubt_submissions", "not counted")),
+        ("Answered 452 while the disk was full", figures.get("refused_full", 0)),
+        ("Seconds", figures["seconds"]),
     ]
+    verdict = ("Every accepted Message-ID was delivered at least once; resends never exceeded "
+               "the deliveries in doubt, nor resubmissions the submissions in doubt, and the "
+               "queue ended empty.")
+    if figures.get("problems"):
+        verdict = "FAILED: " + "; ".join(figures["problems"])
+    return [summary, "", "| Figure | Value |", "|---|---|",
+            *(f"| {name} | {value} |" for name, value in rows), "", verdict, ""]
 
 
 def _first_line(text: str) -> str:

@@ -11,12 +11,12 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import holds_for, relay_config, wait_for
+from upstream import Upstream
+
 from relay.entry import Queue
 from relay.errors import SpoolError
 from relay.spool import Spool, new_id
-from upstream import Upstream
 
 BODY = b"Subject: owners\r\nMessage-ID: <owners@example.com>\r\n\r\nbody\r\n"
 

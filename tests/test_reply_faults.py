@@ -9,12 +9,12 @@ import asyncio
 from pathlib import Path
 
 import pytest
-
 from conftest import RelayProcess, relay_config, wait_for
+from upstream import PASSWORD, USERNAME, Upstream
+
 from relay.config import UpstreamConfig
 from relay.policy import AttemptResult, Stage, credentials_rejected
 from relay.upstream import UpstreamSession, make_tls_context
-from upstream import PASSWORD, USERNAME, Upstream
 
 BODY = b"Subject: replies\r\nMessage-ID: <replies@example.com>\r\n\r\nbody\r\n"
 

@@ -10,8 +10,8 @@ import smtplib
 from pathlib import Path
 
 import pytest
-
 from conftest import relay_config, wait_for
+
 from relay.errors import TaskFailed
 from relay.supervise import supervised
 
