@@ -29,6 +29,7 @@ class AddressesConfig:
 
 
 def parse_addresses(s: Section) -> AddressesConfig:
+    s.only("hostname", "aliases", "sender_domains", "default_sender", "redirect_to")
     hostname = s.get("hostname", mail_domain, None)
     domains = s.get("sender_domains", _domain_list, ())
     default_sender = s.get("default_sender", mailbox, None)
@@ -46,7 +47,6 @@ def parse_addresses(s: Section) -> AddressesConfig:
         default_sender=default_sender,
         redirect_to=s.get("redirect_to", mailbox, None),
     )
-    s.reject_unknown()
     return config
 
 

@@ -3,9 +3,10 @@
 They work on the spool directly, whether or not a daemon runs, and each is one rename or
 unlink, so an action and a delivery can never both win: whoever moves the file first owns
 the outcome. An entry in active/ belongs to a delivery attempt; the action waits up to
-BUSY_WAIT seconds for the attempt to end and then reports the entry busy. A running daemon
-notices entries put into incoming/ (flush, release, requeue) and new times in scheduled/
-(reschedule) within a second.
+BUSY_WAIT seconds for the attempt to end and then reports the entry busy. An action that
+does not apply to the entry where it is (release of a deferred one) is reported as
+WrongState. A running daemon notices entries put into incoming/ (flush, release,
+requeue) and new times in scheduled/ (reschedule) within a second.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from .entry import Entry, Queue
-from .errors import EntryBusy, EntryNotFound, RelayError
+from .errors import EntryBusy, EntryNotFound, RelayError, WrongState
 from .schedule import rfc3339
 from .spool import Spool, is_valid_id
 
@@ -35,6 +36,11 @@ class Action(enum.Enum):
     def sources(self) -> tuple[Queue, ...]:
         """The queues an entry must be in for this action to apply (what ALL selects)."""
         return _SOURCES[self]
+
+    @property
+    def past(self) -> str:
+        """What an entry it was applied to has become: held, released, ..."""
+        return _DONE[self]
 
 
 _SOURCES = {
@@ -105,8 +111,9 @@ def _apply_once(spool: Spool, action: Action, entry_id: str, send_at: float,
         moved = spool.move(entry_id, action.sources, target)
     if moved is None:
         state = spool.find(entry_id).state
-        return Outcome(entry_id, f"not {_DONE[action]}: message is {state}")
+        return Outcome(entry_id, f"not {action.past}: message is {state}",
+                       WrongState(entry_id, state))
     if action is Action.RESCHEDULE:
         due = f"for {rfc3339(send_at)}" if moved.queue is Queue.SCHEDULED else "due now"
         return Outcome(entry_id, f"rescheduled {due}")
-    return Outcome(entry_id, _DONE[action])
+    return Outcome(entry_id, action.past)

@@ -14,7 +14,7 @@ import enum
 from dataclasses import dataclass, replace
 
 from .config import DeliveryConfig
-from .policy import AttemptResult, Stage, backoff
+from .policy import SET_UP, AttemptResult, Stage, backoff
 from .ratelimit import is_rate_limit
 
 
@@ -62,10 +62,10 @@ class Breaker:
 
 
 def trips(result: AttemptResult) -> bool:
-    """A failure of the upstream, not of the message: an error at Stage.SESSION or AUTH.
+    """A failure of the upstream, not of the message: an error while setting it up or at AUTH.
     That is connect, TLS, EHLO and AUTH; the API's connection errors, 401/403/404 and
     5xx, which relay.mailgun reports there; and, as relay.upstream reports it today, a
     connection lost during a transaction. A provider's rate limiting is not one."""
     error = result.error
-    return (error is not None and result.stage in (Stage.SESSION, Stage.AUTH)
+    return (error is not None and (result.stage in SET_UP or result.stage is Stage.AUTH)
             and not is_rate_limit(error))

@@ -1,7 +1,8 @@
 """The command line: argument parsing, output, and the one map from errors to exit statuses.
 
 Exit statuses (sysexits.h): 0 success, 64 usage, 65 bad input data, 69 unavailable,
-75 temporary failure, 77 permission denied, 78 configuration error.
+70 internal software error, 75 temporary failure, 77 permission denied, 78 configuration
+error.
 
 The daemon, the upstream client and sendmail's submission are imported by the commands
 that use them: asyncio, aiosmtplib, smtplib and the listener took about half of the
@@ -36,17 +37,23 @@ from .errors import (
     CheckFailed,
     ConfigError,
     CorruptEntry,
+    CredentialsRejected,
     EntryBusy,
     EntryNotFound,
+    ForeignFile,
     RelayError,
+    SessionError,
     SpoolError,
     SubmissionFailed,
+    TaskFailed,
     Unhealthy,
     UsageError,
+    WrongState,
 )
 from .history_query import Query, search
 from .hostname import system_name
 from .log import setup_logging
+from .policy import Stage
 from .schedule import parse_since, parse_when
 from .spool import Spool, is_valid_id
 
@@ -54,6 +61,7 @@ EX_OK = 0
 EX_USAGE = 64
 EX_DATAERR = 65
 EX_UNAVAILABLE = 69
+EX_SOFTWARE = 70
 EX_TEMPFAIL = 75
 EX_NOPERM = 77
 EX_CONFIG = 78
@@ -66,15 +74,19 @@ def exit_status(error: BaseException) -> int:
         return EX_CONFIG
     if isinstance(error, UsageError):
         return EX_USAGE
-    if isinstance(error, EntryNotFound):
+    if isinstance(error, (EntryNotFound, WrongState)):
         return EX_DATAERR
     if isinstance(error, SubmissionFailed):
         return EX_DATAERR if error.permanent else EX_TEMPFAIL
     if isinstance(error, EntryBusy):
         return EX_TEMPFAIL
+    if isinstance(error, CredentialsRejected):
+        return EX_NOPERM
     if isinstance(error, CheckFailed):
         return EX_NOPERM if error.refused else EX_UNAVAILABLE
-    if isinstance(error, (SpoolError, OSError, Unhealthy)):
+    if isinstance(error, TaskFailed):
+        return EX_SOFTWARE
+    if isinstance(error, (SpoolError, SessionError, OSError, Unhealthy)):
         return EX_UNAVAILABLE
     return EX_TEMPFAIL
 
@@ -189,6 +201,7 @@ def _dispatch(args: argparse.Namespace, config: Config) -> int:
         import asyncio
         return asyncio.run(_check(config))
     spool = Spool(config.spool.path)
+    spool.on_foreign = _warn_foreign
     _become_spool_owner(spool.path)
     if args.command == "history":
         return _history(spool, args, config.log.redact_addresses)
@@ -310,15 +323,21 @@ def _act(spool: Spool, action: Action, ids: list[str], send_at: float,
         if journal is not None:
             journal.append(history.deletions(entry, time.time()))
     worst = EX_OK
+    done = 0
     for entry_id in ids:
         outcome = admin.apply(spool, action, entry_id, send_at=send_at, deleted=deleted)
         line = f"{views.escape(entry_id)}: {outcome.message}"
         if outcome.error is None:
             print(line)
+            done += 1
         else:
             print(line, file=sys.stderr)
             worst = max(worst, exit_status(outcome.error))
-    print(f"-- {action.value}: {len(ids)} message{'s' if len(ids) != 1 else ''}", file=sys.stderr)
+    # What was done, not what was asked: an ID that was refused is not a message held.
+    summary = f"-- {action.value}: {done} message{'s' if done != 1 else ''} {action.past}"
+    if done < len(ids):
+        summary += f", {len(ids) - done} not (see above)"
+    print(summary, file=sys.stderr)
     return worst
 
 
@@ -394,21 +413,20 @@ async def _check(config: Config) -> int:
     return worst
 
 
-async def _check_smtp(upstream: UpstreamConfig, hostname: str) -> CheckFailed | None:
-    from .upstream import SessionError, UpstreamSession, likely_cause, make_tls_context
+async def _check_smtp(upstream: UpstreamConfig, hostname: str) -> SessionError | None:
+    from .upstream import UpstreamSession, likely_cause, make_tls_context
     session = UpstreamSession(upstream, make_tls_context(upstream), hostname)
 
-    def report(step: str, detail: str) -> None:
-        print(f"{step:<9} ok      {views.escape(detail)}")
+    def report(stage: Stage, detail: str) -> None:
+        print(f"{stage.value:<9} ok      {views.escape(detail)}")
     try:
         smtp = await session.open(report)
     except SessionError as failure:
-        print(f"{failure.step:<9} FAILED  {views.escape(str(failure.reply))}")
+        print(f"{failure.stage.value:<9} FAILED  {views.escape(str(failure.reply))}")
         print(f"{'':<9} likely cause: {likely_cause(failure, upstream)}")
-        rejected = failure.step == "auth" and (failure.reply.code or 0) >= 500
-        return CheckFailed(str(failure.reply), refused=rejected)
+        return failure
     response = await smtp.quit()
-    print(f"{'quit':<9} ok      {response.code} {views.escape(response.message)}")
+    print(f"{Stage.QUIT.value:<9} ok      {response.code} {views.escape(response.message)}")
     return None
 
 
@@ -503,6 +521,10 @@ def _verify(config: Config, recipients: list[str]) -> int:
         print(f"{views.escape(recipient)}: {views.escape(verdict)}")
         worst = worst if accepted else EX_DATAERR
     return worst
+
+
+def _warn_foreign(problem: ForeignFile) -> None:
+    print(f"relay: {views.escape(problem.path)}: {problem.reason}", file=sys.stderr)
 
 
 def _describe(error: BaseException) -> str:

@@ -227,6 +227,8 @@ def parse_config(text: str, environ: Mapping[str, str], source: Path | None = No
     if data is None:
         data = {}
     section = Section("", data)
+    section.only("listen", "spool", "upstream", "upstreams", "delivery", "log", "sendmail",
+                 "metrics", "bounces", "history", "addresses")
     config = Config(
         listen=_listen(section.child("listen")),
         spool=_spool(section.child("spool")),
@@ -240,7 +242,6 @@ def parse_config(text: str, environ: Mapping[str, str], source: Path | None = No
         addresses=parse_addresses(section.child("addresses")),
         source=source,
     )
-    section.reject_unknown()
     return config
 
 
@@ -248,6 +249,8 @@ def parse_config(text: str, environ: Mapping[str, str], source: Path | None = No
 
 
 def _listen(s: Section) -> ListenConfig:
+    s.only("address", "port", "max_message_size", "max_recipients", "max_connections",
+           "timeout", "allow")
     d = ListenConfig()
     address = s.get("address", ip_address_text, d.address)
     allow = _allow(s, address, d.allow, "the client networks allowed to submit, so the "
@@ -261,7 +264,6 @@ def _listen(s: Section) -> ListenConfig:
         timeout=s.get("timeout", duration_at_least(minimum=1), d.timeout),
         allow=allow,
     )
-    s.reject_unknown()
     return config
 
 
@@ -277,16 +279,17 @@ def _allow(s: Section, address: str, default: tuple[IPNetwork, ...],
 
 
 def _spool(s: Section) -> SpoolConfig:
+    s.only("path", "min_free")
     d = SpoolConfig()
     config = SpoolConfig(
         path=s.get("path", path_value, d.path),
         min_free=s.get("min_free", size_at_least(minimum=0), d.min_free),
     )
-    s.reject_unknown()
     return config
 
 
 def _delivery(s: Section) -> DeliveryConfig:
+    s.only("retry_min", "retry_max", "max_age", "max_attempts", "max_schedule")
     d = DeliveryConfig()
     config = DeliveryConfig(
         retry_min=s.get("retry_min", duration_at_least(minimum=0.001), d.retry_min),
@@ -300,39 +303,38 @@ def _delivery(s: Section) -> DeliveryConfig:
     if config.max_schedule > MAX_SCHEDULE:
         # RFC 4865 gives the interval at most nine digits of seconds (about 31 years).
         raise ConfigError(s.key("max_schedule"), f"must be at most {MAX_SCHEDULE} seconds")
-    s.reject_unknown()
     return config
 
 
 def _log(s: Section) -> LogConfig:
+    s.only("level", "format", "redact_addresses")
     d = LogConfig()
     config = LogConfig(
         level=s.get("level", choice(LOG_LEVELS), d.level),
         format=s.get("format", choice(LOG_FORMATS), d.format),
         redact_addresses=s.get("redact_addresses", boolean, d.redact_addresses),
     )
-    s.reject_unknown()
     return config
 
 
 def _history(s: Section) -> HistoryConfig:
+    s.only("enabled", "keep")
     d = HistoryConfig()
     config = HistoryConfig(
         enabled=s.get("enabled", boolean, d.enabled),
         # The journal is one file per day: less than a day could not be kept apart.
         keep=s.get("keep", duration_at_least(minimum=86400), d.keep),
     )
-    s.reject_unknown()
     return config
 
 
 def _sendmail(s: Section) -> SendmailConfig:
-    config = SendmailConfig(sender=s.get("sender", nonempty_text, None))
-    s.reject_unknown()
-    return config
+    s.only("sender")
+    return SendmailConfig(sender=s.get("sender", nonempty_text, None))
 
 
 def _metrics(s: Section) -> MetricsConfig:
+    s.only("address", "port", "allow")
     d = MetricsConfig()
     address = s.get("address", ip_address_text, d.address)
     config = MetricsConfig(
@@ -341,18 +343,17 @@ def _metrics(s: Section) -> MetricsConfig:
         allow=_allow(s, address, d.allow, "the networks allowed to scrape (your Prometheus "
                      "server), so queue figures are not shown to everyone"),
     )
-    s.reject_unknown()
     return config
 
 
 def _bounces(s: Section) -> BouncesConfig:
+    s.only("notify", "from", "max_per_hour")
     d = BouncesConfig()
     config = BouncesConfig(
         notify=s.get("notify", _notify, d.notify),
         from_address=s.get("from", _address, d.from_address),
         max_per_hour=s.get("max_per_hour", int_range(1, 1_000_000), d.max_per_hour),
     )
-    s.reject_unknown()
     return config
 
 

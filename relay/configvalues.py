@@ -61,6 +61,12 @@ class Section:
                               f"{describe(value)}")
         return [Section(f"{self.key(name)}[{i}]", item) for i, item in enumerate(value)]
 
+    def only(self, *names: str) -> None:
+        """Refuse unknown keys before any value is read: a misspelt optional key
+        (`usrname:`) is reported as what it is, not as the rule it then breaks."""
+        self.known.extend(names)
+        self.reject_unknown()
+
     def reject_unknown(self) -> None:
         for name in self.data:
             if name not in self.known:

@@ -3,7 +3,10 @@
 Lifecycle like uvicorn's Server: start-up (spool lock, crash recovery, bind, workers,
 READY=1), run until SIGTERM or SIGINT, shutdown (close the listener, stop claiming, give
 in-flight deliveries DRAIN_SECONDS, then cancel them: their entries stay queued). SIGHUP
-reloads the config. No business logic lives here.
+reloads the config, all or nothing. Long-lived tasks are supervised (relay.supervise);
+if one keeps dying, or the spool writer's thread dies, the daemon shuts down the same
+way and `serve` raises TaskFailed (exit 70), for systemd to start it afresh. No business
+logic lives here.
 """
 
 from __future__ import annotations
@@ -20,14 +23,15 @@ from .clock import SteadyClock
 from .config import Config, keep_restart_only, load_config, restart_required
 from .delivery import Delivery
 from .entry import Entry
-from .errors import ConfigError
+from .errors import ConfigError, ForeignFile, TaskFailed
 from .history import HistoryWriter, journal_dir
 from .hostname import system_name
 from .listener import ServerFactory
-from .log import log_event, setup_logging
+from .log import log_event, log_failure, setup_logging
 from .metrics import Metrics, Recorder
 from .monitor import Monitor
 from .spool import Spool
+from .supervise import supervised
 from .systemd import notify, watchdog_interval
 from .writer import SpoolWriter
 
@@ -42,8 +46,9 @@ class Daemon:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.spool = Spool(config.spool.path, config.spool.min_free)
+        self.spool.on_foreign = _log_foreign
         self.clock = SteadyClock()
-        self.writer = SpoolWriter(self.spool)
+        self.writer = SpoolWriter(self.spool, on_failure=self._writer_failed)
         self.system = system_name()  # read once: a reload keeps the names found at start
         hostname = addresses.rules_for(config.addresses, self.system).hostname
         # Off (metrics.port null): the calls still happen, into a Recorder that keeps nothing.
@@ -61,7 +66,8 @@ class Daemon:
         self.delivery = Delivery(self.spool, self.writer, config, clock=self.clock,
                                  client_sessions=self._client_sessions,
                                  metrics=self.metrics, bounces=self.bounces,
-                                 history=self.history, hostname=hostname)
+                                 history=self.history, hostname=hostname, on_fatal=self.fail)
+        self.failure: TaskFailed | None = None  # why the daemon is stopping, if a task died
         self._reported_skew = 0.0
         self._factory: ServerFactory | None = None
         self._server: asyncio.Server | None = None
@@ -107,8 +113,10 @@ class Daemon:
         if self.monitor is not None:
             await self.monitor.start()
         self.delivery.start()
-        self._tasks = [asyncio.create_task(self.delivery.watch_incoming()),
-                       asyncio.create_task(self._housekeeping())]
+        self._tasks = [asyncio.create_task(supervised(name, run, self.fail), name=name)
+                       for name, run in (("incoming-watcher", self.delivery.watch_incoming),
+                                         ("active-sweep", self.delivery.sweep),
+                                         ("housekeeping", self._housekeeping))]
         where = ", ".join(f"{host}:{port}" for host, port in self.addresses)
         metrics = ", ".join(f"{host}:{port}" for host, port in
                             (self.monitor.addresses if self.monitor is not None else []))
@@ -138,28 +146,60 @@ class Daemon:
     def request_stop(self) -> None:
         self._stop.set()
 
+    def fail(self, failure: TaskFailed) -> None:
+        """An internal task is beyond restarting: log it and stop, to exit non-zero."""
+        if self.failure is None:
+            self.failure = failure
+            cause = failure.__cause__ or failure
+            log_failure(logging.CRITICAL, None, cause, event="fatal", task=failure.task,
+                        reason=f"{type(cause).__name__}: {cause}",
+                        action="stopping; exit status 70 for a restart")
+        self._stop.set()
+
+    def _writer_failed(self, exc: BaseException) -> None:
+        failure = TaskFailed("spool-writer", exc)
+        failure.__cause__ = exc
+        self.fail(failure)
+
     async def wait_stopped(self) -> None:
         await self._stop.wait()
 
     async def reload(self) -> None:
-        """Re-read the config (SIGHUP). Upstream, credentials, retry policy, limits and
-        logging take effect; what needs a restart is logged and kept; an invalid config is
-        logged and the running one kept. Connections and queued mail are untouched."""
+        """Re-read the config (SIGHUP), all or nothing. Upstream, credentials, retry policy,
+        limits and logging take effect; what needs a restart is logged and kept; an invalid
+        config (or TLS settings that cannot be used) is logged and the running one kept.
+        Connections and queued mail are untouched. READY=1 always follows RELOADING=1,
+        after a STATUS= saying whether the reload was refused."""
         if self._factory is None:
             return  # SIGHUP during start-up: the config being started is already fresh
         notify("RELOADING=1")
+        try:
+            status = await self._reload()
+        except Exception as exc:  # noqa: BLE001 - a bug; nothing was switched over
+            log_failure(logging.ERROR, None, exc, event="reload", status="rejected",
+                        reason=f"{type(exc).__name__}: {exc}",
+                        kept="the running configuration")
+            status = "reload refused; running configuration kept"
+        notify(f"STATUS={status}")
+        notify("READY=1")
+
+    async def _reload(self) -> str:
+        """Build everything the new config needs, then switch over in one step that
+        cannot fail; return the STATUS= text."""
+        assert self._factory is not None
         source = str(self.config.source) if self.config.source else None
         try:
             new = await asyncio.to_thread(load_config, source)
-        except ConfigError as exc:
+            restart = restart_required(self.config, new)
+            new = keep_restart_only(self.config, new)
+            switch_delivery = await asyncio.to_thread(self.delivery.prepare, new)
+        except (ConfigError, OSError) as exc:
             log_event(logging.ERROR, None, event="reload", status="rejected", reason=str(exc),
                       kept="the running configuration")
-            notify("READY=1")
-            return
-        for key in restart_required(self.config, new):
+            return f"reload refused: {exc}; running configuration kept"
+        for key in restart:
             log_event(logging.WARNING, None, event="reload", key=key,
                       status="needs a restart", kept="the running value")
-        new = keep_restart_only(self.config, new)
         self.config = new
         setup_logging(new.log)
         rules = addresses.rules_for(new.addresses, self.system)
@@ -168,14 +208,14 @@ class Daemon:
         self.spool.min_free = new.spool.min_free
         if self.history is not None:
             self.history.keep = new.history.keep
-        self.delivery.reconfigure(new)
+        switch_delivery()
         self.bounces.reconfigure(new.bounces)
         self.metrics.upstream(new.upstream.name if new.upstream else None)
         if self.monitor is not None:
             self.monitor.reconfigure(new.metrics)
         log_event(logging.INFO, None, event="reload", status="reloaded",
                   upstream=self._upstream_text())
-        notify("READY=1")
+        return "reloaded"
 
     async def _housekeeping(self) -> None:
         """Tell systemd we are alive (WATCHDOG=1, from the event loop itself, so a frozen
@@ -222,7 +262,8 @@ class Daemon:
 
 
 async def serve(config: Config) -> None:
-    """Run until SIGTERM or SIGINT; raises what Daemon.start raises."""
+    """Run until SIGTERM or SIGINT; raises what Daemon.start raises, and TaskFailed if an
+    internal task died beyond restarting."""
     daemon = Daemon(config)
     loop = asyncio.get_running_loop()
     # State records (deferrals, failures) are written in threads that mostly wait on
@@ -246,3 +287,10 @@ async def serve(config: Config) -> None:
         await daemon.wait_stopped()
     finally:
         await daemon.stop()
+    if daemon.failure is not None:
+        raise daemon.failure
+
+
+def _log_foreign(problem: ForeignFile) -> None:
+    log_event(logging.WARNING, None, event="spool", status="foreign file", path=problem.path,
+              reason=problem.reason)

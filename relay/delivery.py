@@ -1,16 +1,22 @@
-"""The scheduler and the delivery workers: spool, policy and upstream tied together.
+"""The delivery workers: spool, policy and upstream tied together.
 
-The scheduler is an in-memory heap of (due time, queue ID), rebuilt from the spool at
-start-up; the spool on disk is always the truth and the heap only an index, so a stale or
-duplicate heap item costs at most a failed claim. `upstream.connections` workers each own
-one upstream session and take the next due entry as soon as it is due: a message handed
-over by the listener reaches a free worker at once, with no polling interval.
+`upstream.connections` workers each own one upstream session and take the next due entry
+from the scheduler (relay.scheduler) as soon as it is due: a message handed over by the
+listener reaches a free worker at once, with no polling interval.
+
+Every entry in active/ has an owner: the worker that claimed it (`_owned`), from the
+claim's rename until the rename that ends the attempt. One that has none (an error
+between the two) goes back to the queue at the next sweep, within SWEEP_SECONDS. An
+attempt's outcome is recorded before the entry is scheduled again; one that cannot be
+recorded is set aside in failed/ with the reason, never retried blindly, since a retry
+could send the message again to recipients that have it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import heapq
+import contextlib
+import functools
 import logging
 import random
 import time
@@ -20,17 +26,17 @@ from . import policy
 from .bounces import Bounces
 from .config import Config
 from .entry import Entry, Queue, Status
-from .errors import CorruptEntry
+from .errors import CorruptEntry, SpoolError, TaskFailed
 from .faults import fault_point
 from .history import HistoryWriter
-from .log import log_event
+from .log import log_event, log_failure
 from .metrics import Recorder
-from .policy import Disposition
+from .policy import AttemptResult, Disposition, Reply, Stage
+from .scheduler import Scheduler
 from .spool import Spool
+from .supervise import supervised
 from .upstream import UpstreamSession, make_tls_context
 from .writer import SpoolWriter
-
-logger = logging.getLogger("relay.delivery")
 
 # Claiming and reading an entry are a rename and small reads, with no fsync: they take
 # microseconds, less than a hop to a worker thread and back, which also contends for the
@@ -57,112 +63,8 @@ FRESH_BYTES = 16 * 1024 * 1024
 # in alternating runs).
 LISTENER_QUIET_WAIT = 0.005
 QUIET_SESSIONS = 4
-
-
-class Scheduler:
-    """Which entry is due next, and which idle worker hears of it. `_due` holds each ID's
-    current due time; heap items that disagree with it are stale (the entry was
-    rescheduled) and are skipped.
-
-    Each idle worker waits on a future of its own, and an entry that is due wakes one of
-    them, not all: with `upstream.connections` workers idle, waking every one of them for
-    each message cost more of the loop than the message's own delivery. Entries due
-    later are watched by one timer, armed for the earliest of them, which wakes a worker
-    when it fires; so a spool of 100,000 deferred entries costs nothing per new message.
-    A worker that takes an entry while another is due wakes the next. The worker that
-    went idle last is woken first: its session is the one most recently used, and the
-    others' sessions can stay closed.
-    """
-
-    def __init__(self, clock: Callable[[], float]) -> None:
-        self._clock = clock
-        self._heap: list[tuple[float, str]] = []
-        self._due: dict[str, float] = {}
-        self._idle: list[asyncio.Future[None]] = []  # a stack: the latest idle on top
-        self._timer: asyncio.TimerHandle | None = None
-        self._timer_due = 0.0  # when the timer fires, if it is armed
-        self._closed = False
-
-    def schedule(self, entry_id: str, due: float) -> None:
-        self._due[entry_id] = due
-        heapq.heappush(self._heap, (due, entry_id))
-        self._watch(self._clock())
-
-    def pop_due(self, now: float) -> str | None:
-        """The ID of the earliest entry due at `now`, removed from the schedule; else None."""
-        while self._heap:
-            due, entry_id = self._heap[0]
-            if self._due.get(entry_id) != due:
-                heapq.heappop(self._heap)
-                continue
-            if due > now:
-                return None
-            heapq.heappop(self._heap)
-            del self._due[entry_id]
-            return entry_id
-        return None
-
-    async def next_due(self) -> str | None:
-        """Wait until some entry is due and return its ID; None once the scheduler is closed."""
-        loop = asyncio.get_running_loop()
-        while not self._closed:
-            now = self._clock()
-            entry_id = self.pop_due(now)
-            if entry_id is not None:
-                self._watch(now)
-                return entry_id
-            self._watch(now)  # nothing is due: the timer must be armed for the earliest
-            waiter: asyncio.Future[None] = loop.create_future()
-            self._idle.append(waiter)
-            try:
-                await waiter
-            except asyncio.CancelledError:
-                if waiter.done() and not waiter.cancelled():
-                    self._wake_one()  # woken, then cancelled: the wakeup was someone's
-                raise
-            finally:
-                if waiter in self._idle:
-                    self._idle.remove(waiter)
-        return None
-
-    def close(self) -> None:
-        """Make every waiting and future next_due() return None."""
-        self._closed = True
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        while self._idle:
-            self._wake_one()
-
-    def _watch(self, now: float) -> None:
-        """Wake a worker if the earliest entry is due, else have the timer fire when it is."""
-        if not self._heap or self._closed:
-            return
-        earliest = self._heap[0][0]  # perhaps stale: then the worker finds nothing and sleeps
-        if earliest <= now:
-            self._wake_one()
-        elif self._timer is None or earliest < self._timer_due:
-            if self._timer is not None:
-                self._timer.cancel()
-            self._timer_due = earliest
-            self._timer = asyncio.get_running_loop().call_later(earliest - now, self._fire)
-
-    def _fire(self) -> None:
-        self._timer = None
-        self._watch(self._clock())
-
-    def _wake_one(self) -> None:
-        while self._idle:
-            if _wake(self._idle.pop()):
-                return
-
-
-def _wake(waiter: asyncio.Future[None]) -> bool:
-    """Wake a waiting worker; False if it had stopped waiting (woken or cancelled)."""
-    if waiter.done():
-        return False
-    waiter.set_result(None)
-    return True
+# How often active/ is looked through for entries no worker owns (Delivery.sweep).
+SWEEP_SECONDS = 2.0
 
 
 class Delivery:
@@ -171,7 +73,8 @@ class Delivery:
                  rand: Callable[[], float] = random.random,
                  client_sessions: Callable[[], int] = lambda: 0,
                  metrics: Recorder | None = None, bounces: Bounces | None = None,
-                 history: HistoryWriter | None = None, hostname: str | None = None) -> None:
+                 history: HistoryWriter | None = None, hostname: str | None = None,
+                 on_fatal: Callable[[TaskFailed], None] = lambda failure: None) -> None:
         self.spool = spool
         self.metrics = metrics or Recorder()
         self.bounces = bounces  # None: failures are recorded without notices
@@ -179,6 +82,7 @@ class Delivery:
         self.hostname = hostname  # EHLO's name; None: the upstream session looks it up
         self.writer = writer
         self.config = config
+        self._on_fatal = on_fatal  # a worker kept dying (relay.supervise)
         self._client_sessions = client_sessions  # how many the listener has open now
         self.scheduler = Scheduler(clock)
         self._clock = clock
@@ -194,6 +98,10 @@ class Delivery:
         # Entries stored by this process and not yet attempted, with their content.
         self._fresh: dict[str, tuple[Entry, tuple[bytes, ...]]] = {}
         self._fresh_bytes = 0
+        # Entries in active/ that a worker owns; and those left there because even setting
+        # them aside failed, which the sweep must not send again.
+        self._owned: set[str] = set()
+        self._stuck: set[str] = set()
 
     def schedule(self, entry_id: str, due: float = 0.0) -> None:
         self.scheduler.schedule(entry_id, due)
@@ -234,34 +142,65 @@ class Delivery:
             for entry_id in await asyncio.to_thread(self.spool.queue_ids, Queue.INCOMING):
                 self.scheduler.schedule(entry_id, 0.0)
 
+    async def sweep(self, interval: float = SWEEP_SECONDS) -> None:
+        """Every `interval`, return what sits in active/ with no owner (sweep_once)."""
+        while True:
+            await asyncio.sleep(interval)
+            self.sweep_once()
+
+    def sweep_once(self) -> list[str]:
+        """Move every entry in active/ that no worker owns back to deferred/, due after
+        retry_min, and return their IDs. On the event loop, as claims are, so that no
+        claim can fall between the listing and the check of its owner."""
+        returned: list[str] = []
+        due = self._clock() + self.config.delivery.retry_min
+        for entry_id in self.spool.active_ids():
+            if entry_id in self._owned or entry_id in self._stuck:
+                continue
+            if self.spool.return_to_queue(entry_id, due):
+                self.schedule(entry_id, due)
+                log_event(logging.WARNING, entry_id, event="sweep", status="deferred",
+                          reason="in active/ with no delivery owning it")
+                returned.append(entry_id)
+        return returned
+
     @property
     def wanted_workers(self) -> int:
         return self.config.upstream.connections if self.config.upstream else 1
 
     def start(self) -> None:
-        """Start workers up to the wanted count; those numbered beyond it retire."""
+        """Start workers up to the wanted count; those numbered beyond it retire. Each is
+        supervised: restarted if it dies, the daemon told if it keeps dying."""
         for number in range(self.wanted_workers):
             if number not in self._workers or self._workers[number].done():
-                self._workers[number] = asyncio.create_task(self._work(number),
-                                                            name=f"delivery-{number}")
+                name = f"delivery-{number}"
+                work = functools.partial(self._work, number)
+                self._workers[number] = asyncio.create_task(
+                    supervised(name, work, self._on_fatal), name=name)
 
-    def reconfigure(self, config: Config) -> None:
-        """Take a reloaded config: policy at once, upstream settings and credentials with
-        each worker's next message, the number of workers now."""
+    def prepare(self, config: Config) -> Callable[[], None]:
+        """Everything a reloaded config needs that can fail (its TLS context, and with a
+        new upstream the queue's listing), done now; returns the switch to it, which
+        cannot fail. Blocks: run it in a thread. Raises ConfigError or OSError."""
         upstream_changed = config.upstream != self.config.upstream
-        self.config = config
-        if self._paused_until is not None:
-            # The operator has fixed the credentials, here or at the provider.
-            self._resume()
-            log_event(logging.INFO, None, event="delivery", status="resumed",
-                      reason="configuration reloaded")
-        if upstream_changed:
-            self._tls_context = make_tls_context(config.upstream) if config.upstream else None
-            self._generation += 1
-            # Entries kept for want of an upstream (or for a broken one) may flow now.
-            for entry_id, due in self.spool.due_times():
-                self.schedule(entry_id, due)
-        self.start()
+        tls_context = make_tls_context(config.upstream) if config.upstream else None
+        # Entries kept for want of an upstream (or for a broken one) may flow now.
+        due = self.spool.due_times() if upstream_changed else []
+
+        def switch() -> None:
+            self.config = config
+            self._tls_context = tls_context
+            if self._paused_until is not None:
+                # The operator has fixed the credentials, here or at the provider.
+                self._resume()
+                log_event(logging.INFO, None, event="delivery", status="resumed",
+                          reason="configuration reloaded")
+            if upstream_changed:
+                self._generation += 1  # workers replace their sessions
+                for entry_id, when in due:
+                    self.schedule(entry_id, when)
+            self.start()
+        return switch
 
     async def stop(self, grace: float) -> None:
         """Stop claiming; give in-flight attempts `grace` seconds, then cancel them (their
@@ -285,21 +224,30 @@ class Delivery:
         generation = -1
         try:
             while number < self.wanted_workers:
+                fault_point("in-delivery-worker")
                 await self._wait_while_paused()
                 entry_id = await self.scheduler.next_due()
                 if entry_id is None:
                     return
-                if generation != self._generation:
-                    if session is not None:
-                        await session.close()
-                    session, generation = self._new_session(), self._generation
+                if self._paused_until is not None:
+                    # Taken just as another worker paused delivery: it waits with the
+                    # rest (it was due, so it is due now), and no login happens.
+                    self.schedule(entry_id, self._clock())
+                    continue
                 try:
+                    if generation != self._generation:
+                        if session is not None:
+                            await session.close()
+                        session, generation = self._new_session(), self._generation
                     await self._process(entry_id, session)
                 except asyncio.CancelledError:
                     raise
-                except Exception:
-                    # A bug or a broken spool must not kill the worker; the entry stays on disk.
-                    logger.exception("%s: delivery failed unexpectedly", entry_id)
+                except Exception as exc:  # noqa: BLE001
+                    # A bug must not kill the worker; the entry stays on disk, scheduled
+                    # again (if it was never claimed, nothing else would schedule it).
+                    log_failure(logging.ERROR, entry_id, exc, status="error",
+                                reason=f"delivery failed unexpectedly: {exc}")
+                    self.schedule(entry_id, self._clock() + self.config.delivery.retry_min)
         finally:
             if session is not None:
                 await session.close()
@@ -311,6 +259,8 @@ class Delivery:
         self._paused_until = self._clock() + pause
         self._resumed.clear()
         self.metrics.paused(True)
+        # Retries coming due, a flush, new mail: all wait, with no login, until the end.
+        self.scheduler.hold()
         log_event(logging.ERROR, None, event="delivery", status="paused", reason=reason,
                   resumes=f"on reload, or in {pause:g}s with one more try")
 
@@ -318,6 +268,7 @@ class Delivery:
         self.metrics.paused(False)
         self._paused_until = None
         self._resumed.set()
+        self.scheduler.release()
 
     async def _wait_while_paused(self) -> None:
         while self._paused_until is not None:
@@ -344,61 +295,125 @@ class Delivery:
             log_event(logging.ERROR, entry_id, status="corrupt", reason=exc.reason,
                       moved_to="corrupt/")
             return
+        except SpoolError as exc:
+            # Not claimed (it is back where it was): try again later.
+            due = self._clock() + self.config.delivery.retry_min
+            log_event(logging.WARNING, entry_id, status="not claimed", reason=str(exc))
+            self.schedule(entry_id, due)
+            return
         if entry is None:
             # Not due after all (an operator gave it a later time): watch for that time.
             due = self.spool.waiting_until(entry_id)
             if due is not None:
                 self.schedule(entry_id, due)
             return
+        self._owned.add(entry.id)  # in the same step as the claim's rename: see sweep_once
         try:
             # Claimed first, so that the entry waits in active/: in incoming/, the watcher
             # could schedule it a second time.
             if 0 < self._client_sessions() <= QUIET_SESSIONS:
                 await self.writer.disk_wait(LISTENER_QUIET_WAIT)
             await self._attempt(entry, session, content)
-        except BaseException:
-            # Cancelled (shutdown past the grace period) or failed before the outcome was
-            # recorded: hand the entry back untouched, to be tried again after retry_min.
+        except asyncio.CancelledError:
+            # Shutdown past the grace period: hand the entry back, to be tried again
+            # after retry_min (an attempt cut off after the final dot may duplicate).
             due = self._clock() + self.config.delivery.retry_min
-            self.spool.unclaim(entry, due)
+            with contextlib.suppress(OSError):  # else the sweep, or the next start, does it
+                self.spool.unclaim(entry, due)
             self.schedule(entry.id, due)
             raise
+        except Exception as exc:  # noqa: BLE001
+            # A bug: whether the upstream has the message cannot be known.
+            await self._set_aside(entry, "the attempt failed", exc)
+        finally:
+            self._owned.discard(entry.id)
 
     async def _attempt(self, entry: Entry, session: UpstreamSession | None,
                        content: bytes | None) -> None:
         """One attempt at the entry's pending recipients; `content` if already in hand."""
         if session is None:
-            waiting = await asyncio.to_thread(self.spool.defer, policy.await_upstream(entry))
+            try:
+                waiting = await asyncio.to_thread(self.spool.defer, policy.await_upstream(entry))
+            except SpoolError as exc:
+                # Not an attempt: nothing was sent, and nothing is lost by trying later.
+                due = self._clock() + self.config.delivery.retry_min
+                self.spool.return_to_queue(entry.id, due)
+                self.schedule(entry.id, due)
+                log_event(logging.WARNING, entry.id, status="deferred", reason=str(exc))
+                return
             log_event(logging.INFO, entry.id, status="deferred", reply=waiting.last_error)
             return
-        if content is None:
-            content = (self.spool.content(entry) if entry.size <= INLINE_READ_BYTES
-                       else await asyncio.to_thread(self.spool.content, entry))
-        pending = [r.address for r in entry.pending]
         started = self._clock()
-        result = await session.deliver(entry.sender, pending, content, entry.smtputf8)
-        fault_point("after-upstream-reply-before-state")
-        settled = policy.settle(entry, result, started, self._clock(), self.config.delivery,
-                                self._rand())
-        after = settled.entry
-        if settled.disposition is Disposition.DELIVERED:
-            await self.writer.remove(after)
-        elif settled.disposition is Disposition.DEFERRED:
-            after = await asyncio.to_thread(self.spool.defer, after)
-            assert after.next_attempt is not None
-            self.schedule(after.id, after.next_attempt)
-        elif self.bounces is not None:
-            after = await self.bounces.fail(after)
+        try:
+            if content is None:
+                content = (self.spool.content(entry) if entry.size <= INLINE_READ_BYTES
+                           else await asyncio.to_thread(self.spool.content, entry))
+        except SpoolError as exc:
+            # Nothing was sent: an attempt that failed for now, recorded as any other.
+            reply = Reply(None, f"cannot read the message from the spool: {exc}")
+            result = AttemptResult(relay=session.config.name, error=reply, stage=Stage.SESSION)
         else:
-            after = await asyncio.to_thread(self.spool.fail, after)
+            pending = [r.address for r in entry.pending]
+            result = await session.deliver(entry.sender, pending, content, entry.smtputf8)
+            fault_point("after-upstream-reply-before-state")
+        if policy.credentials_rejected(result):
+            self._pause(f"upstream rejected the credentials: {result.error}")
+        await self._record(entry, result, started)
+
+    async def _record(self, entry: Entry, result: AttemptResult, started: float) -> None:
+        """Apply an attempt's result to the entry and make it durable before anything else
+        happens to the entry; if that fails, set it aside."""
+        settled: policy.Settlement | None = None
+        try:
+            settled = policy.settle(entry, result, started, self._clock(),
+                                    self.config.delivery, self._rand())
+            after = settled.entry
+            if settled.disposition is Disposition.DELIVERED:
+                await self.writer.remove(after)
+            elif settled.disposition is Disposition.DEFERRED:
+                after = await asyncio.to_thread(self.spool.defer, after)
+                assert after.next_attempt is not None
+                self.schedule(after.id, after.next_attempt)
+            elif self.bounces is not None:
+                after = await self.bounces.fail(after)
+            else:
+                after = await asyncio.to_thread(self.spool.fail, after)
+        except Exception as exc:  # noqa: BLE001
+            outcome = settled.entry if settled is not None else entry
+            if settled is not None:
+                self._log_recipients(entry, outcome)
+            await self._set_aside(outcome, f"its outcome ({result.summary}) could not be "
+                                           "recorded", exc)
+            return
         self._log_outcome(entry, after, settled.disposition)
         self.metrics.attempted(entry, after, result, self._clock())
         if self.history is not None:
             self.history.attempt(entry, after, self._clock())
-        if policy.credentials_rejected(result):
-            self._pause(f"upstream rejected the credentials: {result.error}")
+
+    async def _set_aside(self, entry: Entry, what: str, exc: Exception) -> None:
+        """Move an entry whose attempt went wrong to failed/, with the reason: sending it
+        again could reach recipients that already have it. An operator requeues it."""
+        reason = (f"set aside: {what} ({type(exc).__name__}: {exc}); a retry could deliver "
+                  "it twice, so it waits for `relay queue requeue`")
+        try:
+            await asyncio.to_thread(self.spool.set_aside, entry, reason)
+        except SpoolError as again:
+            self._stuck.add(entry.id)
+            log_failure(logging.ERROR, entry.id, exc, status="stuck", reason=reason,
+                        error=str(again), kept="in active/ until a restart")
+            return
+        log_failure(logging.ERROR, entry.id, exc, status="failed", reason=reason,
+                    moved_to="failed/")
 
     def _log_outcome(self, before: Entry, after: Entry, disposition: Disposition) -> None:
+        self._log_recipients(before, after)
+        if disposition is Disposition.DELIVERED:
+            log_event(logging.INFO, after.id, status="removed")
+        elif disposition is Disposition.FAILED:
+            log_event(logging.WARNING, after.id, status="failed", reason=after.last_error,
+                      moved_to="failed/")
+
+    def _log_recipients(self, before: Entry, after: Entry) -> None:
         attempt = after.attempts[-1]
         delay = round(self._clock() - after.arrived, 2)
         for old, new in zip(before.recipients, after.recipients, strict=True):
@@ -408,8 +423,3 @@ class Delivery:
             level = logging.INFO if status == "sent" else logging.WARNING
             log_event(level, after.id, to=new.address, relay=attempt.relay, delay=delay,
                       attempt=len(after.attempts), status=status, reply=new.reply)
-        if disposition is Disposition.DELIVERED:
-            log_event(logging.INFO, after.id, status="removed")
-        elif disposition is Disposition.FAILED:
-            log_event(logging.WARNING, after.id, status="failed", reason=after.last_error,
-                      moved_to="failed/")

@@ -17,6 +17,8 @@ FAULT_POINTS = (
     "after-fsync-before-rename",  # a complete file in tmp/, not published
     "after-rename-before-250",  # published, the client never hears 250
     "after-upstream-reply-before-state",  # the upstream answered, the spool not updated
+    "in-spool-writer",  # the writer thread, outside any one store: the thread dies
+    "in-delivery-worker",  # a delivery worker, outside any one entry: the worker dies
 )
 _CRASH_AT = os.environ.get("RELAY_CRASH_AT")
 _RAISE_AT = os.environ.get("RELAY_RAISE_AT")

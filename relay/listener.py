@@ -30,7 +30,7 @@ from . import addresses, routing, schedule
 from .addresses import Rules
 from .config import Config, IPNetwork
 from .entry import Entry, NewEntry
-from .errors import ScheduleRefused, SpoolError, SpoolFull
+from .errors import ScheduleRefused, SpoolError, SpoolFull, WriterStopped
 from .faults import fault_point
 from .headers import field_value, split_header
 from .log import log_event
@@ -47,6 +47,8 @@ SPILL_BYTES = 1024 * 1024
 INTERNAL_ERROR = "451 4.3.0 Error: internal error, try again later"
 NO_ROOM = "452 4.3.1 Error: insufficient system storage"
 WRITE_ERROR = "452 4.3.1 Error: queue file write error"
+# The spool writer's thread died: the daemon is going down for systemd to restart it.
+WRITER_STOPPED = "451 4.3.0 Error: the spool cannot be written now, try again later"
 NULL_PATH = "<>"  # aiosmtpd's mail_from for the null reverse-path
 
 
@@ -298,6 +300,8 @@ class Handler:
             return new
         try:
             entry = await self.writer.store(new)
+        except WriterStopped:
+            return WRITER_STOPPED
         except SpoolFull:
             return NO_ROOM
         except SpoolError as exc:

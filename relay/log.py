@@ -41,6 +41,12 @@ def redacted(fields: dict[str, Any]) -> dict[str, Any]:
             else value for key, value in fields.items()}
 
 
+def log_failure(level: int, queue_id: str | None, exc: BaseException, **fields: Any) -> None:
+    """log_event with the traceback of `exc` (escaped onto the same line in text)."""
+    logger.log(level, "%s", _render_text(queue_id, fields), exc_info=exc,
+               extra={"queue_id": queue_id, "fields": fields})
+
+
 def setup_logging(config: LogConfig, stream: Any = None) -> None:
     """Route the relay's (and its libraries') logs to stderr in the configured format."""
     global _redacting
@@ -89,8 +95,9 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
         }
         if hasattr(record, "fields"):
-            if record.queue_id:
-                data["queue_id"] = record.queue_id
+            queue_id = getattr(record, "queue_id", None)
+            if queue_id:
+                data["queue_id"] = queue_id
             data.update(record.fields)
         else:
             data["message"] = record.getMessage()

@@ -169,7 +169,7 @@ class Metrics(Recorder):
         if error is not None:
             self._errors.labels(name, result.stage.value).inc()
         unreachable = (error is not None and error.code is None and not result.recipients
-                       and result.stage is policy.Stage.SESSION)
+                       and result.stage in policy.SET_UP)
         self._set_up(0 if unreachable else 1)
 
     def upstream(self, name: str | None) -> None:

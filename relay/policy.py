@@ -20,13 +20,25 @@ JITTER = 0.2  # +-20%: spreads retries of a backlog so they do not hit the upstr
 
 
 class Stage(enum.Enum):
-    """Where in the SMTP dialogue an outcome happened; 5xx is permanent only for MAIL/RCPT/DATA."""
+    """Where in the SMTP dialogue an outcome happened: the one vocabulary of delivery
+    (classify), of errors (errors.SessionError.stage) and of `relay check`'s steps (the
+    values). A 5xx is permanent only for MAIL, RCPT and DATA."""
 
-    SESSION = "session"  # connect, greeting, EHLO, STARTTLS, RSET
+    CONNECT = "connect"  # TCP, implicit TLS and the greeting
+    STARTTLS = "starttls"
+    TLS = "tls"  # the check that TLS is in effect
     AUTH = "auth"
+    EHLO = "ehlo"
+    RSET = "rset"
     MAIL = "mail"
     RCPT = "rcpt"
-    DATA = "data"
+    DATA = "data"  # the DATA command and the reply to the final dot
+    QUIT = "quit"
+    SESSION = "session"  # the session as a whole, no command in particular
+
+
+# Where a failure is the upstream's, not the message's: it could not be reached or set up.
+SET_UP = frozenset({Stage.CONNECT, Stage.STARTTLS, Stage.TLS, Stage.EHLO, Stage.SESSION})
 
 
 class Verdict(enum.Enum):

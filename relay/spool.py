@@ -26,6 +26,9 @@ A message file is immutable once published: a magic line, one line of JSON envel
 the content. Whoever renames a file into active/ owns the entry until it renames it out;
 every other writer finds the file gone and backs off. This module knows nothing of SMTP,
 asyncio or policy; its methods block and are called from worker threads.
+
+A file whose name is not a queue ID (or one whose ID is in two queues) is not ours: every
+listing skips it and tells `on_foreign` once, and nothing moves or deletes it.
 """
 
 from __future__ import annotations
@@ -46,7 +49,15 @@ from pathlib import Path
 from typing import Any
 
 from .entry import Attempt, Entry, NewEntry, Queue, Recipient, Status
-from .errors import CorruptEntry, EntryBusy, EntryNotFound, SpoolError, SpoolFull, SpoolLocked
+from .errors import (
+    CorruptEntry,
+    EntryBusy,
+    EntryNotFound,
+    ForeignFile,
+    SpoolError,
+    SpoolFull,
+    SpoolLocked,
+)
 from .faults import fault_point
 
 MAGIC = b"RELAY-ENTRY 1\n"
@@ -54,6 +65,8 @@ _UNSAFE_IN_ADDRESS = re.compile(r"[\x00-\x1f\x7f<>]")
 HEADER_READ = 8192  # the first read of an entry: its envelope, unless it has many recipients
 MAX_HEADER_BYTES = 64 * 1024 * 1024  # 100,000 recipients of 320 bytes fit with room to spare
 ID_PATTERN = re.compile(r"^[0-9A-F]{21}$")
+# What the relay itself writes in tmp/: an entry, a kept spare, a state record in the making.
+_TMP_PATTERN = re.compile(r"^[0-9A-F]{21}(\.spare|\.state\.[0-9a-f]{8})?$")
 QUEUE_DIRS = tuple(q.value for q in Queue)
 ALL_DIRS = ("tmp", *QUEUE_DIRS, "corrupt", "state", "wake", "history")
 _decode_json = json.JSONDecoder().decode
@@ -170,6 +183,9 @@ class Spool:
         # are atomic.
         self._spares: list[str] = []
         self.spares_hold_mail = False  # whether any may still hold a delivered message
+        # Told once per file of a file in the spool that is not ours (it is skipped).
+        self.on_foreign: Callable[[ForeignFile], None] = lambda problem: None
+        self._reported: set[str] = set()
 
     # --- set-up -------------------------------------------------------------------------
 
@@ -256,7 +272,7 @@ class Spool:
             free -= new.size
             try:
                 written.append((index, self._write_tmp(new)))
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001
                 results[index] = exc
         if written:
             syncing()
@@ -264,7 +280,7 @@ class Spool:
         for index, fd in written:
             try:
                 self._fsync_tmp(batch[index], fd)
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001
                 results[index] = exc
             else:
                 synced.append(index)
@@ -273,7 +289,7 @@ class Spool:
             queue = Queue.INCOMING if batch[index].send_at is None else Queue.SCHEDULED
             try:
                 self._publish(batch[index], queue)
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001
                 results[index] = exc
             else:
                 published.setdefault(queue, []).append(index)
@@ -371,14 +387,17 @@ class Spool:
         Deferred entries are due at their file's mtime; nothing is read but directories.
         """
         for name in os.listdir(self.path / "tmp"):
-            _unlink_quietly(self.path / "tmp" / name)
-        for name in os.listdir(self.path / Queue.ACTIVE.value):
+            if _TMP_PATTERN.match(name):
+                _unlink_quietly(self.path / "tmp" / name)
+            else:
+                self._foreign(f"{self._root}/tmp/{name}", "not a file the relay writes; kept")
+        for name in self._ids(Queue.ACTIVE.value):
             os.rename(self._file(Queue.ACTIVE, name), self._file(Queue.INCOMING, name))
         for name in os.listdir(self.path / "wake"):  # due_times() below covers them all
             _unlink_quietly(self.path / "wake" / name)
         due = self.due_times()
         existing = {name for d in (*QUEUE_DIRS, "corrupt") for name in os.listdir(self.path / d)}
-        for name in os.listdir(self.path / "state"):
+        for name in self._ids("state"):
             if name not in existing:
                 _unlink_quietly(self.path / "state" / name)
         return due
@@ -389,7 +408,7 @@ class Spool:
         moved = 0
         with os.scandir(self.path / Queue.DEFERRED.value) as it:
             for e in it:
-                if e.stat().st_mtime > latest:
+                if is_valid_id(e.name) and e.stat().st_mtime > latest:
                     os.utime(e.path, (latest, latest))
                     moved += 1
         return moved
@@ -398,16 +417,21 @@ class Spool:
         """(id, due time) of every entry that may be attempted: incoming now, deferred and
         scheduled at their mtimes. Reads directories only, never an entry."""
         due: list[tuple[str, float]] = []
-        with os.scandir(self.path / Queue.INCOMING.value) as it:
-            due.extend((e.name, 0.0) for e in it)
+        incoming = set(self._ids(Queue.INCOMING.value))
+        due.extend((name, 0.0) for name in incoming)
         for queue in (Queue.DEFERRED, Queue.SCHEDULED):
             with os.scandir(self.path / queue.value) as it:
-                due.extend((e.name, e.stat().st_mtime) for e in it)
+                for e in it:
+                    if not is_valid_id(e.name):
+                        self._foreign(e.path, "not a queue ID; skipped")
+                    elif e.name not in incoming or not self._twice(e.name, Queue.INCOMING,
+                                                                      queue):
+                        due.append((e.name, e.stat().st_mtime))
         return due
 
     def counts(self) -> dict[str, int]:
         """How many entries each queue holds, by the state an operator sees."""
-        return {queue.state: len(os.listdir(self.path / queue.value)) for queue in Queue}
+        return {queue.state: len(self._ids(queue.value)) for queue in Queue}
 
     def census(self) -> tuple[dict[str, int], float | None]:
         """counts(), and the arrival time of the oldest entry still to be delivered
@@ -461,7 +485,14 @@ class Spool:
                 os.rename(self._file(queue, entry_id), self._file(Queue.ACTIVE, entry_id))
             except FileNotFoundError:
                 continue
-            return self._load_or_quarantine(Queue.ACTIVE, entry_id)
+            try:
+                return self._load_or_quarantine(Queue.ACTIVE, entry_id)
+            except OSError as exc:
+                # Unreadable for now (EMFILE, EIO): back where it was, so that it is not
+                # left in active/ without an owner (if this fails too, the sweep returns it).
+                with contextlib.suppress(OSError):
+                    os.rename(self._file(Queue.ACTIVE, entry_id), self._file(queue, entry_id))
+                raise SpoolError(f"cannot read {entry_id}: {exc.strerror}") from None
         return None
 
     def claim_new(self, entry: Entry) -> Entry | None:
@@ -473,6 +504,8 @@ class Spool:
             os.rename(self._file(Queue.INCOMING, entry.id), self._file(Queue.ACTIVE, entry.id))
         except FileNotFoundError:
             return None
+        except OSError as exc:
+            raise SpoolError(f"cannot claim {entry.id}: {exc.strerror}") from None
         return entry.with_queue(Queue.ACTIVE)
 
     def waiting_until(self, entry_id: str) -> float | None:
@@ -538,7 +571,8 @@ class Spool:
 
     def empty_spares(self) -> None:
         """Empty the kept files of delivered entries (Spool.remove), so that no delivered
-        message lingers in tmp/ while the relay is idle; one that fails to empty goes."""
+        message lingers in tmp/ while the relay is idle; one that fails to empty goes, and
+        one that cannot go either (a read-only or failing disk) waits for recover()."""
         self.spares_hold_mail = False
         for spare in list(self._spares):
             try:
@@ -546,17 +580,40 @@ class Spool:
             except FileNotFoundError:
                 pass  # taken for a new entry meanwhile, or swept
             except OSError:
-                _unlink_quietly(spare)
+                with contextlib.suppress(OSError):
+                    os.unlink(spare)
 
     def unclaim(self, entry: Entry, due: float) -> None:
         """Give an active entry back, deferred until `due`, if it is still in active/ (an
-        attempt that was cancelled, or failed before its outcome was recorded)."""
-        path = self._file(Queue.ACTIVE, entry.id)
+        attempt cancelled at shutdown)."""
+        self.return_to_queue(entry.id, due)
+
+    def return_to_queue(self, entry_id: str, due: float) -> bool:
+        """active/ -> deferred/, due at `due`: for an entry no delivery owns (the daemon's
+        sweep) or one handed back. False if it is no longer in active/."""
+        path = self._file(Queue.ACTIVE, entry_id)
         try:
             os.utime(path, (due, due))
-            self._move(entry.with_queue(Queue.ACTIVE), Queue.DEFERRED)
+            os.rename(path, self._file(Queue.DEFERRED, entry_id))
         except FileNotFoundError:
-            pass
+            return False
+        return True
+
+    def active_ids(self) -> list[str]:
+        return self._ids(Queue.ACTIVE.value)
+
+    def set_aside(self, entry: Entry, reason: str) -> Entry:
+        """active/ -> failed/, for an attempt whose outcome could not be recorded: a retry
+        could send it again to recipients that already have it. The reason goes in its
+        state record if that can be written at all (`relay queue show`); the caller logs it.
+        Raises SpoolError only if the entry cannot even be moved."""
+        aside = replace(entry, last_error=reason, next_attempt=None)
+        with contextlib.suppress(SpoolError):
+            self._save_state(aside)
+        try:
+            return self._move(aside, Queue.FAILED)
+        except OSError as exc:
+            raise SpoolError(f"cannot move {entry.id} to failed/: {exc.strerror}") from None
 
     # --- operator actions ---------------------------------------------------------------
 
@@ -681,10 +738,34 @@ class Spool:
         return None
 
     def queue_ids(self, queue: Queue) -> list[str]:
-        return sorted(os.listdir(self.path / queue.value))
+        return sorted(self._ids(queue.value))
 
     def corrupt_ids(self) -> list[str]:
-        return sorted(os.listdir(self.path / "corrupt"))
+        return sorted(self._ids("corrupt"))
+
+    def _ids(self, directory: str) -> list[str]:
+        """The queue IDs in one spool directory; any other name is reported and skipped."""
+        names = os.listdir(f"{self._root}/{directory}")
+        ids = [name for name in names if ID_PATTERN.match(name)]
+        if len(ids) != len(names):
+            for name in set(names).difference(ids):
+                self._foreign(f"{self._root}/{directory}/{name}", "not a queue ID; skipped")
+        return ids
+
+    def _twice(self, entry_id: str, first: Queue, second: Queue) -> bool:
+        """Whether the ID is in both queues now (reported, the second copy to be skipped),
+        rather than an entry that moved between two listings."""
+        if os.path.exists(self._file(first, entry_id)) and \
+                os.path.exists(self._file(second, entry_id)):
+            self._foreign(self._file(second, entry_id),
+                          f"the same queue ID is in {first.value}/ too; skipped")
+            return True
+        return False
+
+    def _foreign(self, path: str, reason: str) -> None:
+        if path not in self._reported:
+            self._reported.add(path)
+            self.on_foreign(ForeignFile(path, reason))
 
     def incoming_version(self) -> int:
         """Changes whenever an entry is added to or leaves incoming/ (directory mtime)."""
@@ -703,8 +784,19 @@ class Spool:
 
     def entries(self, queues: tuple[Queue, ...] = tuple(Queue)) -> Iterator[Entry | CorruptEntry]:
         """Every entry in the given queues, oldest first; unparsable ones as CorruptEntry."""
-        names = sorted((name, queue) for queue in queues
-                       for name in os.listdir(self.path / queue.value))
+        seen: dict[str, Queue] = {}
+        for queue in queues:
+            for name in self._ids(queue.value):
+                if name not in seen or not self._twice(name, seen[name], queue):
+                    seen[name] = queue
+        # A second look: an entry that the daemon moved on (deferred/ to active/, say) just
+        # as the listing passed from one directory to the next was in neither listing.
+        for queue in queues:
+            missed = [n for n in os.listdir(f"{self._root}/{queue.value}") if n not in seen]
+            for name in missed:
+                if ID_PATTERN.match(name):
+                    seen[name] = queue
+        names = sorted(seen.items())
         # Listed after the queues: a state record is written before its entry moves, so
         # an entry listed above whose record is missing here had none when it was listed
         # (or is being attempted right now). Most entries have none, and a failed open
@@ -714,13 +806,21 @@ class Spool:
             try:
                 yield self.load(queue, name, name in with_state)
             except FileNotFoundError:
-                continue  # moved on by the daemon while we listed
+                try:  # moved on by the daemon since it was listed
+                    yield self._find_in(queues, name)
+                except EntryNotFound:
+                    continue  # delivered or deleted meanwhile
+                except CorruptEntry as exc:
+                    yield exc
             except CorruptEntry as exc:
                 yield exc
 
     def find(self, entry_id: str) -> Entry:
         """The entry with this ID, wherever it is; EntryNotFound if none."""
-        for queue in Queue:
+        return self._find_in(tuple(Queue), entry_id)
+
+    def _find_in(self, queues: tuple[Queue, ...], entry_id: str) -> Entry:
+        for queue in queues:
             try:
                 return self.load(queue, entry_id)
             except FileNotFoundError:
@@ -787,7 +887,10 @@ class Spool:
             "notice": entry.notice,
             "send_at": entry.send_at,
         }
-        data = json.dumps(record, ensure_ascii=False, separators=(",", ":")).encode()
+        # Reply texts come printable from relay.link; should a lone surrogate get here
+        # all the same, it is written as the JSON escape it reads back as, not refused.
+        data = json.dumps(record, ensure_ascii=False, separators=(",", ":")).encode(
+            "utf-8", "backslashreplace")
         tmp = self.path / "tmp" / f"{entry.id}.state.{secrets.token_hex(4)}"
         try:
             _write_durably(tmp, [data])

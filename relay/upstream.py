@@ -1,19 +1,25 @@
 """One upstream SMTP session: connect, TLS, AUTH, then one envelope at a time.
 
 aiosmtplib sets the session up (connect, EHLO, STARTTLS, AUTH). Then the connection is
-taken over by `_Link`, which writes a transaction's MAIL, RCPT and DATA in one go when
-the server offers PIPELINING (RFC 2920), as Postfix does, and reads the replies in
-order: two round trips per message instead of four, which aiosmtplib cannot do.
+taken over by a `relay.link.Link`, which writes a transaction's MAIL, RCPT and DATA in
+one go when the server offers PIPELINING (RFC 2920), as Postfix does, and reads the
+replies in order: two round trips per message instead of four, which aiosmtplib cannot.
 
 Every failure comes back as a value (`policy.AttemptResult`), never as an exception: the
 caller asks `policy` what it means. The session is reused for consecutive messages (RSET
 between them) while it is fresh, and dropped after any error that may have left it in an
 unknown state. Knows nothing of the spool.
+
+Replies are matched to their commands strictly (RFC 2920): nothing may wait unread when a
+command is sent, 354 answers DATA alone, nothing may follow the final dot's reply, and a
+transaction that ends without its DATA (a refused sender, refused recipients, a refused
+DATA) is confirmed by an RSET before any refusal is taken for good. Anything that does
+not fit ends the session as a protocol error, and no recipient of that transaction is
+marked sent or failed. Reply text is kept printable and bounded (`link.printable`).
 """
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import re
 import socket
@@ -21,12 +27,13 @@ import ssl
 import time
 from collections.abc import Callable
 from dataclasses import replace
-from typing import cast
 
 import aiosmtplib
 from aiosmtplib.email import quote_address
 
 from .config import UpstreamConfig
+from .errors import ConfigError, CredentialsRejected, ReplyTimeout, SessionError
+from .link import Link, printable
 from .policy import AttemptResult, Reply, Stage, is_recipient_limit
 
 # Postfix reuses a cached connection for 2 s (smtp_connection_cache_time_limit); a little
@@ -42,39 +49,27 @@ RESET_FREE_SECONDS = 2.0
 _BARE_LINE_END = re.compile(rb"\r\n|\n|\r(?!\n)")
 _BARE_CR = re.compile(rb"\r(?!\n)")
 _DOT_AT_LINE_START = re.compile(rb"\n\.")
-# Bounds on what the upstream may send, as aiosmtplib's: a reply line, a whole reply
-# (continuation lines included), and everything unread at once.
-MAX_REPLY_LINE = 8192
-MAX_REPLY = 4 * MAX_REPLY_LINE
-MAX_UNREAD = 1024 * 1024
-# Replies are read into a buffer the session keeps, for the reason relay.smtpd gives.
-RECEIVE_BUFFER = MAX_REPLY_LINE
-QUIT_SECONDS = 5.0
 
 
 def make_tls_context(config: UpstreamConfig) -> ssl.SSLContext | None:
-    """The client TLS context: system CAs plus ca_file; verification off only if asked."""
+    """The client TLS context: system CAs plus ca_file; verification off only if asked.
+    Raises ConfigError naming upstream.ca_file when that file holds no usable CA."""
     if config.tls == "none":
         return None
     context = ssl.create_default_context()
     if config.ca_file is not None:
-        context.load_verify_locations(cafile=str(config.ca_file))
+        try:
+            context.load_verify_locations(cafile=str(config.ca_file))
+        except (ssl.SSLError, OSError) as exc:
+            raise ConfigError("upstream.ca_file", f"{config.ca_file} holds no CA certificate "
+                              f"in PEM form: {printable(str(exc))}") from None
     if not config.verify:
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
     return context
 
 
-class SessionError(Exception):
-    """A step of opening the session (connect, starttls, auth) failed with `reply`."""
-
-    def __init__(self, reply: Reply, step: str = "session") -> None:
-        super().__init__(str(reply))
-        self.reply = reply
-        self.step = step
-
-
-def _ignore(step: str, detail: str) -> None:
+def _ignore(stage: Stage, detail: str) -> None:
     """The default step reporter of UpstreamSession.open: delivery does not narrate."""
 
 
@@ -84,7 +79,7 @@ class UpstreamSession:
         self.config = config
         self._tls_context = tls_context
         self._local_hostname = local_hostname or socket.getfqdn()
-        self._link: _Link | None = None
+        self._link: Link | None = None
         self._last_used = 0.0
         self._clean = False  # the last transaction ended with a 2xx to the final dot
 
@@ -99,8 +94,7 @@ class UpstreamSession:
         try:
             link, unprobed = await self._ready_session()
         except SessionError as exc:
-            stage = Stage.AUTH if exc.step == "auth" else Stage.SESSION
-            return AttemptResult(relay=relay, error=exc.reply, stage=stage)
+            return AttemptResult(relay=relay, error=exc.reply, stage=exc.stage)
         replies: dict[str, Reply] = {}
         remaining = recipients
         try:
@@ -108,7 +102,7 @@ class UpstreamSession:
                 try:
                     result = await self._transaction(link, sender, remaining, content, smtputf8)
                 except SessionError as exc:
-                    if not (unprobed and exc.step == "mail"):
+                    if not (unprobed and exc.stage is Stage.MAIL):
                         raise
                     # Reused without RSET and already gone: nothing of this message was
                     # sent, so it goes on a new session now rather than after a backoff.
@@ -125,10 +119,12 @@ class UpstreamSession:
                 remaining = over_limit
         except SessionError as exc:
             # Replies already heard stand: a recipient sent in an earlier transaction of
-            # this attempt must not be sent again.
+            # this attempt must not be sent again. Those of the transaction that failed
+            # are dropped: none of them is certain. A new session that failed at AUTH
+            # keeps its stage, so refused credentials pause delivery from here too.
             await self.close()
             return AttemptResult(relay=relay, recipients=replies, error=exc.reply,
-                                 stage=Stage.SESSION)
+                                 stage=exc.stage)
         finally:
             self._last_used = time.monotonic()
 
@@ -138,7 +134,7 @@ class UpstreamSession:
         if link is not None:
             await link.quit()
 
-    async def _ready_session(self) -> tuple[_Link, bool]:
+    async def _ready_session(self) -> tuple[Link, bool]:
         """The session to send on, and whether it is reused without an RSET to prove it."""
         clean, self._clean = self._clean, False
         link = self._link
@@ -149,8 +145,8 @@ class UpstreamSession:
                 return link, True
             if idle < REUSE_IDLE_SECONDS:
                 try:
-                    link.send(b"RSET\r\n")
-                    if _is_positive(await link.reply()):
+                    link.send(b"RSET\r\n", Stage.RSET)
+                    if _is_positive(await link.reply(Stage.RSET)):
                         return link, False
                 except SessionError:
                     pass
@@ -158,12 +154,14 @@ class UpstreamSession:
         self._link = await self._connect()
         return self._link, False
 
-    async def _connect(self) -> _Link:
-        return _Link(await self.open(), self.config.timeout)
+    async def _connect(self) -> Link:
+        return Link(await self.open(), self.config.timeout)
 
-    async def open(self, report: Callable[[str, str], None] = _ignore) -> aiosmtplib.SMTP:
-        """Connect, force TLS as configured, and log in; `report(step, detail)` hears each
-        step that succeeded. Raises SessionError naming the step that failed."""
+    async def open(self, report: Callable[[Stage, str], None] = _ignore) -> aiosmtplib.SMTP:
+        """Connect, force TLS as configured, and log in; `report(stage, detail)` hears each
+        step that succeeded. Raises SessionError naming the stage that failed, and
+        CredentialsRejected for a 5xx to AUTH. The greeting has upstream.greeting_timeout,
+        each later command upstream.timeout."""
         config = self.config
         smtp = aiosmtplib.SMTP(
             hostname=config.host, port=config.port, timeout=config.timeout,
@@ -173,30 +171,32 @@ class UpstreamSession:
             # clear (RFC 3207 section 6).
             start_tls=False, tls_context=self._tls_context,
         )
-        step = "connect"
+        stage = Stage.CONNECT
         try:
-            response = await smtp.connect()
-            report(step, f"{response.code} {_one_line(response.message)}")
+            # The timeout given to connect() covers the TCP connect, an implicit TLS
+            # handshake and the greeting, and is not kept for the commands after them.
+            response = await smtp.connect(timeout=config.greeting_timeout)
+            report(stage, f"{response.code} {printable(response.message)}")
             if config.tls == "starttls":
-                step = "starttls"
+                stage = Stage.STARTTLS
                 response = await smtp.starttls()
-                report(step, f"{response.code} {_one_line(response.message)}")
+                report(stage, f"{response.code} {printable(response.message)}")
             if config.tls != "none":
-                step = "tls"
+                stage = Stage.TLS
                 ssl_object = smtp.get_transport_info("ssl_object")
                 if ssl_object is None:
                     raise SessionError(Reply(None, "TLS is not in effect; refusing to continue"),
-                                       step)
+                                       stage)
                 verified = "certificate verified" if config.verify else "certificate NOT verified"
-                report(step, f"{ssl_object.version()}, {verified} for {config.host}")
+                report(stage, f"{ssl_object.version()}, {verified} for {config.host}")
             if config.username is not None and config.password is not None:
-                step = "auth"
+                stage = Stage.AUTH
                 response = await smtp.login(config.username, config.password)
-                report(step, f"{response.code} {_one_line(response.message)}")
+                report(stage, f"{response.code} {printable(response.message)}")
             if smtp.is_ehlo_or_helo_needed:
                 # aiosmtplib greets lazily, from its own commands: without AUTH (and after
                 # STARTTLS) nothing has sent EHLO yet, and the transactions are ours.
-                step = "ehlo"
+                stage = Stage.EHLO
                 try:
                     await smtp.ehlo()
                 except aiosmtplib.SMTPHeloError:
@@ -208,11 +208,14 @@ class UpstreamSession:
             if isinstance(exc, SessionError):
                 raise
             if isinstance(exc, (aiosmtplib.SMTPException, OSError, ssl.SSLError)):
-                raise SessionError(reply_of(exc), step) from None
+                reply = _failure_reply(exc, config)
+                if stage is Stage.AUTH and reply.code is not None and 500 <= reply.code < 600:
+                    raise CredentialsRejected(reply, stage) from None
+                raise SessionError(reply, stage) from None
             raise
         return smtp
 
-    async def _transaction(self, link: _Link, sender: str, recipients: list[str],
+    async def _transaction(self, link: Link, sender: str, recipients: list[str],
                            content: bytes, smtputf8: bool) -> AttemptResult:
         relay = self.config.name
         options: list[str] = []
@@ -239,186 +242,90 @@ class UpstreamSession:
         if not sendable:
             return AttemptResult(relay=relay, recipients=replies)
         pipelining = "pipelining" in link.extensions
-        try:
-            link.send(b"".join([mail, *(c for _, c in sendable), b"DATA\r\n"]) if pipelining
-                      else mail)
-            reply = await link.reply()
-        except SessionError as exc:
-            raise SessionError(exc.reply, "mail") from None
+        link.send(b"".join([mail, *(c for _, c in sendable), b"DATA\r\n"]) if pipelining
+                  else mail, Stage.MAIL)
+        reply = await link.reply(Stage.MAIL)
         if not _is_positive(reply):
-            refusal = _refusal(reply)
+            refusal = _refusal(link, reply, Stage.MAIL)
             if pipelining:
-                # Its RCPTs and DATA are answered too; rather than read them, start the
-                # next message on a new session (a refused sender is rare).
-                link.abort("the sender was refused")
-            return AttemptResult(relay=relay, recipients=replies, error=refusal,
-                                 stage=Stage.MAIL)
+                if not _is_permanent(refusal):
+                    # Its RCPTs and DATA are answered too; rather than read them, start
+                    # the next message on a new session (a refused sender is rare).
+                    link.abort("the sender was refused")
+                    return AttemptResult(relay=relay, recipients=replies, error=refusal,
+                                         stage=Stage.MAIL)
+                await self._read_refused(link, len(sendable) + 1)
+            return await self._ended_early(link, AttemptResult(
+                relay=relay, recipients=replies, error=refusal, stage=Stage.MAIL))
         accepted: list[str] = []
         for recipient, command in sendable:
             if not pipelining:
-                link.send(command)
-            reply = await link.reply()
+                link.send(command, Stage.RCPT)
+            reply = await link.reply(Stage.RCPT)
             if _is_positive(reply):
                 accepted.append(recipient)
             else:
-                replies[recipient] = _refusal(reply)
+                replies[recipient] = _refusal(link, reply, Stage.RCPT)
         if not pipelining:
             if not accepted:
-                return AttemptResult(relay=relay, recipients=replies)
-            link.send(b"DATA\r\n")
-        reply = await link.reply()
+                return await self._ended_early(link, AttemptResult(relay=relay,
+                                                                   recipients=replies))
+            link.send(b"DATA\r\n", Stage.DATA)
+        reply = await link.reply(Stage.DATA)
         if reply.code != 354:
-            refusal = _refusal(reply)
-            if not accepted:  # DATA refused for want of recipients, as it should be
-                return AttemptResult(relay=relay, recipients=replies)
-            return AttemptResult(relay=relay, recipients=replies, error=refusal,
-                                 stage=Stage.DATA)
+            refusal = _refusal(link, reply, Stage.DATA)
+            # Without accepted recipients DATA is refused as it should be, and says nothing.
+            return await self._ended_early(link, AttemptResult(
+                relay=relay, recipients=replies, error=refusal if accepted else None,
+                stage=Stage.DATA))
         if not accepted:
             # A server that takes DATA with no recipient gets an empty message, which it
             # must not deliver (RFC 2920 section 3.1).
-            link.send(b".\r\n")
-            await link.reply()
+            link.send(b".\r\n", Stage.DATA)
+            await link.reply(Stage.DATA)
             return AttemptResult(relay=relay, recipients=replies)
-        link.send(wire_form(content))
+        link.send(wire_form(content), Stage.DATA)
         try:
-            reply = await link.reply()
+            reply = await link.reply(Stage.DATA)
         except ReplyTimeout:
             # The upstream may hold the whole message and have answered too late (RFC 5321
             # 4.5.3.2.6, RFC 1047): the retry is correct but may deliver it a second time.
             raise SessionError(Reply(None, "timed out in DATA: the upstream may have the "
-                                           "message, so the retry may deliver it twice")) from None
+                                           "message, so the retry may deliver it twice"),
+                               Stage.DATA) from None
+        if link.unread:
+            # Whichever of them answered the final dot, it cannot be told.
+            raise link.out_of_step("more replies than commands after the final dot; the "
+                                   "upstream may have the message, so the retry may "
+                                   "deliver it twice", Stage.DATA)
         if not _is_positive(reply):
-            return AttemptResult(relay=relay, recipients=replies, error=_refusal(reply),
-                                 stage=Stage.DATA)
+            return AttemptResult(relay=relay, recipients=replies,
+                                 error=_refusal(link, reply, Stage.DATA), stage=Stage.DATA)
         replies.update((r, reply) for r in accepted)
         self._clean = True
         return AttemptResult(relay=relay, recipients=replies)
 
+    async def _read_refused(self, link: Link, count: int) -> None:
+        """Read the replies to the RCPTs and DATA pipelined after a refused MAIL: each must
+        refuse too, or the replies are out of step with the commands."""
+        for _ in range(count):
+            reply = await link.reply(Stage.RCPT)
+            if reply.code is None or not 400 <= reply.code < 600:
+                raise link.out_of_step(f"{reply} to a command after a refused MAIL",
+                                       Stage.RCPT)
 
-class ReplyTimeout(SessionError):
-    """No complete reply within the timeout: the session is out of step and closed."""
-
-
-class _Link(asyncio.BufferedProtocol):
-    """The upstream connection once aiosmtplib has set it up, taken over to send commands
-    and read replies, pipelined or one at a time. Replies are read strictly in order and
-    bounded in size; anything that leaves the session out of step (a timeout, a garbled
-    or oversized reply, a 421) closes it, so it is never reused."""
-
-    def __init__(self, smtp: aiosmtplib.SMTP, timeout: float) -> None:
-        transport = smtp.transport
-        if transport is None or transport.is_closing():
-            raise SessionError(Reply(None, "connection failed: closed during the set-up"))
-        self.extensions = frozenset(smtp.esmtp_extensions)
-        self.timeout = timeout
-        self._transport = cast(asyncio.Transport, transport)
-        self._buffer = bytearray()
-        self._received = memoryview(bytearray(RECEIVE_BUFFER))
-        self._waiter: asyncio.Future[None] | None = None
-        self._lost: str | None = None
-        transport.set_protocol(self)
-
-    @property
-    def is_connected(self) -> bool:
-        return self._lost is None and not self._transport.is_closing()
-
-    @property
-    def unread(self) -> bool:
-        return bool(self._buffer)
-
-    def send(self, data: bytes) -> None:
-        if not self.is_connected:
-            raise SessionError(Reply(None, f"connection failed: {self._lost or 'closed'}"))
-        self._transport.write(data)
-
-    async def reply(self, timeout: float | None = None) -> Reply:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + (self.timeout if timeout is None else timeout)
-        while True:
-            reply = self._parse()
-            if reply is not None:
-                if reply.code == 421:
-                    self.abort("the upstream is closing the session (421)")
-                return reply
-            if self._lost is not None:
-                raise SessionError(Reply(None, f"connection failed: {self._lost}"))
-            waiter = self._waiter = loop.create_future()
-            # One timer per wait, cheaper than asyncio.timeout's cancellation machinery.
-            timer = loop.call_at(deadline, _expire, waiter)
-            try:
-                await waiter
-            except TimeoutError:
-                self.abort("no reply in time")
-                raise ReplyTimeout(Reply(None, "timed out: no reply in time")) from None
-            finally:
-                timer.cancel()
-                self._waiter = None
-
-    async def quit(self) -> None:
-        if self.is_connected:
-            try:
-                self.send(b"QUIT\r\n")
-                await self.reply(QUIT_SECONDS)
-            except SessionError:
-                pass
-        self._transport.close()
-
-    def abort(self, why: str) -> None:
-        self._lost = self._lost or why
-        self._transport.abort()
-
-    # --- asyncio.BufferedProtocol ---------------------------------------------------------
-
-    def get_buffer(self, sizehint: int) -> memoryview:
-        return self._received
-
-    def buffer_updated(self, nbytes: int) -> None:
-        self._buffer += self._received[:nbytes]
-        if len(self._buffer) > MAX_UNREAD:
-            self.abort("the upstream sent more than it was asked for")
-        self._wake()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._lost = self._lost or (_one_line(str(exc)) if exc else "closed by the upstream")
-        self._wake()
-
-    def _wake(self) -> None:
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(None)
-
-    def _parse(self) -> Reply | None:
-        """The first complete reply in the buffer, removed from it; None if there is none
-        yet. A reply that breaks the grammar or the bounds closes the session."""
-        buffer = self._buffer
-        texts: list[bytes] = []
-        offset = 0
-        while True:
-            end = buffer.find(b"\n", offset, offset + MAX_REPLY_LINE)
-            if end < 0:
-                if len(buffer) - offset >= MAX_REPLY_LINE:
-                    raise self._garbled("reply line too long")
-                return None
-            line = bytes(buffer[offset:end + 1])
-            offset = end + 1
-            code, separator = line[:3], line[3:4]
-            if not code.isdigit() or separator not in (b" ", b"-", b"\r", b"\n"):
-                raise self._garbled(f"malformed reply line {_one_line(line.decode('utf-8', 'replace'))[:80]}")
-            texts.append(line[4:].strip())
-            if separator != b"-":
-                del buffer[:offset]
-                text = b" ".join(t for t in texts if t).decode("utf-8", "surrogateescape")
-                return Reply(int(code), _one_line(text))
-            if offset > MAX_REPLY:
-                raise self._garbled("reply too long")
-
-    def _garbled(self, why: str) -> SessionError:
-        self.abort(why)
-        return SessionError(Reply(None, f"protocol error: {why}"))
-
-
-def _expire(waiter: asyncio.Future[None]) -> None:
-    if not waiter.done():
-        waiter.set_exception(TimeoutError())
+    async def _ended_early(self, link: Link, result: AttemptResult) -> AttemptResult:
+        """A transaction that ended without its DATA. A permanent refusal in it is taken for
+        good only once an RSET proves the replies in step: a reply left over from an extra
+        or a missing one would answer the RSET. The session is then reset for reuse."""
+        replies = (*result.recipients.values(), *([result.error] if result.error else []))
+        if any(_is_permanent(r) for r in replies):
+            link.send(b"RSET\r\n", Stage.RSET)
+            reply = await link.reply(Stage.RSET)
+            if not _is_positive(reply) or link.unread:
+                raise link.out_of_step(f"RSET answered {reply}", Stage.RSET)
+            self._clean = True
+        return result
 
 
 def _command(verb: str, address: str, options: list[str], encoding: str) -> bytes:
@@ -455,14 +362,14 @@ def wire_form(content: bytes) -> bytes:
 
 
 def likely_cause(error: SessionError, config: UpstreamConfig) -> str:
-    """A hint for `relay check`: what usually makes this step fail."""
+    """A hint for `relay check`: what usually makes this stage fail."""
     text = error.reply.text.lower()
-    if error.step == "auth":
-        if error.reply.code is not None and 500 <= error.reply.code < 600:
-            return ("credentials rejected: check upstream.username and the password "
-                    "(for Mailgun, the SMTP credentials of the sending domain)")
+    if isinstance(error, CredentialsRejected):
+        return ("credentials rejected: check upstream.username and the password "
+                "(for Mailgun, the SMTP credentials of the sending domain)")
+    if error.stage is Stage.AUTH:
         return "the server did not accept AUTH; check the port and TLS mode"
-    if error.step == "starttls":
+    if error.stage is Stage.STARTTLS:
         if "not supported" in text:
             return ("the server does not offer STARTTLS: wrong port for tls: starttls "
                     "(Mailgun: 587 with starttls, 465 with implicit), or something strips it")
@@ -475,44 +382,66 @@ def likely_cause(error: SessionError, config: UpstreamConfig) -> str:
                 "for a private CA, and check upstream.host")
     if config.tls == "implicit" and ("wrong version" in text or "tls failure" in text):
         return "the server does not speak TLS from the start: use tls: starttls (port 587)"
-    if config.tls == "starttls" and "timed out" in text:
-        return ("no greeting: a port that expects TLS from the start (465) needs "
-                "tls: implicit")
+    if "no greeting" in text and config.tls != "implicit":
+        return IMPLICIT_TLS_HINT
+    if "no tls handshake" in text:
+        return STARTTLS_HINT
     return (f"cannot reach {config.host}:{config.port}: check upstream.host and upstream.port, "
             "and that outbound connections to it are allowed")
+
+
+IMPLICIT_TLS_HINT = ("the port probably speaks TLS from the first byte (as 465 does): "
+                     "use tls: implicit, or port 587 with tls: starttls")
+STARTTLS_HINT = ("the port probably expects plain text first (as 587 does): use "
+                 "tls: starttls, or port 465 with tls: implicit")
+
+
+def _failure_reply(exc: BaseException, config: UpstreamConfig) -> Reply:
+    """reply_of(exc), with the timeouts of the set-up told apart: a port that speaks the
+    other TLS mode stays silent, and the reply says so, in the queue as in `relay check`."""
+    if not isinstance(exc, aiosmtplib.SMTPConnectTimeoutError):
+        return reply_of(exc)
+    within = f"within {config.greeting_timeout:g}s (upstream.greeting_timeout)"
+    if "ready" in str(exc):  # aiosmtplib: "Timed out waiting for server ready message"
+        hint = "" if config.tls == "implicit" else f"; {IMPLICIT_TLS_HINT}"
+        return Reply(None, f"timed out: no greeting {within}{hint}")
+    if config.tls == "implicit":
+        return Reply(None, f"timed out: no TLS handshake {within}; {STARTTLS_HINT}")
+    return Reply(None, f"timed out: no connection {within}")
 
 
 def reply_of(exc: BaseException) -> Reply:
     """The SMTP reply an exception carries, or a description of the failure without one."""
     if isinstance(exc, aiosmtplib.SMTPResponseException):
-        return Reply(exc.code, _one_line(exc.message))
+        return Reply(exc.code, printable(exc.message))
     if isinstance(exc, (aiosmtplib.SMTPTimeoutError, TimeoutError)):
-        return Reply(None, f"timed out: {_one_line(str(exc)) or 'no reply'}")
+        return Reply(None, f"timed out: {printable(str(exc)) or 'no reply'}")
     if isinstance(exc, ssl.SSLError) or isinstance(exc.__cause__, ssl.SSLError):
-        return Reply(None, f"TLS failure: {_one_line(str(exc.__cause__ or exc))}")
+        return Reply(None, f"TLS failure: {printable(str(exc.__cause__ or exc))}")
     if isinstance(exc, (aiosmtplib.SMTPConnectError, aiosmtplib.SMTPServerDisconnected, OSError)):
-        return Reply(None, f"connection failed: {_one_line(str(exc))}")
-    return Reply(None, _one_line(str(exc)))
+        return Reply(None, f"connection failed: {printable(str(exc))}")
+    return Reply(None, printable(str(exc)))
 
 
-def _refusal(reply: Reply) -> Reply:
+def _refusal(link: Link, reply: Reply, stage: Stage) -> Reply:
     """The reply that refused a command. A reply that refuses nothing (250 where 354 was
-    due, say) means replies and commands are out of step: nothing more from this session
-    can be trusted, so it ends and the attempt counts as failed for now, never as sent."""
+    due, 354 to anything but DATA) means replies and commands are out of step: nothing
+    more from this session can be trusted, so it ends and the attempt counts as failed for
+    now, never as sent."""
     if reply.code is not None and 400 <= reply.code < 600:
         return reply
-    raise SessionError(Reply(None, f"protocol error: unexpected reply {reply}"))
+    raise link.out_of_step(f"{reply} to {stage.value.upper()}", stage)
 
 
 def _is_positive(reply: Reply | None) -> bool:
     return reply is not None and reply.code is not None and 200 <= reply.code < 300
 
 
+def _is_permanent(reply: Reply) -> bool:
+    return reply.code is not None and 500 <= reply.code < 600
+
+
 def _unsendable(exc: ValueError) -> Reply:
     """An address the client library will not send: a permanent failure of ours, so it is
     kept in failed/ with the reason instead of being retried forever."""
-    return Reply(553, f"5.1.3 address cannot be sent safely: {_one_line(str(exc))}")
-
-
-def _one_line(text: str) -> str:
-    return " ".join(text.split())
+    return Reply(553, f"5.1.3 address cannot be sent safely: {printable(str(exc))}")

@@ -39,7 +39,9 @@ DEFAULT_API_URL = "https://api.mailgun.net"
 MAILGUN_EXTRA = "pip install 'relay[mailgun-api]'"
 # Keys of one transport that mean nothing to the other: a mistake worth naming, since a
 # key the relay silently ignored would leave the operator believing it is in effect.
-SMTP_KEYS = ("host", "port", "tls", "username", "password", "password_env", "password_file")
+GREETING_TIMEOUT = 15.0  # upstream.greeting_timeout unless upstream.timeout is shorter
+SMTP_KEYS = ("host", "port", "tls", "username", "password", "password_env", "password_file",
+             "greeting_timeout")
 API_KEYS = ("api_url", "domain", "api_key", "api_key_env", "api_key_file")
 COMMON_KEYS = ("verify", "ca_file", "connections", "timeout", "sender_domains", "rate")
 RATE_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
@@ -67,6 +69,9 @@ class UpstreamConfig:
     password: str | None = field(default=None, repr=False)
     connections: int = 4
     timeout: float = 60.0
+    # For the connect and the greeting alone: a port that speaks the other TLS mode stays
+    # silent, and should not cost every attempt the whole command timeout.
+    greeting_timeout: float = GREETING_TIMEOUT
     name: str = ""  # how logs and the queue name it; empty: host:port, as Postfix's relay=
     sender_domains: tuple[str, ...] = ()  # carries mail only from these; empty: from any
     rate: Rate | None = None
@@ -133,8 +138,7 @@ def parse_upstreams(root: Section, environ: Mapping[str, str],
 
 def _upstream(s: Section, environ: Mapping[str, str], secrets: bool) -> AnyUpstream:
     # A misspelt key is named before any required key it leaves missing.
-    s.known.extend(("transport", "name", *COMMON_KEYS, *SMTP_KEYS, *API_KEYS))
-    s.reject_unknown()
+    s.only("transport", "name", *COMMON_KEYS, *SMTP_KEYS, *API_KEYS)
     transport = s.get("transport", choice(TRANSPORTS), "smtp")
     foreign = API_KEYS if transport == "smtp" else SMTP_KEYS
     hint = ("it belongs to transport: mailgun-api" if transport == "smtp"
@@ -153,7 +157,6 @@ def _upstream(s: Section, environ: Mapping[str, str], secrets: bool) -> AnyUpstr
     }
     config = (_smtp(s, environ, secrets, common) if transport == "smtp"
               else _mailgun_api(s, environ, secrets, common))
-    s.reject_unknown()
     return config
 
 
@@ -176,8 +179,11 @@ def _smtp(s: Section, environ: Mapping[str, str], secrets: bool,
         raise ConfigError(s.key("username"), "needs password_env or password_file as well")
     if has_password and username is None:
         raise ConfigError(s.key("username"), "required with password_env or password_file")
+    greeting_timeout = s.get("greeting_timeout", duration_at_least(minimum=1),
+                             min(GREETING_TIMEOUT, common["timeout"]))
     return UpstreamConfig(host=host, port=s.get("port", int_range(1, 65535), default_port),
-                          tls=tls, username=username, password=password, **common)
+                          tls=tls, username=username, password=password,
+                          greeting_timeout=greeting_timeout, **common)
 
 
 def _mailgun_api(s: Section, environ: Mapping[str, str], secrets: bool,

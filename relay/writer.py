@@ -21,6 +21,11 @@ why), so the thread tells the loop when a batch's fsyncs begin, if anyone is wai
 A removed entry's file is kept for the next store to write over (Spool.remove); the
 thread empties those it still holds once it has had nothing to do for SPARES_LINGER
 seconds, and when it stops, so that delivered mail does not stay in tmp/.
+
+Should the thread die all the same (a bug), every store waiting for it and every later
+one fails at once with WriterStopped (for the listener to answer 451 4.3.0), `on_failure`
+hears of it (the daemon exits for systemd to restart it), and removals go on from the
+default executor: a delivered entry must not be sent again for want of its removal.
 """
 
 from __future__ import annotations
@@ -31,18 +36,24 @@ from collections.abc import Callable
 from typing import Any
 
 from .entry import Entry, NewEntry
-from .errors import SpoolError
+from .errors import WriterStopped
+from .faults import fault_point
 from .spool import Spool
 
 SPARES_LINGER = 1.0
 
 
 class SpoolWriter:
-    def __init__(self, spool: Spool) -> None:
+    def __init__(self, spool: Spool,
+                 on_failure: Callable[[BaseException], None] = lambda exc: None) -> None:
         self._spool = spool
+        self._on_failure = on_failure  # called on the loop if the thread dies
         self._work = threading.Condition()
         self._stores: list[tuple[NewEntry, asyncio.Future[Entry]]] = []
         self._removals: list[tuple[Entry, asyncio.Future[None]]] = []
+        # The pass in progress, so that a thread that dies midway fails its waiters too.
+        self._taken: list[tuple[Any, asyncio.Future[Any]]] = []
+        self._failure: BaseException | None = None
         self._closing = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -58,12 +69,17 @@ class SpoolWriter:
         self._thread.start()
 
     async def store(self, new: NewEntry) -> Entry:
-        """Publish `new` durably. Raises what Spool.store_many reports for it."""
-        return await self._submit(new, removal=False)
+        """Publish `new` durably. Raises what Spool.store_many reports for it, or
+        WriterStopped (at once) if the thread is not running."""
+        entry: Entry = await self._submit(new, removal=False)
+        return entry
 
     async def remove(self, entry: Entry) -> None:
         """Delete a delivered entry and its state record (Spool.remove)."""
-        await self._submit(entry, removal=True)
+        try:
+            await self._submit(entry, removal=True)
+        except WriterStopped:
+            await asyncio.to_thread(self._spool.remove, entry)
 
     async def disk_wait(self, bound: float) -> None:
         """Return once a batch of stores is waiting for the disk: at once if one is now,
@@ -92,8 +108,10 @@ class SpoolWriter:
     async def _submit(self, item: Any, removal: bool) -> Any:
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         with self._work:
+            if self._failure is not None:
+                raise WriterStopped(f"the spool writer failed: {_describe(self._failure)}")
             if self._closing or self._thread is None:
-                raise SpoolError("the spool writer is not running")
+                raise WriterStopped("the spool writer is not running")
             # The list is looked up under the lock: the thread swaps in a new one as it
             # takes a batch, and an item added to the one it took would never be answered.
             (self._removals if removal else self._stores).append((item, future))
@@ -103,17 +121,25 @@ class SpoolWriter:
     # --- the thread ---------------------------------------------------------------------
 
     def _run(self) -> None:
+        try:
+            self._serve()
+        except BaseException as exc:  # noqa: BLE001
+            self._die(exc)
+
+    def _serve(self) -> None:
         while True:
             with self._work:
                 linger = SPARES_LINGER if self._spool.spares_hold_mail else None
                 busy = self._work.wait_for(self._has_work, timeout=linger)
                 stopping = busy and not (self._stores or self._removals)
                 stores, self._stores = self._stores, []
+                self._taken = list(stores)
             if not busy or stopping:
                 self._spool.empty_spares()
                 if stopping:
                     return
                 continue
+            fault_point("in-spool-writer")
             results: list[Any] = self._store_all([new for new, _ in stores]) if stores else []
             # Removals are taken once the stores are done, so that those handed over
             # meanwhile (a delivery in the disk's wait, relay.delivery) go in this pass and
@@ -122,8 +148,20 @@ class SpoolWriter:
             # message's commands.
             with self._work:
                 removals, self._removals = self._removals, []
+                self._taken += removals
             results += [self._remove(entry) for entry, _ in removals]
             self._settle([*stores, *removals], results, synced=bool(stores))
+            self._taken = []
+
+    def _die(self, exc: BaseException) -> None:
+        """The thread is ending on an exception: fail every waiter now and from now on."""
+        with self._work:
+            self._failure = exc
+            waiting = [*self._taken, *self._stores, *self._removals]
+            self._taken, self._stores, self._removals = [], [], []
+        why = f"the spool writer failed: {_describe(exc)}"
+        self._call_soon(_resolve, waiting, [WriterStopped(why) for _ in waiting])
+        self._call_soon(self._on_failure, exc)
 
     def _has_work(self) -> bool:
         return bool(self._stores or self._removals or self._closing)
@@ -131,7 +169,7 @@ class SpoolWriter:
     def _store_all(self, batch: list[NewEntry]) -> list[Entry | Exception]:
         try:
             return self._spool.store_many(batch, syncing=self._tell_syncing)
-        except Exception as exc:  # a bug: every caller in the batch hears of it
+        except Exception as exc:  # noqa: BLE001 - a bug: the whole batch hears of it
             return [exc] * len(batch)
 
     def _tell_syncing(self) -> None:
@@ -148,7 +186,7 @@ class SpoolWriter:
     def _remove(self, entry: Entry) -> None | Exception:
         try:
             self._spool.remove(entry)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001
             return exc
         return None
 
@@ -169,6 +207,10 @@ class SpoolWriter:
         if synced:
             self._syncing = False
         _resolve(waiting, results)
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
 
 
 def _wake(waiter: asyncio.Future[None]) -> None:

@@ -1,5 +1,6 @@
 """The RELIABILITY-PLAN cases, as the report lists them: what is injected and what is
-expected. Taken from ../shared/RELIABILITY-PLAN.md; where this relay injects differently
+expected, and after them (rows 107-117) the findings of outside reviews (issue 19).
+Taken from the project's RELIABILITY-PLAN.md; where this relay injects differently
 (no second network namespace, no packet capture) or the contract sets another reply,
 `how` and `note` say so. Rows with no test say why in `NOT_TESTED`."""
 
@@ -265,7 +266,7 @@ CASES: dict[int, Case] = {
              "Fault points: before DATA, mid-body, after final dot (no reply yet), after upstream 250 (state not durable), after state durable",
              "Upstream counts per message: 1, 1, 1–2, 2, 1 → never 0, never > 2"),
     84: Case("Crash soak",
-             "8 clients send 2,000 messages; SIGKILL at random moments every 0.1-0.5 s (at most 100 kills, 5 minutes); upstream fails 10% of MAIL (connection reset) and DATA (451) at random",
+             "8 clients send 2,000 messages; SIGKILL at random moments every 0.1-0.5 s (at most 100 kills, 5 minutes); 10% of upstream transactions meet a fault at random: a reset at MAIL, a reply out of step, a 451, a 451 in Latin-1",
              "Reconciliation: every 250-acknowledged Message-ID delivered ≥ 1 time; duplicates ≤ number of after-dot events; queue empty except dead-letter/corrupt with reasons"),
     85: Case("Clock jumps",
              "Injected wall and monotonic clocks (SteadyClock) stepped +30 d and -31 d; a deferred entry stamped a day ahead, then a restart",
@@ -333,6 +334,40 @@ CASES: dict[int, Case] = {
     106: Case("Banner disclosure",
              "Read greeting",
              "No software version (`ident=` set)"),
+    # Rows 107-117: the findings of outside reviews (issue 19), each reproduced first.
+    107: Case("Finding 1: an upstream reply that is not UTF-8",
+              "RCPT answered `450 4.2.1 bo\\xeete pleine` (Latin-1) beside a recipient answered 250; `550 5.1.1 Empf\\xe4nger unbekannt`; a state record that cannot be written",
+              "The reply kept printable (`\\xee`) and bounded; every attempt recorded; the accepted recipient sent once; an outcome that cannot be saved sets the entry aside in failed/, never retried blindly"),
+    108: Case("Finding 2: replies out of step",
+              "An extra `250` after MAIL, with PIPELINING and without",
+              "Protocol error: the whole transaction deferred, no recipient marked sent or failed; on the retry each recipient gets its own reply"),
+    109: Case("Finding 3: a dead writer thread",
+              "EROFS while emptying kept files; the writer thread dying (RELAY_RAISE_AT=in-spool-writer); every delivery worker dying (in-delivery-worker)",
+              "The writer serves on through EROFS; if it dies, waiting and later stores fail at once (WriterStopped, which the listener answers), the traceback is logged and the daemon exits 70; a worker that dies is restarted, workers that keep dying make it exit 70"),
+    110: Case("Finding 4: entries stranded in active/",
+              "EMFILE between a claim's rename and its read; an entry in active/ that no delivery owns",
+              "The claimed entry goes back where it was; an unowned one is back in deferred/ within seconds without a restart, and `relay queue hold` works on it"),
+    111: Case("Finding 5: a half-applied reload",
+              "SIGHUP with a `ca_file` that exists but is not PEM, and a new recipient limit; the same file at start and in `relay check`",
+              "Refused whole: nothing switched, the error names upstream.ca_file, STATUS= says refused, READY=1 follows RELOADING=1; at start and in `relay check`: exit 78"),
+    112: Case("Finding 6: two error vocabularies",
+              "535 at AUTH on the new session opened when a reused one was found dead at MAIL",
+              "Classified at stage AUTH (CredentialsRejected), so delivery pauses as after a first login; SessionError in relay/errors.py, one policy.Stage vocabulary, `relay check` through cli.exit_status"),
+    113: Case("Finding 7: logins while paused",
+              "Delivery paused after a 535; then a retry coming due, a new message and `relay queue flush`",
+              "No login until a reload (or retry_max)"),
+    114: Case("Finding 8: foreign files in the spool",
+              "The same queue ID in deferred/ and hold/; `notes.txt` in deferred/; foreign names in incoming/, deferred/ and tmp/ under a running daemon",
+              "Each reported once and skipped by every command and by the daemon, never moved or deleted; no traceback"),
+    115: Case("Finding 9: CLI summaries that count arguments",
+              "`relay queue hold NOTANID`; `delete` of an ID already gone; `release` of a deferred entry",
+              "The summary counts what was done (`0 messages held, 1 not`); exit 65"),
+    116: Case("Finding 10: a misleading config error",
+              "A typo in an optional key: `usrname:` (also `pasword_file:`, `alow:`, `retry_mx:`)",
+              "`upstream.usrname: unknown key (did you mean 'username'?)`, before any rule the typo then breaks; exit 78"),
+    117: Case("Finding 11: a silent minute",
+              "`tls: starttls` against a port that never greets (as 465 does to a client that waits), upstream.timeout 60 s, greeting_timeout 1 s",
+              "Fails after greeting_timeout (default 15 s, not the command timeout) with a hint at implicit TLS, in `relay check` (exit 69) and in the deferral's reply"),
 }
 
 # Cases with no test, and why.

@@ -4,13 +4,15 @@ against real servers, sending nothing."""
 from __future__ import annotations
 
 import base64
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
-from conftest import relay_config, run_cli
+from chaos import BabblingServer
+from conftest import relay_config, run_cli, wait_for
 from mailgun import API_KEY, DOMAIN, MailgunStandIn
 from upstream import PASSWORD, Upstream
 
@@ -159,3 +161,60 @@ def test_refused_credentials_outrank_an_unreachable_upstream(
     result = run_cli(write_config(tmp_path, config), "check")
     assert result.returncode == 77
     assert "connect   FAILED" in result.stdout and "domain    FAILED  401" in result.stdout
+
+
+@pytest.fixture
+def silent_server() -> Iterator[BabblingServer]:
+    """Accepts connections and says nothing, as a port that expects a TLS handshake first
+    (465) does to a client that waits for a greeting."""
+    server = BabblingServer(b"", greeting=b"").start()
+    yield server
+    server.close()
+
+
+def silent_upstream_config(tmp_path: Path, port: int) -> dict:
+    config = relay_config(tmp_path, None, None)
+    config["upstream"] = {"host": "127.0.0.1", "port": port, "tls": "starttls",
+                          "timeout": "60s", "greeting_timeout": "1s"}
+    return config
+
+
+@pytest.mark.plan(117)
+def test_a_silent_port_fails_check_at_the_greeting_timeout_with_a_tls_hint(
+        tmp_path: Path, silent_server: BabblingServer) -> None:
+    """No greeting within greeting_timeout (1 s here), not the 60 s command timeout:
+    connect FAILED, naming the timeout and that the port probably wants implicit TLS."""
+    path = write_config(tmp_path, silent_upstream_config(tmp_path, silent_server.port))
+    result = run_cli(path, "check")  # bounded at 60 s: the command timeout would overrun it
+    assert result.returncode == 69
+    assert "connect   FAILED  timed out: no greeting within 1s" in result.stdout
+    assert "likely cause: the port probably speaks TLS from the first byte" in result.stdout
+    assert "tls: implicit" in result.stdout
+
+
+@pytest.mark.plan(117)
+def test_a_silent_port_defers_delivery_with_the_hint(
+        tmp_path: Path, make_relay, silent_server: BabblingServer) -> None:
+    """Delivery to the same port is deferred after the greeting timeout, and the reply
+    kept for the entry carries the hint."""
+    relay = make_relay(silent_upstream_config(tmp_path, silent_server.port))
+    entry_id = relay.send("app@example.com", ["user@example.com"], b"Subject: x\r\n\r\nx\r\n")
+    wait_for(lambda: relay.state(entry_id).get("last_error"), what="the deferral")
+    last_error = relay.state(entry_id)["last_error"]
+    assert last_error.startswith("timed out: no greeting within 1s")
+    assert "tls: implicit" in last_error
+
+
+@pytest.mark.plan(111)
+def test_a_ca_file_without_a_certificate_exits_78_naming_the_key(
+        tmp_path: Path, upstream: Upstream) -> None:
+    """ca_file exists but is not PEM: a configuration error (78) naming upstream.ca_file,
+    from `relay check` as from `relay serve`, before anything connects."""
+    bad = tmp_path / "not-a-ca.pem"
+    bad.write_text("this is not a certificate\n")
+    path = write_config(tmp_path, relay_config(tmp_path, upstream, bad))
+    for command in ("check", "serve"):
+        result = run_cli(path, command)
+        assert result.returncode == 78, (command, result.stderr)
+        assert "configuration error: upstream.ca_file:" in result.stderr
+    assert upstream.connections == 0

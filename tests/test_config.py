@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from relay.config import Config, find_config_file, load_config, parse_config, parse_duration, \
-    parse_size
+from relay.config import Config, UpstreamConfig, find_config_file, load_config, parse_config, \
+    parse_duration, parse_size
 from relay.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -127,6 +127,35 @@ def test_schedule_history_and_redaction_defaults() -> None:
                         "log: {redact_addresses: true}", {})
     assert set_.delivery.max_schedule == 7 * 86400 and set_.history.keep == 90 * 86400
     assert not set_.history.enabled and set_.log.redact_addresses
+
+
+@pytest.mark.plan(116)
+@pytest.mark.parametrize("text, key, hint", [
+    ("upstream: {host: h.example, usrname: u, password_env: P}", "upstream.usrname",
+     "did you mean 'username'"),
+    ("upstream: {host: h.example, username: u, pasword_file: /p}", "upstream.pasword_file",
+     "did you mean 'password_file'"),
+    ("listen: {address: 10.0.0.1, alow: [10.0.0.0/8]}", "listen.alow", "did you mean 'allow'"),
+    ("delivery: {retry_min: 1h, retry_mx: 2h}", "delivery.retry_mx", "did you mean 'retry_max'"),
+])
+def test_a_misspelt_optional_key_is_reported_as_unknown_with_a_suggestion(
+        text: str, key: str, hint: str) -> None:
+    """The typo is named, with the key meant, before any rule it then breaks (a username
+    without password, a non-loopback address without allow, retry_max below retry_min)."""
+    error = error_for(text, {"P": "secret"})
+    assert (error.key, error.message) == (key, f"unknown key ({hint}?)")
+
+
+def test_greeting_timeout_defaults_to_15s_or_the_command_timeout_if_shorter() -> None:
+    """upstream.greeting_timeout: 15 s unless set, never longer than an unset-but-shorter
+    upstream.timeout; set, it stands on its own."""
+    def upstream(extra: str) -> UpstreamConfig:
+        config = parse_config("upstream: {host: h.example" + extra + "}", {})
+        assert config.upstream is not None
+        return config.upstream
+    assert (upstream("").timeout, upstream("").greeting_timeout) == (60.0, 15.0)
+    assert upstream(", timeout: 5s").greeting_timeout == 5.0
+    assert upstream(", timeout: 5s, greeting_timeout: 30s").greeting_timeout == 30.0
 
 
 def test_port_error_message_shows_the_bad_value() -> None:

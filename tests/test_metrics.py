@@ -112,7 +112,7 @@ def test_unreachable_upstream_is_down(make_relay: MakeRelay, upstream: Upstream,
     name = f"127.0.0.1:{upstream.port}"
     found = wait_for(lambda: (s := scrape(relay)) and value(
         s, "relay_upstream_up", upstream=name) == 0 and s, what="the upstream down")
-    assert value(found, "relay_upstream_errors_total", upstream=name, stage="session") == 1
+    assert value(found, "relay_upstream_errors_total", upstream=name, stage="connect") == 1
     assert value(found, "relay_deliveries_total", upstream=name, outcome="deferred") == 1
 
 

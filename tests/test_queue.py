@@ -6,14 +6,16 @@ import gc
 import json
 import random
 import re
+import shutil
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import RelayProcess, relay_config, wait_for
+from conftest import RelayProcess, relay_config, run_cli, wait_for
 from relay import cli
 from relay.spool import Spool, new_id
 from upstream import Upstream
@@ -261,3 +263,87 @@ def test_listing_in_process_leaves_the_garbage_collector_as_it_found_it(
     assert cli.main(["queue", "--json", "--config", str(config)]) == 0
     assert [item["id"] for item in json.loads(capsys.readouterr().out)] == [entry_id]
     assert gc.isenabled()
+
+
+def deferred_entry(spool: Spool) -> str:
+    """An entry that has had one attempt and waits in deferred/ (with its state record)."""
+    entry_id = new_id(time.time())
+    spool.store(entry_id, "app@example.com", ["u@example.com"], [BODY], time.time(), False)
+    entry = spool.claim(entry_id, time.time())
+    assert entry is not None
+    spool.defer(replace(entry, next_attempt=time.time() + 3600, last_error="451 later"))
+    return entry_id
+
+
+@pytest.mark.plan(114)
+def test_foreign_files_are_reported_once_and_skipped_by_every_command(
+        holding_relay_config: Path, tmp_path: Path) -> None:
+    """A file that is not a queue ID, and an ID present in two queues: the listing (JSON
+    and table) and ALL skip them, saying so once each, and act on the real entries."""
+    spool = Spool(tmp_path / "spool")
+    entry_id = deferred_entry(spool)
+    shutil.copy(spool.path / "deferred" / entry_id, spool.path / "hold" / entry_id)
+    (spool.path / "deferred" / "notes.txt").write_text("an operator's note")
+    listing = run_cli(holding_relay_config, "queue", "--json")
+    assert listing.returncode == 0, listing.stderr
+    assert [e["id"] for e in json.loads(listing.stdout)] == [entry_id]
+    assert listing.stderr.count("notes.txt: not a queue ID; skipped") == 1
+    assert listing.stderr.count(f"hold/{entry_id}: the same queue ID is in deferred/") == 1
+    assert "Traceback" not in listing.stderr
+    table = run_cli(holding_relay_config, "queue")
+    assert table.returncode == 0 and table.stdout.splitlines()[-1].startswith("-- 1 message")
+    flushed = run_cli(holding_relay_config, "queue", "flush")
+    assert f"{entry_id}: flushed" in flushed.stdout and "notes.txt" in flushed.stderr
+    assert (spool.path / "deferred" / "notes.txt").exists()
+
+
+@pytest.mark.plan(114)
+def test_the_daemon_reports_foreign_files_once_and_leaves_them_alone(
+        tmp_path: Path, make_relay, upstream: Upstream, ca_file: Path) -> None:
+    """Foreign files in incoming/, deferred/ and tmp/ at start-up: each logged once, none
+    moved, deleted or sent, and real mail still flows."""
+    config = relay_config(tmp_path, upstream, ca_file)
+    spool = Spool(Path(config["spool"]["path"]))
+    spool.open()
+    foreign = [spool.path / "incoming" / "README", spool.path / "deferred" / "x.bak",
+               spool.path / "tmp" / "editor.swp"]
+    for path in foreign:
+        path.write_text("not mail")
+    relay = make_relay(config)
+    relay.send("app@example.com", ["user@example.com"], BODY)
+    wait_for(lambda: upstream.delivered_to("user@example.com"), what="the delivery")
+    relay.send("app@example.com", ["again@example.com"], BODY)  # incoming/ listed again
+    wait_for(lambda: upstream.delivered_to("again@example.com"), what="the second delivery")
+    for path in foreign:
+        assert path.read_text() == "not mail"
+        assert relay.log().count(f"path={path}") == 1
+    assert relay.files("corrupt") == [] and len(upstream.messages()) == 2
+
+
+@pytest.mark.plan(115)
+@pytest.mark.parametrize("action, ids, reason", [
+    ("hold", ["NOTANID"], "NOTANID: not a queue ID"),
+    ("delete", ["0000000000000DEADBEEF"], "no such message in the queue"),
+    ("release", ["DEFERRED"], "not released: message is deferred"),
+])
+def test_summaries_count_what_was_done_and_refusals_exit_65(
+        holding_relay_config: Path, tmp_path: Path, action: str, ids: list[str],
+        reason: str) -> None:
+    """An ID the action did not apply to is reported, counted as not done, and makes the
+    command exit 65, as an unknown one does."""
+    entry_id = deferred_entry(Spool(tmp_path / "spool"))
+    ids = [entry_id if i == "DEFERRED" else i for i in ids]
+    result = run_cli(holding_relay_config, "queue", action, *ids)
+    assert result.returncode == 65
+    assert reason in result.stderr
+    past = {"hold": "held", "delete": "deleted", "release": "released"}[action]
+    assert f"-- {action}: 0 messages {past}, 1 not (see above)" in result.stderr
+
+
+def test_summaries_count_each_message_done(holding_relay_config: Path, tmp_path: Path) -> None:
+    """Two held, one refused: the summary says 2 held, 1 not."""
+    spool = Spool(tmp_path / "spool")
+    first, second = deferred_entry(spool), deferred_entry(spool)
+    result = run_cli(holding_relay_config, "queue", "hold", first, "NOTANID", second)
+    assert result.returncode == 65
+    assert "-- hold: 2 messages held, 1 not (see above)" in result.stderr

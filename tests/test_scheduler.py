@@ -7,7 +7,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from relay.delivery import Scheduler
+from relay.scheduler import Scheduler
 
 
 def run(scenario: Callable[[Scheduler], Awaitable[Any]]) -> Any:
@@ -136,4 +136,22 @@ def test_close_returns_none_to_every_waiting_and_later_caller() -> None:
         scheduler.close()
         assert await asyncio.gather(*workers) == [None, None, None]
         assert await scheduler.next_due() is None
+    run(scenario)
+
+
+def test_a_held_scheduler_hands_out_nothing_and_release_hands_out_what_is_due() -> None:
+    """While held (delivery paused) an entry due now wakes no idle worker; on release it
+    goes at once, and one due later still waits for its time."""
+    async def scenario(scheduler: Scheduler) -> None:
+        workers = await idle_workers(scheduler, 2)
+        scheduler.hold()
+        scheduler.schedule("now", 0.0)
+        scheduler.schedule("later", time.time() + 3600)
+        await asyncio.sleep(0.05)
+        assert not any(w.done() for w in workers)
+        scheduler.release()
+        await settle()
+        assert sorted(str(w.result()) for w in workers if w.done()) == ["now"]
+        scheduler.close()
+        await asyncio.gather(*workers)
     run(scenario)

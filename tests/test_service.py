@@ -206,3 +206,42 @@ def test_under_journald_lines_carry_no_timestamp(tmp_path: Path, make_relay) -> 
     # Not lines[0]: on a host without an FQDN, start-up's event=hostname warning comes first.
     start = next(line for line in relay.lines if "event=start" in line)
     assert start.startswith("info: event=start, listening=")
+
+
+@pytest.mark.plan(111)
+def test_a_reload_with_an_unusable_ca_file_is_refused_whole(
+        tmp_path: Path, make_relay, upstream: Upstream, ca_file: Path,
+        notify_socket: NotifySocket) -> None:
+    """A ca_file that exists but holds no certificate: the reload is refused before any
+    of it takes effect (the new recipient limit neither), the log names the key,
+    STATUS= says it was refused, READY=1 follows RELOADING=1, and mail still flows."""
+    config = relay_config(tmp_path, upstream, ca_file)
+    relay = make_relay(config, env={"NOTIFY_SOCKET": str(notify_socket.path)})
+    wait_for(lambda: notify_socket.saw(lambda m: m == "READY=1"), what="READY=1")
+    bad = tmp_path / "not-a-ca.pem"
+    bad.write_text("this is not a certificate\n")
+    seen = len(notify_socket.drain())
+    relay.reload({**config, "upstream": {**config["upstream"], "ca_file": str(bad)},
+                  "listen": {**config["listen"], "max_recipients": 1}})
+    assert "status=rejected" in relay.log() and "upstream.ca_file" in relay.log()
+    wait_for(lambda: "READY=1" in notify_socket.drain()[seen:], what="READY=1 again")
+    after = notify_socket.drain()[seen:]
+    status = [m for m in after if m.startswith("STATUS=reload")]
+    assert after.index("RELOADING=1") < after.index(status[0]) < after.index("READY=1")
+    assert status[0].startswith("STATUS=reload refused: upstream.ca_file")
+    relay.send("app@example.com", ["one@example.com", "two@example.com"], BODY)
+    wait_for(lambda: upstream.delivered_to("two@example.com"), what="delivery")
+
+
+@pytest.mark.plan(111)
+def test_a_good_reload_says_so_in_status(tmp_path: Path, make_relay,
+                                         notify_socket: NotifySocket) -> None:
+    """STATUS=reloaded, then READY=1."""
+    config = relay_config(tmp_path, None, None)
+    relay = make_relay(config, env={"NOTIFY_SOCKET": str(notify_socket.path)})
+    wait_for(lambda: notify_socket.saw(lambda m: m == "READY=1"), what="READY=1")
+    seen = len(notify_socket.drain())
+    relay.reload(config)
+    wait_for(lambda: "READY=1" in notify_socket.drain()[seen:], what="READY=1 again")
+    after = notify_socket.drain()[seen:]
+    assert after.index("STATUS=reloaded") < after.index("READY=1")

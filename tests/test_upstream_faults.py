@@ -50,6 +50,26 @@ def test_rejected_credentials_pause_delivery_until_reload(tmp_path: Path, make_r
     assert relay.files("failed") == [] and relay.files("deferred") == []
 
 
+@pytest.mark.plan(113)
+def test_no_login_while_paused_even_after_a_flush(tmp_path: Path, make_relay,
+                                                  upstream: Upstream, ca_file: Path) -> None:
+    """Paused after a 535: retries coming due, new messages and `relay queue flush` all
+    wait; no worker logs in again before a reload (or retry_max)."""
+    upstream.password = "rotated-at-the-provider"
+    config = relay_config(tmp_path, upstream, ca_file, delivery={"retry_max": "60s"})
+    relay = make_relay(config)
+    first = relay.send("app@example.com", ["user@example.com"], BODY)
+    wait_for(lambda: "status=paused" in relay.log(), what="the pause")
+    wait_for(lambda: relay.files("deferred") == [first], what="the deferral")
+    connections = upstream.connections
+    relay.send("app@example.com", ["other@example.com"], BODY)
+    assert relay.cli("queue", "flush").returncode == 0
+    holds_for(lambda: upstream.connections == connections, 2.0, what="no further logins")
+    upstream.password = PASSWORD
+    relay.reload(config)
+    wait_for(lambda: len(upstream.messages()) == 2, what="both delivered after the reload")
+
+
 @pytest.mark.plan(57)
 def test_temporary_auth_failure_defers_without_pausing(tmp_path: Path, make_relay,
                                                        upstream: Upstream, ca_file: Path) -> None:

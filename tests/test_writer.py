@@ -15,7 +15,7 @@ import pytest
 
 import relay.writer
 from relay.entry import Entry, NewEntry, Queue
-from relay.errors import SpoolError, SpoolFull
+from relay.errors import SpoolError, SpoolFull, WriterStopped
 from relay.spool import Spool, new_id
 from relay.writer import SpoolWriter
 
@@ -308,3 +308,65 @@ def test_close_finishes_what_was_submitted_then_refuses_more(
     assert len(stored) == 3 and isinstance(refused, SpoolError)
     assert sorted(os.listdir(spool.path / "incoming")) == sorted(e.id for e in stored)
     assert not any(t.name == "spool-writer" for t in threading.enumerate())
+
+
+@pytest.mark.plan(109)
+def test_emptying_spares_on_a_read_only_disk_leaves_the_writer_serving(
+        spool: Spool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """EROFS from emptying and from unlinking a kept file: the thread goes on, and the
+    next store is answered."""
+    monkeypatch.setattr(relay.writer, "SPARES_LINGER", 0.05)
+    entry = delivered_entry(spool)
+    real_truncate, real_unlink = os.truncate, os.unlink
+    emptied = threading.Event()
+
+    def read_only(real: Callable[..., Any]) -> Callable[..., Any]:
+        def call(path: Any, *args: Any) -> Any:
+            if str(path).endswith(".spare"):
+                emptied.set()
+                raise OSError(errno.EROFS, "Read-only file system")
+            return real(path, *args)
+        return call
+    monkeypatch.setattr(os, "truncate", read_only(real_truncate))
+    monkeypatch.setattr(os, "unlink", read_only(real_unlink))
+
+    async def scenario(writer: SpoolWriter) -> Entry:
+        await writer.remove(entry)
+        await asyncio.to_thread(emptied.wait, 10)
+        return await asyncio.wait_for(writer.store(new_entry()), 5)
+    stored = with_writer(spool, scenario)
+    assert os.listdir(spool.path / "incoming") == [stored.id]
+
+
+@pytest.mark.plan(109)
+def test_a_dead_writer_fails_every_waiting_and_later_store_at_once(
+        spool: Spool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The thread dies (a bug) with stores waiting: each fails at once with
+    WriterStopped, so does every later one, on_failure hears why, and a delivered
+    entry's removal still happens."""
+    def bug(name: str) -> None:
+        raise RuntimeError(f"a bug at {name}")
+    monkeypatch.setattr(relay.writer, "fault_point", bug)
+    failures: list[BaseException] = []
+    active = delivered_entry(spool)
+
+    async def main() -> list[Any]:
+        writer = SpoolWriter(spool, on_failure=failures.append)
+        writer.start()
+        try:
+            waiting = await asyncio.wait_for(asyncio.gather(
+                *(writer.store(new_entry()) for _ in range(3)), return_exceptions=True), 5)
+            try:
+                await writer.store(new_entry())
+            except WriterStopped as exc:
+                later: Any = exc
+            await asyncio.wait_for(writer.remove(active), 5)
+            return [*waiting, later]
+        finally:
+            await writer.close()
+    results = asyncio.run(main())
+    assert len(results) == 4 and all(isinstance(r, WriterStopped) for r in results)
+    assert "RuntimeError: a bug at in-spool-writer" in str(results[0])
+    assert [type(f) for f in failures] == [RuntimeError]
+    assert os.listdir(spool.path / "incoming") == []
+    assert os.listdir(spool.path / "active") == []

@@ -4,8 +4,12 @@ It records every transaction and what the relay did on the wire (TLS in effect, 
 seen, connections made). Replies are scripted by recipient (`tempfail@...` gets 451 at
 RCPT, `reject@...` 550, `drop@...` a reset connection), by attempt (`data_replies`: the
 next DATA answers, e.g. two 451s then 250) and per command (`mail_reply`, `auth_reply`,
-`starttls_reply`, `rcpt_replies`, `rcpt_limit`). It offers PIPELINING, as providers do,
-unless told not to, and keeps each read that began with MAIL to show what was pipelined.
+`starttls_reply`, `rcpt_replies`, `rcpt_limit`). A scripted reply given as bytes goes on
+the wire as it is (a Latin-1 server's `450 4.2.1 bo\xeete pleine`). `extra_replies`
+makes the next MAILs answered twice, putting the replies out of step with the commands.
+With `fail_rate`, a share of transactions meets one of `fault_kinds` at random. It
+offers PIPELINING, as providers do, unless told not to, and keeps each read that began
+with MAIL to show what was pipelined.
 """
 
 from __future__ import annotations
@@ -23,6 +27,10 @@ from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 from ports import reusable_port
 
 USERNAME = "postmaster@mg.example.com"
+# What fail_rate may inject: a reset at MAIL, a second reply to MAIL (out of step), a 451
+# to the final dot, or a 451 whose text is Latin-1, not UTF-8.
+FAULT_KINDS = ("reset", "out-of-step", "tempfail", "latin1")
+LATIN1_REPLY = b"451 4.3.0 Empf\xe4nger tempor\xe4r nicht erreichbar"
 PASSWORD = "s3cret-Upstream-Pa55"
 
 
@@ -58,7 +66,7 @@ class Upstream:
         self.command_reads: list[bytes] = []  # each read that began with MAIL, as received
         self.transactions: list[Transaction] = []
         self.data_seen: list[bytes] = []  # every message whose final dot arrived, kept or not
-        self.data_replies: list[str] = []
+        self.data_replies: list[str | bytes] = []
         self.auth_attempts = 0
         self.ehlo_names: list[str] = []  # the name each EHLO gave
         self.mail_commands = 0
@@ -70,16 +78,19 @@ class Upstream:
         self.mail_reply = ""  # if set, MAIL FROM gets this reply instead of 250
         self.auth_reply = ""  # if set, every AUTH fails with this reply
         self.starttls_reply = ""  # if set, STARTTLS gets this reply and no handshake
-        self.rcpt_replies: dict[str, str] = {}  # address -> the reply its RCPT gets
+        self.rcpt_replies: dict[str, str | bytes] = {}  # address -> the reply its RCPT gets
         self.rcpt_limit = 0  # if set, RCPTs beyond it in one transaction get rcpt_limit_reply
         self.rcpt_limit_reply = "452 4.5.3 Error: too many recipients"
         self.reset_after_data = False  # reset the connection right after DATA's 250
         # Answer DATA with 354 even when every RCPT was refused (RFC 2920 allows it; the
         # client must then send an empty message, which is recorded but never kept).
         self.data_without_recipients = False
-        # With fail_rate > 0, MAIL resets the connection and DATA answers 451 at random,
-        # each with that probability: an unreliable provider for soak tests.
+        self.extra_replies = 0  # the next MAILs get a second 250 each
+        # With fail_rate > 0, that share of transactions meets a fault of fault_kinds at
+        # random: an unreliable provider for soak tests. `faults` counts what was injected.
         self.fail_rate = 0.0
+        self.fault_kinds: tuple[str, ...] = ("reset", "tempfail")
+        self.faults: dict[str, int] = {}
         self.random = random.Random(0)
         self.connections = 0
         self.port = reusable_port()  # tests stop and restart the upstream on this port
@@ -182,19 +193,32 @@ class Upstream:
             return "421 4.4.2 gone"
         if self.mail_reply:
             return self.mail_reply
-        if self.random.random() < self.fail_rate:
+        fault = self._roll_fault()
+        session.fault = fault  # type: ignore[attr-defined]  # for handle_DATA
+        if fault == "reset":
             server.transport.abort()
             return "421 4.4.2 gone"
+        if fault == "out-of-step" or self.extra_replies:
+            self.extra_replies = max(self.extra_replies - 1, 0)
+            server._writer.write(b"250 2.1.0 Ok\r\n")  # one reply too many
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
         return "250 2.1.0 Ok"
+
+    def _roll_fault(self) -> str | None:
+        if not self.fail_rate or self.random.random() >= self.fail_rate:
+            return None
+        kind = self.random.choice(self.fault_kinds)
+        with self._lock:
+            self.faults[kind] = self.faults.get(kind, 0) + 1
+        return kind
 
     async def handle_RSET(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         self.rset_commands += 1
         return "250 2.0.0 Ok"
 
     async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope,
-                          address: str, rcpt_options: list[str]) -> str:
+                          address: str, rcpt_options: list[str]) -> str | bytes:
         if address in self.rcpt_replies:
             return self.rcpt_replies[address]
         local = address.split("@")[0]
@@ -210,7 +234,8 @@ class Upstream:
         envelope.rcpt_tos.append(address)
         return "250 2.1.5 Ok"
 
-    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+    async def handle_DATA(self, server: SMTP, session: Session,
+                          envelope: Envelope) -> str | bytes:
         with self._lock:
             self.data_seen.append(bytes(envelope.original_content or b""))
         self.data_started.set()
@@ -219,10 +244,14 @@ class Upstream:
         with self._lock:
             if self.data_replies:
                 reply = self.data_replies.pop(0)
-                if not reply.startswith("2"):
+                if not (reply.startswith("2") if isinstance(reply, str)
+                        else reply.startswith(b"2")):
                     return reply
-            if self.random.random() < self.fail_rate:
+            fault = getattr(session, "fault", None)
+            if fault == "tempfail":
                 return "451 4.3.0 Random failure, try again"
+            if fault == "latin1":
+                return LATIN1_REPLY
             if self.reset_after_data:
                 # The 250 is written before this callback runs, then the connection is
                 # reset: the client must count the message as delivered.
