@@ -116,4 +116,6 @@ def _apply_once(spool: Spool, action: Action, entry_id: str, send_at: float,
     if action is Action.RESCHEDULE:
         due = f"for {rfc3339(send_at)}" if moved.queue is Queue.SCHEDULED else "due now"
         return Outcome(entry_id, f"rescheduled {due}")
+    if action in (Action.FLUSH, Action.RELEASE, Action.REQUEUE):
+        spool.ask_retry()  # the operator means now: upstreams marked down are probed
     return Outcome(entry_id, action.past)

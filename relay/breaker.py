@@ -33,6 +33,7 @@ class Breaker:
     trips: int = 0  # consecutive failures, for the backoff
     until: float = 0.0
     reason: str = ""  # the failure that opened it, for `relay queue` and the log
+    paused: bool = False  # opened because the credentials were rejected
 
     def admit(self, now: float, grace: float) -> Breaker | None:
         """The breaker after letting one attempt go now, or None if the upstream is down.
@@ -48,16 +49,21 @@ class Breaker:
         """The upstream answered as a working server does: the circuit closes."""
         return Breaker()
 
-    def failed(self, now: float, reason: str, config: DeliveryConfig, rand: float) -> Breaker:
+    def failed(self, now: float, reason: str, config: DeliveryConfig, rand: float,
+               paused: bool = False) -> Breaker:
         """The upstream failed: down for retry_min, doubling with each failure in a row up
-        to retry_max, with the same jitter as a message's retries."""
+        to retry_max, with the same jitter as a message's retries. Rejected credentials
+        (`paused`) hold it for retry_max at once: every login would meet the same refusal
+        until the operator fixes them and reloads."""
         trips = self.trips + 1
-        return Breaker(Circuit.OPEN, trips, now + backoff(trips, config, rand), reason)
+        hold = config.retry_max if paused else backoff(trips, config, rand)
+        return Breaker(Circuit.OPEN, trips, now + hold, reason, paused)
 
     def describe(self, now: float) -> str:
         """`up`, `down for 42s (reason)` or `probing`: the state as operators see it."""
         if self.circuit is Circuit.OPEN:
-            return f"down for {max(self.until - now, 0.0):.0f}s ({self.reason})"
+            state = "paused" if self.paused else "down"
+            return f"{state} for {max(self.until - now, 0.0):.0f}s ({self.reason})"
         return "probing" if self.circuit is Circuit.HALF_OPEN else "up"
 
 

@@ -109,7 +109,7 @@ class Daemon:
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(self._factory, host=listen.address,
                                                 port=listen.port)
-        self.metrics.upstream(self.config.upstream.name if self.config.upstream else None)
+        self.metrics.upstreams([u.name for u in self.config.upstreams])
         if self.monitor is not None:
             await self.monitor.start()
         self.delivery.start()
@@ -138,10 +138,10 @@ class Daemon:
         return None
 
     def _upstream_text(self) -> str:
-        upstream = self.config.upstream
-        if upstream is None:
+        upstreams = self.config.upstreams
+        if not upstreams:
             return "none (mail is kept in the queue until one is configured)"
-        return f"{upstream.name} ({upstream.tls})"
+        return ", ".join(f"{u.name} ({getattr(u, 'tls', u.transport)})" for u in upstreams)
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -210,7 +210,7 @@ class Daemon:
             self.history.keep = new.history.keep
         switch_delivery()
         self.bounces.reconfigure(new.bounces)
-        self.metrics.upstream(new.upstream.name if new.upstream else None)
+        self.metrics.upstreams([u.name for u in new.upstreams])
         if self.monitor is not None:
             self.monitor.reconfigure(new.metrics)
         log_event(logging.INFO, None, event="reload", status="reloaded",

@@ -1,8 +1,11 @@
 """The delivery workers: spool, policy and upstream tied together.
 
-`upstream.connections` workers each own one upstream session and take the next due entry
-from the scheduler (relay.scheduler) as soon as it is due: a message handed over by the
-listener reaches a free worker at once, with no polling interval.
+The workers take the next due entry from the scheduler (relay.scheduler) as soon as it is
+due, so that a message handed over by the listener reaches a free worker at once, with no
+polling interval; each attempt goes over the message's route of upstreams (relay.attempt,
+relay.upstreams). While no upstream can take anything (all down, or paused for rejected
+credentials) the scheduler is held: entries keep their places instead of being claimed
+only to be put back, and no login is tried until an upstream's time comes or a reload.
 
 Every entry in active/ has an owner: the worker that claimed it (`_owned`), from the
 claim's rename until the rename that ends the attempt. One that has none (an error
@@ -22,9 +25,12 @@ import random
 import time
 from collections.abc import Callable
 
-from . import policy
+from . import policy, routing
+from .attempt import Attempter, Limited, Tried, Waiting
 from .bounces import Bounces
 from .config import Config
+from .routing import Gate
+from .breaker import Circuit
 from .entry import Entry, Queue, Status
 from .errors import CorruptEntry, SpoolError, TaskFailed
 from .faults import fault_point
@@ -35,7 +41,7 @@ from .policy import AttemptResult, Disposition, Reply, Stage
 from .scheduler import Scheduler
 from .spool import Spool
 from .supervise import supervised
-from .upstream import UpstreamSession, make_tls_context
+from .upstreams import Upstreams, prepare
 from .writer import SpoolWriter
 
 # Claiming and reading an entry are a rename and small reads, with no fsync: they take
@@ -87,14 +93,11 @@ class Delivery:
         self.scheduler = Scheduler(clock)
         self._clock = clock
         self._rand = rand
-        self._tls_context = make_tls_context(config.upstream) if config.upstream else None
-        # Bumped when the upstream config changes: workers then replace their sessions.
-        self._generation = 0
+        self.upstreams = Upstreams(prepare(config), hostname, self._gates_changed)
+        self.attempter = Attempter(self.upstreams, config.delivery, clock, rand)
         self._workers: dict[int, asyncio.Task[None]] = {}
-        # Set while the upstream refuses our credentials: workers wait instead of logging
-        # in once per message, until a reload or until retry_max has passed.
-        self._paused_until: float | None = None
-        self._resumed = asyncio.Event()
+        self._circuits: dict[str, tuple[Circuit, bool]] = {}  # as last published
+        self._release: asyncio.TimerHandle | None = None  # of a held scheduler
         # Entries stored by this process and not yet attempted, with their content.
         self._fresh: dict[str, tuple[Entry, tuple[bytes, ...]]] = {}
         self._fresh_bytes = 0
@@ -135,6 +138,8 @@ class Delivery:
             await asyncio.sleep(interval)
             for entry_id, due in await asyncio.to_thread(self.spool.take_wakes):
                 self.scheduler.schedule(entry_id, due)
+            if await asyncio.to_thread(self.spool.take_retry):
+                self.upstreams.retry_down(self._clock())
             version = await asyncio.to_thread(self.spool.incoming_version)
             if version == seen:
                 continue
@@ -166,7 +171,7 @@ class Delivery:
 
     @property
     def wanted_workers(self) -> int:
-        return self.config.upstream.connections if self.config.upstream else 1
+        return self.upstreams.workers
 
     def start(self) -> None:
         """Start workers up to the wanted count; those numbered beyond it retire. Each is
@@ -179,26 +184,26 @@ class Delivery:
                     supervised(name, work, self._on_fatal), name=name)
 
     def prepare(self, config: Config) -> Callable[[], None]:
-        """Everything a reloaded config needs that can fail (its TLS context, and with a
-        new upstream the queue's listing), done now; returns the switch to it, which
+        """Everything a reloaded config needs that can fail (TLS contexts, API clients, and
+        with new upstreams the queue's listing), done now; returns the switch to it, which
         cannot fail. Blocks: run it in a thread. Raises ConfigError or OSError."""
-        upstream_changed = config.upstream != self.config.upstream
-        tls_context = make_tls_context(config.upstream) if config.upstream else None
+        upstreams_changed = config.upstreams != self.config.upstreams
+        prepared = prepare(config)
         # Entries kept for want of an upstream (or for a broken one) may flow now.
-        due = self.spool.due_times() if upstream_changed else []
+        due = self.spool.due_times() if upstreams_changed else []
 
         def switch() -> None:
+            old = self.upstreams
             self.config = config
-            self._tls_context = tls_context
-            if self._paused_until is not None:
-                # The operator has fixed the credentials, here or at the provider.
-                self._resume()
-                log_event(logging.INFO, None, event="delivery", status="resumed",
-                          reason="configuration reloaded")
-            if upstream_changed:
-                self._generation += 1  # workers replace their sessions
-                for entry_id, when in due:
-                    self.schedule(entry_id, when)
+            # The operator has fixed what was wrong, here or at the provider: every
+            # upstream starts up again.
+            self.upstreams = Upstreams(prepared, self.hostname, self._gates_changed)
+            self.attempter = Attempter(self.upstreams, config.delivery, self._clock,
+                                       self._rand)
+            asyncio.get_running_loop().create_task(old.close())
+            self._gates_changed(self.upstreams.gates)
+            for entry_id, when in due:
+                self.schedule(entry_id, when)
             self.start()
         return switch
 
@@ -206,82 +211,73 @@ class Delivery:
         """Stop claiming; give in-flight attempts `grace` seconds, then cancel them (their
         entries go back to incoming/ untouched); each worker closes its session."""
         self.scheduler.close()
-        self._resume()
         workers = list(self._workers.values())
         if workers:
             _, still_running = await asyncio.wait(workers, timeout=grace)
             for task in still_running:
                 task.cancel()
             await asyncio.gather(*workers, return_exceptions=True)
-
-    def _new_session(self) -> UpstreamSession | None:
-        if self.config.upstream is None:
-            return None
-        return UpstreamSession(self.config.upstream, self._tls_context, self.hostname)
+        await self.upstreams.close()
 
     async def _work(self, number: int) -> None:
-        session: UpstreamSession | None = None
-        generation = -1
-        try:
-            while number < self.wanted_workers:
-                fault_point("in-delivery-worker")
-                await self._wait_while_paused()
-                entry_id = await self.scheduler.next_due()
-                if entry_id is None:
-                    return
-                if self._paused_until is not None:
-                    # Taken just as another worker paused delivery: it waits with the
-                    # rest (it was due, so it is due now), and no login happens.
-                    self.schedule(entry_id, self._clock())
-                    continue
-                try:
-                    if generation != self._generation:
-                        if session is not None:
-                            await session.close()
-                        session, generation = self._new_session(), self._generation
-                    await self._process(entry_id, session)
-                except asyncio.CancelledError:
-                    raise
-                except Exception as exc:  # noqa: BLE001
-                    # A bug must not kill the worker; the entry stays on disk, scheduled
-                    # again (if it was never claimed, nothing else would schedule it).
-                    log_failure(logging.ERROR, entry_id, exc, status="error",
-                                reason=f"delivery failed unexpectedly: {exc}")
-                    self.schedule(entry_id, self._clock() + self.config.delivery.retry_min)
-        finally:
-            if session is not None:
-                await session.close()
-
-    def _pause(self, reason: str) -> None:
-        if self._paused_until is not None:
-            return
-        pause = self.config.delivery.retry_max
-        self._paused_until = self._clock() + pause
-        self._resumed.clear()
-        self.metrics.paused(True)
-        # Retries coming due, a flush, new mail: all wait, with no login, until the end.
-        self.scheduler.hold()
-        log_event(logging.ERROR, None, event="delivery", status="paused", reason=reason,
-                  resumes=f"on reload, or in {pause:g}s with one more try")
-
-    def _resume(self) -> None:
-        self.metrics.paused(False)
-        self._paused_until = None
-        self._resumed.set()
-        self.scheduler.release()
-
-    async def _wait_while_paused(self) -> None:
-        while self._paused_until is not None:
-            remaining = self._paused_until - self._clock()
-            if remaining <= 0:
-                self._resume()  # the next attempt tries the credentials again
+        while number < self.wanted_workers:
+            fault_point("in-delivery-worker")
+            entry_id = await self.scheduler.next_due()
+            if entry_id is None:
                 return
             try:
-                await asyncio.wait_for(self._resumed.wait(), remaining)
-            except TimeoutError:
-                pass
+                await self._process(entry_id)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001
+                # A bug must not kill the worker; the entry stays on disk, scheduled again
+                # (if it was never claimed, nothing else would schedule it).
+                log_failure(logging.ERROR, entry_id, exc, status="error",
+                            reason=f"delivery failed unexpectedly: {exc}")
+                self.schedule(entry_id, self._clock() + self.config.delivery.retry_min)
 
-    async def _process(self, entry_id: str, session: UpstreamSession | None) -> None:
+    def _gates_changed(self, gates: dict[str, Gate]) -> None:
+        """An upstream went down, was paused, or came back: tell operators (the log, the
+        metrics, the spool's view for `relay queue`), and hold the scheduler while no
+        upstream can take anything."""
+        now = self._clock()
+        for name, gate in gates.items():
+            breaker = gate.breaker
+            state = (breaker.circuit, breaker.paused)
+            before = self._circuits.get(name, (Circuit.CLOSED, False))
+            self._circuits[name] = state
+            if state == before:
+                continue
+            if breaker.paused and breaker.circuit is Circuit.OPEN:
+                self.metrics.paused(name, True)
+                log_event(logging.ERROR, None, event="delivery", upstream=name, status="paused",
+                          reason=f"upstream rejected the credentials: {breaker.reason}",
+                          resumes=f"on reload, or in {breaker.until - now:.0f}s with one "
+                                  "more try")
+            elif before[1] and not breaker.paused:
+                self.metrics.paused(name, False)
+                log_event(logging.INFO, None, event="delivery", upstream=name, status="resumed")
+        self.spool.publish_upstreams({"at": now, "upstreams": {
+            name: gate.breaker.describe(now) for name, gate in gates.items()}})
+        self._hold_while_down(gates, now)
+
+    def _hold_while_down(self, gates: dict[str, Gate], now: float) -> None:
+        if self._release is not None:
+            self._release.cancel()
+            self._release = None
+        if not gates or any(g.breaker.circuit is Circuit.CLOSED or
+                            (g.breaker.circuit is Circuit.OPEN and g.breaker.until <= now)
+                            for g in gates.values()):
+            self.scheduler.release()
+            return
+        # Every upstream is down, paused, or being probed: nothing is handed out until the
+        # first of them may be tried again (or a probe's outcome changes a gate).
+        self.scheduler.hold()
+        soonest = min(g.breaker.until for g in gates.values())
+        self._release = asyncio.get_running_loop().call_later(
+            max(soonest - now, 0.0), self._hold_while_down, gates, soonest)
+
+    async def _process(self, entry_id: str) -> None:
         fresh = self._fresh.pop(entry_id, None)
         content: bytes | None = None
         try:
@@ -313,7 +309,7 @@ class Delivery:
             # could schedule it a second time.
             if 0 < self._client_sessions() <= QUIET_SESSIONS:
                 await self.writer.disk_wait(LISTENER_QUIET_WAIT)
-            await self._attempt(entry, session, content)
+            await self._attempt(entry, content)
         except asyncio.CancelledError:
             # Shutdown past the grace period: hand the entry back, to be tried again
             # after retry_min (an attempt cut off after the final dot may duplicate).
@@ -328,22 +324,13 @@ class Delivery:
         finally:
             self._owned.discard(entry.id)
 
-    async def _attempt(self, entry: Entry, session: UpstreamSession | None,
-                       content: bytes | None) -> None:
+    async def _attempt(self, entry: Entry, content: bytes | None) -> None:
         """One attempt at the entry's pending recipients; `content` if already in hand."""
-        if session is None:
-            try:
-                waiting = await asyncio.to_thread(self.spool.defer, policy.await_upstream(entry))
-            except SpoolError as exc:
-                # Not an attempt: nothing was sent, and nothing is lost by trying later.
-                due = self._clock() + self.config.delivery.retry_min
-                self.spool.return_to_queue(entry.id, due)
-                self.schedule(entry.id, due)
-                log_event(logging.WARNING, entry.id, status="deferred", reason=str(exc))
-                return
-            log_event(logging.INFO, entry.id, status="deferred", reply=waiting.last_error)
+        if not self.config.upstreams:
+            await self._defer_unattempted(entry, policy.await_upstream(entry), None)
             return
         started = self._clock()
+        route = routing.route(self.config.upstreams, entry.sender)
         try:
             if content is None:
                 content = (self.spool.content(entry) if entry.size <= INLINE_READ_BYTES
@@ -351,16 +338,47 @@ class Delivery:
         except SpoolError as exc:
             # Nothing was sent: an attempt that failed for now, recorded as any other.
             reply = Reply(None, f"cannot read the message from the spool: {exc}")
-            result = AttemptResult(relay=session.config.name, error=reply, stage=Stage.SESSION)
+            relay = route[0].name if route else "-"
+            result = AttemptResult(relay=relay, error=reply, stage=Stage.SESSION)
+            await self._record(entry, result, started, relay)
+            return
+        outcome = await self.attempter.attempt(entry, content, route)
+        fault_point("after-upstream-reply-before-state")
+        if isinstance(outcome, Tried):
+            await self._record(outcome.entry, outcome.result, outcome.started, outcome.upstream)
+        elif isinstance(outcome, Limited):
+            limited = policy.rate_limited(outcome.entry, outcome.result, outcome.reply,
+                                          outcome.until)
+            await self._defer_unattempted(entry, limited, outcome.until)
+        elif outcome.record:
+            await self._defer_unattempted(
+                entry, policy.await_turn(outcome.entry, outcome.until, outcome.why),
+                outcome.until)
         else:
-            pending = [r.address for r in entry.pending]
-            result = await session.deliver(entry.sender, pending, content, entry.smtputf8)
-            fault_point("after-upstream-reply-before-state")
-        if policy.credentials_rejected(result):
-            self._pause(f"upstream rejected the credentials: {result.error}")
-        await self._record(entry, result, started)
+            # Every upstream is down: back in the queue as it was, no record to write.
+            self.spool.return_to_queue(entry.id, outcome.until)
+            self.schedule(entry.id, outcome.until)
 
-    async def _record(self, entry: Entry, result: AttemptResult, started: float) -> None:
+    async def _defer_unattempted(self, entry: Entry, waiting: Entry,
+                                 due: float | None) -> None:
+        """Keep an entry that was not attempted (no upstream, waiting for a rate, rate
+        limited), with the reason shown by `relay queue`; due at `due` (None: not before
+        an upstream is configured)."""
+        try:
+            waiting = await asyncio.to_thread(self.spool.defer, waiting)
+        except SpoolError as exc:
+            # Nothing was sent, and nothing is lost by trying later.
+            later = self._clock() + self.config.delivery.retry_min
+            self.spool.return_to_queue(entry.id, later)
+            self.schedule(entry.id, later)
+            log_event(logging.WARNING, entry.id, status="deferred", reason=str(exc))
+            return
+        if due is not None:
+            self.schedule(entry.id, due)
+        log_event(logging.INFO, entry.id, status="deferred", reply=waiting.last_error)
+
+    async def _record(self, entry: Entry, result: AttemptResult, started: float,
+                      upstream: str) -> None:
         """Apply an attempt's result to the entry and make it durable before anything else
         happens to the entry; if that fails, set it aside."""
         settled: policy.Settlement | None = None
@@ -386,7 +404,7 @@ class Delivery:
                                            "recorded", exc)
             return
         self._log_outcome(entry, after, settled.disposition)
-        self.metrics.attempted(entry, after, result, self._clock())
+        self.metrics.attempted(upstream, entry, after, result, self._clock())
         if self.history is not None:
             self.history.attempt(entry, after, self._clock())
 

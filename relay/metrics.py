@@ -12,7 +12,9 @@ kept up to date per message.
 
 from __future__ import annotations
 
+import contextlib
 import enum
+from dataclasses import dataclass
 from collections.abc import Callable, Iterable
 
 from prometheus_client import (
@@ -81,15 +83,16 @@ class Recorder:
 
     # --- delivery side -----------------------------------------------------------------
 
-    def attempted(self, before: Entry, after: Entry, result: AttemptResult,
+    def attempted(self, upstream: str, before: Entry, after: Entry, result: AttemptResult,
                   now: float) -> None:
-        """One delivery attempt settled: `before` and `after` are the entry around it."""
+        """One delivery attempt at `upstream` settled: `before` and `after` are the entry
+        around it."""
 
-    def upstream(self, name: str | None) -> None:
-        """The configured upstream (at start and after each reload; None: none)."""
+    def upstreams(self, names: list[str]) -> None:
+        """The configured upstreams' names (at start and after each reload)."""
 
-    def paused(self, paused: bool) -> None:
-        """Delivery paused (credentials rejected) or resumed."""
+    def paused(self, upstream: str, paused: bool) -> None:
+        """An upstream paused (credentials rejected) or resumed."""
 
     def bounce(self, outcome: BounceOutcome) -> None:
         """A bounce notice queued, or not."""
@@ -131,9 +134,8 @@ class Metrics(Recorder):
         self._observe_accept = accept.observe
         self._refused = {reason: refused.labels(reason.value).inc for reason in Refusal}
         self._bounces = {outcome: bounces.labels(outcome.value).inc for outcome in BounceOutcome}
-        self._upstream: str | None = None
-        self._counted: dict[str, Callable[[], None]] = {}
-        self._set_up: Callable[[float], None] = _ignore
+        self._names: list[str] = []  # the configured upstreams
+        self._bound: dict[str, _Bound] = {}  # each upstream's children, bound once
         self._observe_delay = self._delay.observe
 
     def accepted(self, seconds: float) -> None:
@@ -143,62 +145,50 @@ class Metrics(Recorder):
     def refused(self, reason: Refusal) -> None:
         self._refused[reason]()
 
-    def attempted(self, before: Entry, after: Entry, result: AttemptResult,
+    def attempted(self, upstream: str, before: Entry, after: Entry, result: AttemptResult,
                   now: float) -> None:
-        name = result.relay
-        if name != self._upstream:
-            self.upstream(name)
-        counted = self._counted
+        bound = self._bound.get(upstream)
+        if bound is None:
+            bound = self._bound[upstream] = _Bound(
+                {outcome: self._deliveries.labels(upstream, outcome).inc for outcome in OUTCOMES},
+                self._up.labels(upstream).set)  # the up gauge exists from the first attempt
         for old, new in zip(before.recipients, after.recipients, strict=True):
             if old.status is not Status.PENDING:
                 continue
             if new.status is Status.SENT:
-                counted["sent"]()
+                bound.counted["sent"]()
                 self._observe_delay(max(now - after.arrived, 0.0))
             elif new.status is Status.PENDING:
-                counted["deferred"]()
+                bound.counted["deferred"]()
             elif policy.is_expiry(new.reply):
-                counted["expired"]()
+                bound.counted["expired"]()
             else:
-                counted["failed"]()
+                bound.counted["failed"]()
         for reply in result.recipients.values():
             if not (reply.code is not None and 200 <= reply.code < 300
                     or policy.is_recipient_limit(reply)):
-                self._errors.labels(name, policy.Stage.RCPT.value).inc()
+                self._errors.labels(upstream, policy.Stage.RCPT.value).inc()
         error = result.error
         if error is not None:
-            self._errors.labels(name, result.stage.value).inc()
+            self._errors.labels(upstream, result.stage.value).inc()
         unreachable = (error is not None and error.code is None and not result.recipients
                        and result.stage in policy.SET_UP)
-        self._set_up(0 if unreachable else 1)
+        bound.set_up(0 if unreachable else 1)
 
-    def upstream(self, name: str | None) -> None:
-        """Forget the gauges of the upstream before: an old provider must not stay down."""
-        if self._upstream is not None and name != self._upstream:
+    def upstreams(self, names: list[str]) -> None:
+        """Forget the gauges of upstreams no longer configured (an old provider must not
+        stay down), and show each configured one's paused gauge, 0 until a pause."""
+        for gone in set(self._names).difference(names):
+            self._bound.pop(gone, None)
             for gauge in (self._up, self._paused):
-                try:
-                    gauge.remove(self._upstream)
-                except KeyError:
-                    pass
-        self._upstream = name
-        if name is None:
-            self._counted, self._set_up = {}, _ignore
-            return
-        self._paused.labels(name)  # 0 until a pause: present, so an alert can see it
-        self._counted = {outcome: self._deliveries.labels(name, outcome).inc
-                         for outcome in OUTCOMES}
-        self._set_up = self._first_up
+                with contextlib.suppress(KeyError):
+                    gauge.remove(gone)
+        self._names = list(names)
+        for name in names:
+            self._paused.labels(name)
 
-    def _first_up(self, value: float) -> None:
-        """The up gauge is created at the first attempt (an upstream never tried is not
-        down), then bound like the counters."""
-        assert self._upstream is not None
-        self._set_up = self._up.labels(self._upstream).set
-        self._set_up(value)
-
-    def paused(self, paused: bool) -> None:
-        if self._upstream is not None:
-            self._paused.labels(self._upstream).set(1 if paused else 0)
+    def paused(self, upstream: str, paused: bool) -> None:
+        self._paused.labels(upstream).set(1 if paused else 0)
 
     def bounce(self, outcome: BounceOutcome) -> None:
         self._bounces[outcome]()
@@ -211,8 +201,12 @@ class Metrics(Recorder):
         return encode(self.registry), content_type
 
 
-def _ignore(value: float) -> None:
-    """No upstream configured: nothing to record."""
+@dataclass(frozen=True)
+class _Bound:
+    """One upstream's delivery counters and up gauge, bound to its label once."""
+
+    counted: dict[str, Callable[[], None]]
+    set_up: Callable[[float], None]
 
 
 class _SpoolCollector(Collector):

@@ -192,6 +192,25 @@ def await_upstream(entry: Entry) -> Entry:
     return replace(entry, last_error=NO_UPSTREAM, next_attempt=None)
 
 
+def await_turn(entry: Entry, until: float, why: str) -> Entry:
+    """The entry kept until its upstream's rate lets it go: not an attempt."""
+    return replace(entry, last_error=why, next_attempt=until)
+
+
+def rate_limited(entry: Entry, result: AttemptResult, reply: Reply, until: float) -> Entry:
+    """The entry after a provider said we send too fast: recipients it took are sent, the
+    others stay pending, and no attempt is counted (the message was not at fault)."""
+    recipients = tuple(
+        replace(r, status=Status.SENT, reply=str(result.recipients[r.address]))
+        if r.status is Status.PENDING and _is_sent(result.recipients.get(r.address)) else r
+        for r in entry.recipients)
+    return replace(entry, recipients=recipients, last_error=str(reply), next_attempt=until)
+
+
+def _is_sent(reply: Reply | None) -> bool:
+    return reply is not None and reply.code is not None and 200 <= reply.code < 300
+
+
 def _settle_recipient(recipient: Recipient, result: AttemptResult) -> Recipient:
     if recipient.status is not Status.PENDING:
         return recipient

@@ -16,8 +16,10 @@ from dataclasses import dataclass, field
 from .breaker import Breaker, trips
 from .config import AnyUpstream, DeliveryConfig
 from .configvalues import canonical_domain
-from .policy import AttemptResult, Reply
+from .policy import AttemptResult, Reply, credentials_rejected
 from .ratelimit import Bucket, rate_limited
+
+WAITING_FOR_RATE = "waiting for rate"  # how `relay queue` shows a message's wait for it
 
 
 def sender_domain(sender: str) -> str | None:
@@ -62,13 +64,16 @@ class Choice:
     gate: Gate | None = None
     wait: float = 0.0
     why: str = ""
+    turn: AnyUpstream | None = None  # waiting for rate: the upstream that takes it then
 
 
 def choose(path: Sequence[AnyUpstream], gates: Mapping[str, Gate], now: float,
-           grace: float) -> Choice:
+           grace: float, turn: str | None = None) -> Choice:
     """The first upstream of the route (`path`) that is up, if its rate lets a message go
     now. `gates` is keyed by upstream name (a missing one is up, with a full bucket);
-    `grace` is how long a probe may take before another is let through (Breaker.admit)."""
+    `grace` is how long a probe may take before another is let through (Breaker.admit).
+    `turn` names an upstream whose rate this message already took its turn of (reserve):
+    it goes there without asking the bucket again."""
     soonest: float | None = None
     for upstream in path:
         gate = gates.get(upstream.name, Gate())
@@ -76,13 +81,22 @@ def choose(path: Sequence[AnyUpstream], gates: Mapping[str, Gate], now: float,
         if admitted is None:
             soonest = gate.breaker.until if soonest is None else min(soonest, gate.breaker.until)
             continue
+        if upstream.name == turn:
+            return Choice(upstream, Gate(admitted, gate.bucket))
         wait = gate.bucket.wait(upstream.rate, now)
         if wait > 0:
-            return Choice(None, wait=wait, why=f"waiting for rate ({upstream.name})")
+            return Choice(None, wait=wait, why=f"{WAITING_FOR_RATE} ({upstream.name})",
+                          turn=upstream)
         return Choice(upstream, Gate(admitted, gate.bucket.take(upstream.rate, now)))
     if soonest is None:
         return Choice(None, why="no upstream relays mail from this sender")
     return Choice(None, wait=max(soonest - now, 0.0), why="every upstream of its route is down")
+
+
+def reserve(gate: Gate, upstream: AnyUpstream, now: float) -> Gate:
+    """The gate once a message waiting for the upstream's rate has taken its turn now:
+    the next message's wait is one interval longer (Bucket.take)."""
+    return Gate(gate.breaker, gate.bucket.take(upstream.rate, now))
 
 
 class Reaction(enum.Enum):
@@ -105,6 +119,7 @@ def react(gate: Gate, result: AttemptResult, now: float, config: DeliveryConfig,
             Reaction.REQUEUE
     if trips(result):
         reason = str(result.error)
-        return Gate(gate.breaker.failed(now, reason, config, rand), gate.bucket), \
-            Reaction.FAILOVER
+        breaker = gate.breaker.failed(now, reason, config, rand,
+                                      paused=credentials_rejected(result))
+        return Gate(breaker, gate.bucket), Reaction.FAILOVER
     return Gate(gate.breaker.succeeded(), gate.bucket), Reaction.SETTLE

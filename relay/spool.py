@@ -77,6 +77,8 @@ _WAITING = (Queue.INCOMING, Queue.ACTIVE, Queue.DEFERRED)
 # A delivered entry's file is kept in tmp/ for a new entry, up to this many, rather than
 # unlinked: see Spool.remove.
 SPARES = 64
+RETRY = "RETRY"  # in wake/: an operator asked for mail to be tried again (ask_retry)
+UPSTREAMS_FILE = "upstreams.json"  # the daemon's view of its upstreams (publish_upstreams)
 SIZE_FIELD = 20  # digits kept for the size in the envelope: any size a disk can hold
 
 
@@ -692,12 +694,28 @@ class Spool:
         fd = os.open(self.path / "wake" / entry_id, OPEN_NEW & ~os.O_EXCL, 0o600)
         os.close(fd)
 
+    def ask_retry(self) -> None:
+        """Tell a running daemon that an operator put mail back in the queue (flush,
+        release, requeue): it probes upstreams it has marked down at once (wake/RETRY)."""
+        fd = os.open(self.path / "wake" / RETRY, OPEN_NEW & ~os.O_EXCL, 0o600)
+        os.close(fd)
+
+    def take_retry(self) -> bool:
+        """Whether ask_retry() was called since the last look; the request is taken."""
+        try:
+            os.unlink(self.path / "wake" / RETRY)
+        except FileNotFoundError:
+            return False
+        return True
+
     def take_wakes(self) -> list[tuple[str, float]]:
         """(id, due time) of each entry named in wake/, each name removed before its entry
         is looked at (so a later change is never missed); names no longer scheduled are
         dropped. Cheap when wake/ is empty, as it nearly always is."""
         woken = []
         for name in os.listdir(self.path / "wake"):
+            if name == RETRY:
+                continue  # take_retry's
             _unlink_quietly(self.path / "wake" / name)
             if not is_valid_id(name):
                 continue
@@ -766,6 +784,44 @@ class Spool:
         if path not in self._reported:
             self._reported.add(path)
             self.on_foreign(ForeignFile(path, reason))
+
+    def publish_upstreams(self, states: dict[str, Any]) -> None:
+        """Replace the running daemon's view of its upstreams (UPSTREAMS_FILE), for
+        `relay queue` and `relay check`. Written and renamed, not fsynced: after a crash
+        it is stale, and a new daemon writes its own."""
+        tmp = f"{self._root}/tmp/{UPSTREAMS_FILE}.{secrets.token_hex(4)}"
+        try:
+            fd = _create(tmp, [json.dumps(states, separators=(",", ":")).encode()])
+            os.close(fd)
+            os.replace(tmp, f"{self._root}/{UPSTREAMS_FILE}")
+        except OSError:
+            _unlink_quietly(tmp)  # a view for operators: delivery goes on without it
+
+    def upstream_states(self) -> dict[str, Any] | None:
+        """The daemon's view of its upstreams, if one was published and a daemon holds the
+        spool now; None otherwise."""
+        if not self._served():
+            return None
+        try:
+            with open(f"{self._root}/{UPSTREAMS_FILE}", "rb", opener=_open_read) as f:
+                states = json.loads(f.read())
+        except (OSError, ValueError):
+            return None
+        return states if isinstance(states, dict) else None
+
+    def _served(self) -> bool:
+        """Whether a `relay serve` holds the spool's lock now."""
+        try:
+            fd = os.open(self.path / "lock", os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+        return False
 
     def incoming_version(self) -> int:
         """Changes whenever an entry is added to or leaves incoming/ (directory mtime)."""

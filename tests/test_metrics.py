@@ -186,13 +186,13 @@ def test_a_new_upstream_drops_the_old_ones_gauges(spool: Spool) -> None:
     """After a reload to another upstream, the old one's up and paused are no longer served
     (an old provider must not stay down in an alert); its counters stay."""
     metrics = fresh(spool)
-    metrics.upstream("old.example:587")
+    metrics.upstreams(["old.example:587"])
     entry = Entry(id="0000000000001DEADBEEF", queue=Queue.ACTIVE, sender="a@example.com",
                   recipients=(Recipient("b@example.com"),), arrived=999.0, size=1)
     result = AttemptResult(relay="old.example:587", error=Reply(None, "connection refused"))
-    metrics.attempted(entry, entry, result, 1000.0)
+    metrics.attempted("old.example:587", entry, entry, result, 1000.0)
     assert value(exported(metrics), "relay_upstream_up", upstream="old.example:587") == 0
-    metrics.upstream("new.example:587")
+    metrics.upstreams(["new.example:587"])
     found = exported(metrics)
     assert value(found, "relay_upstream_up", upstream="old.example:587") is None
     assert value(found, "relay_upstream_paused", upstream="old.example:587") is None
@@ -220,7 +220,7 @@ def test_recorder_records_nothing_and_costs_no_registry() -> None:
     recorder = Recorder()
     recorder.accepted(0.1)
     recorder.refused(Refusal.DISK)
-    recorder.paused(True)
+    recorder.paused("up:25", True)
     assert not hasattr(recorder, "registry")
 
 
@@ -237,7 +237,7 @@ def test_recipient_refused_at_rcpt_and_sent_one_count_apart(spool: Spool) -> Non
     result = AttemptResult(relay="up:25", recipients={"ok@example.com": Reply(250, "ok"),
                                                       "no@example.com": Reply(550, "no")},
                            stage=Stage.SESSION)
-    metrics.attempted(before, after, result, 1000.0)
+    metrics.attempted("up:25", before, after, result, 1000.0)
     found = exported(metrics)
     assert value(found, "relay_deliveries_total", upstream="up:25", outcome="sent") == 1
     assert value(found, "relay_deliveries_total", upstream="up:25", outcome="failed") == 1
