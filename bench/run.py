@@ -72,12 +72,13 @@ class Plan:
     idle_seconds: float = 10.0  # the window CPU is measured over, scheduled entries waiting
     soon: int = 20  # scheduled messages due together, timed to the sink
     history_records: int = 1_000_000
+    rate_messages: int = 100  # through an upstream with rate: 10/s
 
 
 QUICK = Plan(sizes=(1 * KIB,), sessions=(1, 16), messages=100, repetitions=1,
              latency_sends=50, slow_messages=20, scale_entries=1000, metrics_repetitions=1,
              memory_clients=4, memory_message=1 * KIB * KIB, idle_seconds=2.0, soon=5,
-             history_records=20_000)
+             history_records=20_000, rate_messages=20)
 
 
 @dataclass
@@ -237,6 +238,7 @@ def run(plan: Plan, workdir: Path) -> tuple[Figures, dict[str, list[float]]]:
     metrics_cost(plan, workdir, figures)
     scheduling(plan, workdir, figures)
     history(plan, workdir, figures)
+    paced(plan, workdir, figures)
     return figures, latency_samples
 
 
@@ -336,6 +338,21 @@ def scrape_every_second(port: int | None, stop: threading.Event) -> None:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
             if b"relay_deliveries_total" not in reply.read():
                 raise RuntimeError("the relay's /metrics lacks relay_deliveries_total")
+
+
+def paced(plan: Plan, workdir: Path, figures: Figures) -> None:
+    """An upstream with `rate: 10/s`: `rate_messages` sent at once by 16 sessions, timed
+    from the first accepted to the last at the sink (the rate, not the relay, sets it)."""
+    with Sink(workdir / "paced") as sink, \
+            Relay(workdir / "paced", sink, connections=4, rate="10/s") as relay:
+        for _ in range(plan.repetitions):
+            before = sink.received
+            started = time.monotonic()
+            smtp_source(relay.port, 16, plan.rate_messages, 1 * KIB)
+            wait_received(sink, before + plan.rate_messages)
+            figures.add("paced seconds", time.monotonic() - started)
+    print(f"  rate 10/s: {plan.rate_messages} messages in "
+          f"{figures.median('paced seconds'):.1f} s", flush=True)
 
 
 def scheduling(plan: Plan, workdir: Path, figures: Figures) -> None:
@@ -478,6 +495,9 @@ def rows(plan: Plan, figures: Figures) -> list[Row]:
         out.append(Row(f"metrics on: relay CPU per message {size // KIB} KiB x{sessions}, "
                        f"against off ({cpu_off:.0f} us)", m(f"metrics on cpu {key}"), None,
                        "us", "lower", "(reported)"))
+    low, high = (plan.rate_messages - 5) / 10, (plan.rate_messages + 10) / 10
+    out.append(Row(f"rate 10/s: {plan.rate_messages} messages to the sink",
+                   m("paced seconds"), None, "s", "lower", f"{low:g} to {high:g} s"))
     out.append(Row(f"scheduled: relay CPU while {plan.scale_entries:,} scheduled entries wait",
                    m("scheduled idle cpu"), None, "% of a core", "lower", "< 1%"))
     out.append(Row(f"scheduled: {plan.soon} messages due together, the last sent after its "
@@ -503,6 +523,9 @@ def budget_met(row: Row, plan: Plan, figures: Figures) -> bool:
         return row.relay >= 0.97 * row.baseline
     if "due together" in row.figure:
         return row.relay < 1000
+    if row.figure.startswith("rate 10/s:"):
+        messages = plan.rate_messages
+        return (messages - 5) / 10 <= row.relay <= (messages + 10) / 10
     if row.figure.startswith(("scheduled:", "history:")):
         return row.relay < 1.0
     return row.relay >= 0.9 * figures.median("scale accept empty")

@@ -153,7 +153,7 @@ class Relay:
 
     def __init__(self, workdir: Path, sink: Sink,
                  connections: int = POSTFIX_CONCURRENCY, metrics: bool = False,
-                 python: str = sys.executable) -> None:
+                 python: str = sys.executable, rate: str | None = None) -> None:
         workdir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.metrics_port = free_port() if metrics else None  # /metrics, when asked for
@@ -163,7 +163,7 @@ class Relay:
                        "max_message_size": "64MiB"},
             "spool": {"path": str(self.spool), "min_free": 0},
             "upstream": {"host": "127.0.0.1", "port": sink.port, "tls": "none",
-                         "connections": connections, "timeout": "60s"},
+                         "connections": connections, "timeout": "60s", "rate": rate},
             "log": {"level": "info"},
             "metrics": {"port": self.metrics_port},
         }

@@ -12,12 +12,14 @@ relay.delivery records what it returns. On the event loop.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from . import policy, routing
 from .config import AnyUpstream, DeliveryConfig
 from .entry import Entry
+from .log import log_event
 from .policy import AttemptResult, Disposition, Reply
 from .ratelimit import rate_limited
 from .upstreams import Upstreams, display
@@ -121,6 +123,8 @@ class Attempter:
             if settled.disposition is not Disposition.DEFERRED:
                 return last
             # The upstream failed: the next of the route takes the message at once.
+            log_event(logging.WARNING, entry.id, relay=last.result.relay, status="failover",
+                      reply=str(last.result.error))
             entry, taken = replace(settled.entry, next_attempt=None), None
             tried.append(last.upstream)
 

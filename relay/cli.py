@@ -291,6 +291,9 @@ def _print_listing(spool: Spool, args: argparse.Namespace) -> int:
         print("[\n" + ",\n".join(lines) + "\n]" if lines else "[]")
     else:
         print(views.table(entries, corrupt=len(spool.corrupt_ids())))
+        states = spool.upstream_states()
+        if states:
+            print("\n".join(views.upstream_lines(states, time.time())))
     return EX_OK
 
 
@@ -398,6 +401,8 @@ async def _check(config: Config) -> int:
         return EX_CONFIG
     headed = config.upstreams != (config.upstream,)
     hostname = addresses.rules_for(config.addresses, system_name()).hostname
+    # What a running relay makes of each upstream now (down after failures, paused).
+    states = Spool(config.spool.path).upstream_states() or {}
     worst = EX_OK
     for upstream in config.upstreams:
         if headed:
@@ -406,6 +411,9 @@ async def _check(config: Config) -> int:
                      else f"{upstream.api_url}, domain {upstream.domain}")
             print(f"\n{'upstream':<9} {views.escape(upstream.name)} "
                   f"({upstream.transport} {where})")
+        if upstream.name in states:
+            print(f"{'relay':<9} {'sees':<7} "
+                  f"{views.upstream_state(states[upstream.name], time.time())}")
         failure = await (_check_smtp(upstream, hostname) if isinstance(upstream, UpstreamConfig)
                          else _check_api(upstream))
         if failure is not None:

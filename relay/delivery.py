@@ -257,8 +257,9 @@ class Delivery:
             elif before[1] and not breaker.paused:
                 self.metrics.paused(name, False)
                 log_event(logging.INFO, None, event="delivery", upstream=name, status="resumed")
-        self.spool.publish_upstreams({"at": now, "upstreams": {
-            name: gate.breaker.describe(now) for name, gate in gates.items()}})
+        self.spool.publish_upstreams({name: {
+            "state": "paused" if g.breaker.paused else g.breaker.circuit.value,
+            "until": g.breaker.until, "reason": g.breaker.reason} for name, g in gates.items()})
         self._hold_while_down(gates, now)
 
     def _hold_while_down(self, gates: dict[str, Gate], now: float) -> None:

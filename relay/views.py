@@ -95,6 +95,25 @@ def _next_attempt(entry: Entry) -> str:
     return ""
 
 
+def upstream_lines(states: dict[str, Any], now: float) -> list[str]:
+    """The running daemon's view of its upstreams (Spool.upstream_states), a line each:
+    `-- upstream mailgun-us: down for 42s (connection failed: ...)`."""
+    return [f"-- upstream {escape(name)}: {upstream_state(state, now)}"
+            for name, state in states.items()]
+
+
+def upstream_state(state: Any, now: float) -> str:
+    """One upstream's state as the daemon published it: up, probing, or down or paused
+    for so long, and why."""
+    if not isinstance(state, dict):
+        return "unknown"
+    what = str(state.get("state", "up"))
+    until = state.get("until")
+    if what in ("down", "paused") and isinstance(until, (int, float)):
+        what += f" for {max(until - now, 0.0):.0f}s ({state.get('reason', '')})"
+    return escape(what)
+
+
 def summary(entries: list[Entry], corrupt: int) -> str:
     counts = Counter(e.state for e in entries)
     total = sum(e.size for e in entries)
