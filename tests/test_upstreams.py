@@ -52,6 +52,9 @@ def test_a_down_upstream_fails_over_to_the_next_and_is_used_again_once_back(
     assert got.authenticated and got.tls
     listing = relay.cli("queue").stdout
     assert "-- upstream up0: down for " in listing and "-- upstream up1: up" in listing
+    checked = relay.cli("check")
+    assert checked.returncode == 69  # up0 is still unreachable
+    assert "relay     sees    down for " in checked.stdout and "relay     sees    up" in checked.stdout
     assert f"relay=up0[127.0.0.1]:{first.port}" in relay.log()
     first.start()
     for n in range(40):  # each message a chance for the probe, once up0's backoff is over
