@@ -309,8 +309,11 @@ def _from_decision(hostname: str, local_domains: frozenset[str], sender_domains:
     rules = Rules(hostname, local_domains, {}, sender_domains, default_sender)
     rewriting = bool(sender_domains) and default_sender is not None
     unfolded = _FOLD.sub("", value).strip()
-    pairs = [(name, address) for name, address in email.utils.getaddresses([unfolded])
-             if address]
+    try:
+        pairs = [(name, address) for name, address in email.utils.getaddresses([unfolded])
+                 if address]
+    except (RecursionError, ValueError, IndexError):
+        pairs = []  # the parser gives up on it (nested comments past its depth, say)
     if any(_CONTROL.search(address) for _, address in pairs):
         pairs = []
     if not pairs:

@@ -68,6 +68,8 @@ class Written(Protocol):
 
     def finish(self) -> int: ...
 
+    def discard(self) -> None: ...
+
 
 @dataclass(frozen=True)
 class NewEntry:

@@ -33,10 +33,10 @@ def field_value(head: list[bytes], name: str) -> str | None:
     prefix = name.lower().encode() + b":"
     for number, line in enumerate(head):
         if line.lower().startswith(prefix):
-            value = line[len(prefix):]
+            parts = [line[len(prefix):]]  # joined once: a long folded field stays linear
             for more in head[number + 1:]:
                 if more[:1] not in (b" ", b"\t"):
                     break
-                value += more
-            return " ".join(value.decode("utf-8", "replace").split())
+                parts.append(more)
+            return " ".join(b"".join(parts).decode("utf-8", "replace").split())
     return None

@@ -47,6 +47,9 @@ SPILL_BYTES = 1024 * 1024
 INTERNAL_ERROR = "451 4.3.0 Error: internal error, try again later"
 NO_ROOM = "452 4.3.1 Error: insufficient system storage"
 WRITE_ERROR = "452 4.3.1 Error: queue file write error"
+HEADER_TOO_LARGE = f"552 5.3.4 Error: message header section longer than {SPILL_BYTES} octets"
+# How often free space is looked at again while a large message is written to disk.
+ROOM_CHECK = 1024 * 1024
 # The spool writer's thread died: the daemon is going down for systemd to restart it.
 WRITER_STOPPED = "451 4.3.0 Error: the spool cannot be written now, try again later"
 NULL_PATH = "<>"  # aiosmtpd's mail_from for the null reverse-path
@@ -108,6 +111,7 @@ class Message:
         self.error: SpoolError | None = None  # the spool failed while the content came in
         self.refusal: str | None = None  # the rules refused it while the content came in
         self._handed_over = False  # to the spool writer, which owns the draft from then on
+        self._unchecked = 0  # octets written to the draft since free space was last looked at
 
     def write(self, content: bytes) -> None:
         if self.error is not None or self.refusal is not None:
@@ -120,17 +124,32 @@ class Message:
             return
         try:
             self._draft.write([content])
+            self._unchecked += len(content)
+            if self._unchecked >= ROOM_CHECK:
+                # MAIL checked free space against SIZE=, which clients need not send: a
+                # large message is held to spool.min_free as it grows.
+                self._unchecked = 0
+                self.spool.check_room(0)
         except SpoolError as exc:
             self._fail(exc)
 
     def _spill(self) -> None:
-        sealed = self._seal(b"".join(self._parts))
+        content = b"".join(self._parts)
         self._parts = []
+        head, rest = split_header(content)
+        if not rest and not content.endswith((b"\r\n\r\n", b"\n\n")) and \
+                sum(map(len, head)) == len(content):
+            # The rules read the header section: one that has not ended within the first
+            # SPILL_BYTES could hide a From: or a send time from them.
+            self.refusal = HEADER_TOO_LARGE
+            return
+        sealed = self._seal(content)
         if isinstance(sealed, str):
             self.refusal = sealed
             return
         self._sealed = replace(sealed, parts=())
         try:
+            self.spool.check_room(sealed.size)
             self._draft = self.spool.draft(self._sealed)
             self._draft.write(list(sealed.parts))
         except SpoolError as exc:
@@ -298,6 +317,18 @@ class Handler:
         new = message.new_entry()
         if isinstance(new, str):
             return new
+        if new.draft is not None:
+            try:
+                self.spool.check_room(0)  # the last of a large message came since the last look
+            except SpoolError as exc:
+                new.draft.discard()
+                return NO_ROOM if isinstance(exc, SpoolFull) else WRITE_ERROR
+        # The store and its hand-over to delivery go on if the session ends meanwhile
+        # (the client hangs up): the entry is durable, so it must be scheduled too.
+        stored = asyncio.ensure_future(self._store(new, _client_name(session), started))
+        return await asyncio.shield(stored)
+
+    async def _store(self, new: NewEntry, client: str, started: float) -> str:
         try:
             entry = await self.writer.store(new)
         except WriterStopped:
@@ -311,8 +342,8 @@ class Handler:
         self.metrics.accepted(time.monotonic() - started)
         # Logged and handed to delivery just after the 250 is written, not before: the
         # client waits for neither.
-        asyncio.get_running_loop().call_soon(self._stored, entry, new.parts,
-                                             _client_name(session), new.message_id)
+        asyncio.get_running_loop().call_soon(self._stored, entry, new.parts, client,
+                                             new.message_id)
         return f"250 2.0.0 Ok: queued as {entry.id}"
 
     def _stored(self, entry: Entry, parts: tuple[bytes, ...], client: str,

@@ -106,20 +106,20 @@ def _take_header(content: bytes) -> tuple[list[str], bytes]:
     """The values of every X-Relay-Send-At field (unfolded) and the content without them."""
     head, _ = split_header(content)
     prefix = HEADER.lower().encode()
-    values: list[str] = []
+    values: list[list[bytes]] = []  # each field's lines, joined once at the end
     cut: list[tuple[int, int]] = []  # byte spans of the fields, continuation lines included
     position = 0
     taking = False
     for line in head:
         if line[:1] in (b" ", b"\t") and taking:
             cut[-1] = (cut[-1][0], position + len(line))
-            values[-1] += line.decode("utf-8", "replace")
+            values[-1].append(line)
         else:
             name = line.split(b":", 1)[0].rstrip(b" \t").lower()
             taking = name == prefix
             if taking:
                 cut.append((position, position + len(line)))
-                values.append(line.split(b":", 1)[1].decode("utf-8", "replace"))
+                values.append([line.split(b":", 1)[1]])
         position += len(line)
     kept = []
     start = 0
@@ -127,7 +127,8 @@ def _take_header(content: bytes) -> tuple[list[str], bytes]:
         kept.append(content[start:begin])
         start = end
     kept.append(content[start:])
-    return [" ".join(value.split()) for value in values], b"".join(kept)
+    return ([" ".join(b"".join(value).decode("utf-8", "replace").split()) for value in values],
+            b"".join(kept))
 
 
 def parse_rfc3339(text: str) -> float:

@@ -32,12 +32,13 @@ import asyncio
 import collections
 import logging
 import re
+from collections.abc import AsyncIterator
 from typing import Any, AnyStr, Protocol
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from .config import ListenConfig
-from .data import DataReader
+from .data import END_OF_DATA, DataReader
 
 logger = logging.getLogger("relay.smtp")
 
@@ -75,6 +76,7 @@ _HAS_ENHANCED = re.compile(r"^\d{3}[ -][245]\.\d{1,3}\.\d{1,3}( |$)")
 _CLOSING = ("221", "421")
 GOODBYE = "502 5.5.1 Too many unrecognized commands, goodbye."
 TIMEOUT = "421 4.4.2 Error: timeout exceeded"
+INTERNAL_ERROR = "451 4.3.0 Error: internal error, try again later"
 TOO_MANY_ERRORS = "421 4.7.0 Error: too many errors"
 
 
@@ -138,6 +140,7 @@ class RelaySMTP(SMTP):
         self._errors = 0
         self._overshoot = 0
         self._storing = False
+        self._ended = False  # a reply ended the session: nothing more is said
 
     # --- connection -----------------------------------------------------------------------
 
@@ -163,6 +166,19 @@ class RelaySMTP(SMTP):
     def _create_envelope(self) -> RelayEnvelope:
         return RelayEnvelope()
 
+    def eof_received(self) -> bool | None:
+        """The client has sent all it will (a half-close, as `printf ... | nc` does):
+        aiosmtpd cancels the session here, even while it stores a message the client then
+        never hears of. Instead what was sent before is read and answered, and the session
+        ends where the reading finds nothing more (handle_exception)."""
+        return asyncio.StreamReaderProtocol.eof_received(self)
+
+    async def handle_exception(self, error: Exception) -> str:
+        if isinstance(error, asyncio.IncompleteReadError):
+            self._end_session()  # the client's EOF, reached by the reading: nothing to answer
+            return ""
+        return await super().handle_exception(error)
+
     def __dir__(self) -> list[str]:
         """aiosmtpd's constructor finds a session's command and AUTH methods by listing and
         reading every attribute (dir, inspect.getmembers): about 110 us per connection.
@@ -176,6 +192,8 @@ class RelaySMTP(SMTP):
     # --- replies --------------------------------------------------------------------------
 
     async def push(self, status: AnyStr) -> None:
+        if self._ended:
+            return
         text = status if isinstance(status, str) else status.decode("utf-8", "replace")
         if self._plain_replies:
             reply = text
@@ -221,6 +239,7 @@ class RelaySMTP(SMTP):
         nothing more. aiosmtpd goes on to read the next command, and a command the client
         sent in the same write is already buffered, so the session's reader is replaced
         by an empty one: the read waits, and the cancellation ends the session there."""
+        self._ended = True
         self._flush()
         if self.transport is not None:
             self.transport.close()
@@ -325,13 +344,14 @@ class RelaySMTP(SMTP):
                 hold[name.upper()] = value  # a bare keyword: "", refused as malformed
             else:
                 kept.append(parameter)
-        # aiosmtpd checks SIZE= with str.isdigit(), which takes '²', and int() then raises.
-        size = _SIZE_PARAMETER.search(" ".join(kept))
-        if size is not None and not (size.group(1).isascii() and size.group(1).isdigit()):
+        # aiosmtpd checks SIZE= with str.isdigit(), which takes '²', and int() then raises;
+        # it keeps the last of several, so every one is checked.
+        sizes = _SIZE_PARAMETER.findall(" ".join(kept))
+        if not all(size.isascii() and size.isdigit() for size in sizes):
             await self.push("501 5.5.4 Syntax: MAIL FROM:<address> SIZE=<number>")
             return
         if not envelope.mail_from:
-            envelope.declared_size = int(size.group(1)) if size is not None else 0
+            envelope.declared_size = int(sizes[-1]) if sizes else 0
             envelope.holdfor, envelope.holduntil = hold.get("HOLDFOR"), hold.get("HOLDUNTIL")
         if hold and path is not None and parameters is not None:
             # RFC 4865's parameters are the policy's: aiosmtpd refuses any it does not know.
@@ -348,9 +368,10 @@ class RelaySMTP(SMTP):
         return cached
 
     async def smtp_DATA(self, arg: str) -> None:
-        """DATA, read in blocks: each block read from the stream up to the next '.\\r\\n'
-        (the end of data is one), or as much as is buffered, so that nothing after the end
-        of data is taken from the stream; the rest is the client's next command."""
+        """DATA, read in blocks, none of which goes past the end of data: what follows it
+        is the client's next command. A failure of ours while the content comes in (the
+        policy's or the disk's) does not stop the reading: the client's message is read to
+        its end whatever happens, then refused, so that none of it is taken as commands."""
         if await self.check_helo_needed():
             return
         envelope = self.envelope
@@ -361,36 +382,68 @@ class RelaySMTP(SMTP):
         if arg:
             await self.push("501 5.5.4 Syntax: DATA")
             return
-        sink = self.policy.begin_message(self.session, envelope)
+        sink: MessageSink | None = self.policy.begin_message(self.session, envelope)
+        reply = INTERNAL_ERROR
         try:
             await self.push("354 End data with <CR><LF>.<CR><LF>")
             reader = DataReader(self.data_size_limit, self.line_length_limit)
-            end: int | None = None
-            while end is None:
-                try:
-                    block = await self._reader.readuntil(b".\r\n")
-                except asyncio.LimitOverrunError as overrun:
-                    block = await self._reader.read(overrun.consumed)
-                content, end = reader.feed(block)
-                if content:
-                    sink.write(content)
+            async for content in self._data_blocks(reader):
+                if content and sink is not None:
+                    sink = self._write(sink, content)
             if reader.refusal is not None:
+                reply = reader.refusal
+            elif sink is not None:
+                self._storing = True
+                try:
+                    reply = await self.policy.end_message(self.session, envelope, sink)
+                except Exception as exc:  # noqa: BLE001 - answered 451, never as text
+                    reply = await self.handle_exception(exc)
+                finally:
+                    self._storing = False
+        finally:
+            if sink is not None and not reply.startswith("250"):
                 sink.discard()
-                self._set_post_data_state()
-                await self.push(reader.refusal)
-                return
-            self._storing = True
-            try:
-                reply = await self.policy.end_message(self.session, envelope, sink)
-            finally:
-                self._storing = False
-        except BaseException:
-            sink.discard()
-            raise
-        self._set_post_data_state()
+            self._set_post_data_state()
         if reply.startswith("250"):
             self.message_queued()
         await self.push(reply)
+
+    def _write(self, sink: MessageSink, content: bytes) -> MessageSink | None:
+        """Hand content to the sink; None once the sink has failed (the rest is read and
+        dropped, and the message refused at its end)."""
+        try:
+            sink.write(content)
+        except Exception as exc:  # noqa: BLE001
+            logger.error("SMTP session error: %s: %s", type(exc).__name__, exc, exc_info=exc)
+            sink.discard()
+            return None
+        return sink
+
+    async def _data_blocks(self, reader: DataReader) -> AsyncIterator[bytes]:
+        """The content of DATA, block by block, as DataReader makes of what the stream holds.
+
+        A block is what the stream holds up to the first end of data, or all it holds but
+        its last four octets (asyncio's readuntil says how much that is when it does not
+        find it). An end of data can then never lie across two blocks, except where what
+        was taken ends with the start of one (the CRLF that ended DATA, at first): from
+        there the next octets are taken one at a time, until they settle it."""
+        tail = b"\r\n"  # what was taken last: at first the CRLF of the DATA command
+        end: int | None = None
+        while end is None:
+            if _ends_with_start_of_end(tail):
+                block = await self._reader.readexactly(1)
+            else:
+                try:
+                    block = await self._reader.readuntil(END_OF_DATA)
+                except asyncio.LimitOverrunError as overrun:
+                    block = await self._reader.readexactly(overrun.consumed)
+            tail = (tail + block[-4:])[-4:]
+            content, end = reader.feed(block)
+            yield content
+
+def _ends_with_start_of_end(tail: bytes) -> bool:
+    """Whether `tail` ends with a proper beginning of END_OF_DATA ("\\r", "\\r\\n", ...)."""
+    return any(tail.endswith(END_OF_DATA[:n]) for n in range(1, len(END_OF_DATA)))
 
 
 _SIZE_PARAMETER = re.compile(r"(?i)(?:^|\s)SIZE=(\S*)")

@@ -72,7 +72,6 @@ def envelopes(relay: RelayProcess) -> list[dict[str, Any]]:
 
 # --- 1. an error while sealing a message desynchronises the session ----------------------
 
-@finding(1, "RecursionError from the From: parser reaches the client as 451")
 def test_a_from_field_nested_past_the_parsers_depth_is_queued(
         holding_relay: RelayProcess) -> None:
     """A From: the address rules cannot parse is kept as it is (README: Addresses)."""
@@ -84,7 +83,6 @@ def test_a_from_field_nested_past_the_parsers_depth_is_queued(
         assert reader.readline().startswith(b"250 2.0.0 Ok: queued as ")
 
 
-@finding(1, "after an error mid-DATA the rest of the message is read as commands")
 def test_the_rest_of_a_message_refused_mid_data_is_never_read_as_commands(
         holding_relay: RelayProcess) -> None:
     """A message past the 1 MiB spill point whose seal fails: what follows in its body
@@ -103,7 +101,6 @@ def test_the_rest_of_a_message_refused_mid_data_is_never_read_as_commands(
     assert not any("victim@example.org" in e["recipients"] for e in envelopes(holding_relay))
 
 
-@finding(1, "the envelope is not reset when DATA fails with an exception")
 def test_a_message_refused_at_its_final_dot_leaves_no_recipient_behind(
         holding_relay: RelayProcess) -> None:
     """The next transaction after a failed DATA goes to its own recipients only."""
@@ -120,7 +117,6 @@ def test_a_message_refused_at_its_final_dot_leaves_no_recipient_behind(
 
 # --- 2. folded header fields cost quadratic time on the event loop -----------------------
 
-@finding(2, "field_value and _take_header concatenate continuation lines one by one")
 @pytest.mark.parametrize("field", [b"Message-ID: <a@b>", b"X-Relay-Send-At: 2020-01-01T00:00:00Z"])
 def test_a_long_folded_header_field_does_not_stop_other_sessions(
         holding_relay: RelayProcess, field: bytes) -> None:
@@ -140,7 +136,6 @@ def test_a_long_folded_header_field_does_not_stop_other_sessions(
 
 # --- 3. a client's EOF cancels the session while its message is stored -------------------
 
-@finding(3, "aiosmtpd's eof_received cancels the session with commands still to answer")
 def test_a_client_that_half_closes_after_quit_hears_every_reply(
         holding_relay: RelayProcess) -> None:
     """`printf '...QUIT\\r\\n' | nc`: the whole session in one write, then FIN. The message
@@ -157,7 +152,6 @@ def test_a_client_that_half_closes_after_quit_hears_every_reply(
              what="the queued log line")
 
 
-@finding(3, "a stored entry whose session was cancelled is never handed to delivery")
 def test_a_scheduled_message_stored_as_its_client_left_is_sent_at_its_time(
         make_relay: MakeRelay, upstream: Upstream, ca_file: Path, tmp_path: Path) -> None:
     """HOLDFOR=1, and FIN right after the final dot: the entry the relay stored is sent
@@ -177,7 +171,6 @@ def test_a_scheduled_message_stored_as_its_client_left_is_sent_at_its_time(
 
 # --- 4. messages over 1 MiB are never held to spool.min_free -----------------------------
 
-@finding(4, "a draft (spilled message) skips the min_free check in store_many")
 def test_a_message_past_the_spill_point_keeps_spool_min_free(
         make_relay: MakeRelay, tmp_path: Path) -> None:
     """16 MiB filesystem, min_free 8 MiB, a 10 MiB message without SIZE=: MAIL passes
@@ -246,7 +239,6 @@ def peak_rss_kib(relay: RelayProcess) -> int:
     return int(match.group(1))
 
 
-@finding(6, "readuntil(b'.\\r\\n') makes a 4-octet block, and a list item, of each 'a.' line")
 def test_dot_ended_lines_do_not_multiply_a_sessions_memory(
         holding_relay: RelayProcess) -> None:
     """Four sessions each holding 1,040,000 octets of `a.\\r\\n` lines (under the 1 MiB
@@ -272,7 +264,6 @@ def test_dot_ended_lines_do_not_multiply_a_sessions_memory(
 
 # --- 7. a repeated SIZE= still reaches int() ----------------------------------------------
 
-@finding(7, "only the first SIZE= is checked; aiosmtpd keeps the last and int() raises")
 def test_a_repeated_size_parameter_gets_501(holding_relay: RelayProcess) -> None:
     """`SIZE=1 SIZE=²`: 501, never 451 with a traceback in the log."""
     sock, reader = session(holding_relay)
@@ -285,7 +276,6 @@ def test_a_repeated_size_parameter_gets_501(holding_relay: RelayProcess) -> None
 
 # --- 8. header fields past the spill point escape the address rules ----------------------
 
-@finding(8, "the rules see only the header lines within the first 1 MiB (the spill point)")
 def test_a_from_field_after_a_megabyte_of_header_is_still_rewritten(
         make_relay: MakeRelay, tmp_path: Path) -> None:
     """With sender_domains and default_sender, a From: outside them that follows 1.3 MB of
