@@ -139,11 +139,12 @@ def percentile(values: list[float], fraction: float) -> float:
     return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
 
 
-def peak_memory(server: Relay | Postfix, clients: int, size: int) -> float:
-    """Peak memory (MiB of proportional set size, all the server's processes) while
-    `clients` each send one message of `size` bytes at once."""
+def peak_memory(server: Relay | Postfix, clients: int, size: int) -> tuple[float, float]:
+    """Peak memory (MiB of proportional set size, all the server's processes; and MiB of
+    resident set) while `clients` each send one message of `size` bytes at once."""
     body = b"Subject: big\r\n\r\n" + (b"y" * 998 + b"\r\n") * (size // 1000)
     peak = pss_kib(server.pids())
+    peak_rss = rss_kib(server.pids())
     done = threading.Event()
 
     def send() -> None:
@@ -156,8 +157,9 @@ def peak_memory(server: Relay | Postfix, clients: int, size: int) -> float:
                      daemon=True).start()
     while not done.is_set():
         peak = max(peak, pss_kib(server.pids()))
+        peak_rss = max(peak_rss, rss_kib(server.pids()))
         time.sleep(0.01)
-    return peak / KIB
+    return peak / KIB, peak_rss / KIB
 
 
 def fill_spool(spool_path: Path, entries: int, scheduled: bool = False) -> None:
@@ -201,18 +203,25 @@ def cpu_seconds(pid: int) -> float:
 
 # --- the run ------------------------------------------------------------------------------
 
-def run(plan: Plan, workdir: Path) -> tuple[Figures, dict[str, list[float]]]:
+def run(plan: Plan, workdir: Path,
+        baseline: str | None = None) -> tuple[Figures, dict[str, list[float]]]:
+    """Every figure; with `baseline` (another build's python), that build is measured
+    beside this one and Postfix in the main comparison."""
     figures = Figures()
-    latency_samples: dict[str, list[float]] = {"relay": [], "postfix": []}
+    names = ["relay", "postfix"] + (["baseline"] if baseline else [])
+    latency_samples: dict[str, list[float]] = {name: [] for name in names}
     with contextlib.ExitStack() as running:
-        sinks = {name: running.enter_context(Sink(workdir)) for name in ("relay", "postfix")}
+        sinks = {name: running.enter_context(Sink(workdir)) for name in names}
         servers: dict[str, Relay | Postfix] = {
             "relay": running.enter_context(Relay(workdir / "relay", sinks["relay"])),
             "postfix": running.enter_context(Postfix(workdir / "pf", sinks["postfix"])),
         }
+        if baseline:
+            servers["baseline"] = running.enter_context(
+                Relay(workdir / "baseline", sinks["baseline"], python=baseline))
         for repetition in range(plan.repetitions):
-            # Alternate who goes first, so neither always meets a warmer machine.
-            order = ["relay", "postfix"] if repetition % 2 == 0 else ["postfix", "relay"]
+            # Turn who goes first, so none always meets a warmer machine.
+            order = names[repetition % len(names):] + names[:repetition % len(names)]
             for size in plan.sizes:
                 messages = plan.messages // 2 if size >= 100 * KIB else plan.messages
                 for sessions in plan.sessions:
@@ -231,8 +240,11 @@ def run(plan: Plan, workdir: Path) -> tuple[Figures, dict[str, list[float]]]:
                 for label, fraction in (("p50", 0.5), ("p95", 0.95), ("p99", 0.99)):
                     figures.add(f"{name} latency {label}", percentile(samples, fraction) * 1000)
             for name in order:
-                figures.add(f"{name} memory peak",
-                            peak_memory(servers[name], plan.memory_clients, plan.memory_message))
+                idle_rss = rss_kib(servers[name].pids()) / KIB
+                peak_pss, peak_rss = peak_memory(servers[name], plan.memory_clients,
+                                                 plan.memory_message)
+                figures.add(f"{name} memory peak", peak_pss)
+                figures.add(f"{name} memory over idle", peak_rss - idle_rss)
     slow(plan, workdir, figures)
     scale(plan, workdir, figures)
     metrics_cost(plan, workdir, figures)
@@ -441,6 +453,7 @@ class Row:
     better: str  # "higher" or "lower"
     target: str
     baseline: float | None = None  # the same run's figure without the feature (metrics)
+    previous: float | None = None  # the same run's figure of another build (--baseline)
 
     @property
     def ratio(self) -> float | None:
@@ -458,6 +471,9 @@ class Row:
 
 def rows(plan: Plan, figures: Figures) -> list[Row]:
     m = figures.median
+
+    def previous(name: str) -> float | None:
+        return m(name) if name in figures.values else None
     out: list[Row] = []
     for kind, label in (("accept", "acceptance"), ("e2e", "end to end")):
         for size in plan.sizes:
@@ -465,16 +481,19 @@ def rows(plan: Plan, figures: Figures) -> list[Row]:
                 key = f"{kind} {size // KIB}KiB x{sessions}"
                 out.append(Row(f"{label}, {size // KIB} KiB, {sessions} sessions",
                                m(f"relay {key}"), m(f"postfix {key}"), "msg/s", "higher",
-                               ">= 1.0x"))
+                               ">= 1.0x", previous=previous(f"baseline {key}")))
     for label in ("p50", "p95", "p99"):
         out.append(Row(f"latency {label}, new connection per 10 KiB message",
                        m(f"relay latency {label}"), m(f"postfix latency {label}"), "ms", "lower",
-                       "<= 1.0x" if label != "p95" else "(reported)"))
+                       "<= 1.0x" if label != "p95" else "(reported)",
+                       previous=previous(f"baseline latency {label}")))
     out.append(Row("delivery through a 0.5 s/message sink", m("relay slow sink"),
                    m("postfix slow sink"), "msg/s", "higher", ">= 1.0x"))
-    out.append(Row(f"peak memory (PSS), {plan.memory_clients} clients x "
-                   f"{plan.memory_message // (KIB * KIB)} MiB", m("relay memory peak"),
+    clients = f"{plan.memory_clients} clients x {plan.memory_message // (KIB * KIB)} MiB"
+    out.append(Row(f"peak memory (PSS), {clients}", m("relay memory peak"),
                    m("postfix memory peak"), "MiB", "lower", "(reported)"))
+    out.append(Row(f"relay's peak RSS over its idle RSS, {clients}", m("relay memory over idle"),
+                   None, "MiB", "lower", "<= 64 MiB", previous=previous("baseline memory over idle")))
     entries = f"{plan.scale_entries:,} entries"
     out.append(Row(f"scale: start-up with {entries}", m("scale start-up"), None, "s", "lower",
                    "< 10 s"))
@@ -517,6 +536,8 @@ def budget_met(row: Row, plan: Plan, figures: Figures) -> bool:
         return row.relay < 10
     if "queue --json" in row.figure:
         return row.relay < 5
+    if "over its idle RSS" in row.figure:
+        return row.relay <= 64
     if "resident memory" in row.figure:
         return row.relay < 300
     if row.baseline is not None:
@@ -532,16 +553,24 @@ def budget_met(row: Row, plan: Plan, figures: Figures) -> bool:
 
 
 def table(plan: Plan, figures: Figures) -> list[str]:
-    lines = ["| figure | relay | Postfix | relay/Postfix | target | met |",
-             "|---|---:|---:|---:|---|---|"]
+    """The table of figures; with a baseline build measured, its column and ratio too."""
+    compared = any(name.startswith("baseline ") for name in figures.values)
+    extra = " previous build | relay/previous |" if compared else ""
+    lines = ["| figure | relay | Postfix | relay/Postfix | target | met |" + extra,
+             "|---|---:|---:|---:|---|---|" + ("---:|---:|" if compared else "")]
     for row in rows(plan, figures):
         ratio = f"{row.ratio:.2f}x" if row.ratio is not None else "—"
         postfix = f"{row.postfix:,.1f} {row.unit}" if row.postfix is not None else "—"
         met = "yes" if budget_met(row, plan, figures) else "**no**"
         if row.target == "(reported)":
             met = "—"
-        lines.append(f"| {row.figure} | {row.relay:,.1f} {row.unit} | {postfix} | {ratio} | "
-                     f"{row.target} | {met} |")
+        line = (f"| {row.figure} | {row.relay:,.1f} {row.unit} | {postfix} | {ratio} | "
+                f"{row.target} | {met} |")
+        if compared:
+            before = row.previous
+            line += (f" {before:,.1f} {row.unit} | {row.relay / before:.2f}x |"
+                     if before else " — | — |")
+        lines.append(line)
     return lines
 
 
@@ -636,11 +665,28 @@ def report(plan: Plan, figures: Figures, latency_samples: dict[str, list[float]]
     print(f"\nwritten: {output}" + (f", {picture}" if plotted else " (no plot: matplotlib missing)"))
 
 
+def install_build(ref: str, workdir: Path) -> str:
+    """Install the relay of git `ref` into a venv of its own; its python."""
+    tree, venv = workdir / "baseline-build", workdir / "baseline-venv"
+    subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(tree), ref],
+                   check=True, stdout=subprocess.DEVNULL)
+    try:
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        subprocess.run([str(venv / "bin" / "pip"), "install", "-q", str(tree)], check=True)
+    finally:
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)],
+                       check=False)
+    return str(venv / "bin" / "python")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a smoke run, under a minute")
     parser.add_argument("--output", type=Path, help="where to write BENCHMARKS.md "
                         "(default docs/BENCHMARKS.md; with --quick, a temp dir)")
+    parser.add_argument("--baseline", metavar="REF", help="also measure the build of this "
+                        "git commit or tag (installed into a venv of its own), e.g. "
+                        "hand-written-listener")
     args = parser.parse_args()
     plan = QUICK if args.quick else Plan()
     ensure_postfix()
@@ -648,7 +694,8 @@ def main() -> int:
         os.chmod(tmp, 0o755)  # Postfix's own processes run as the postfix user
         output = args.output or (Path(tmp) / "BENCHMARKS.md" if args.quick
                                  else ROOT / "docs" / "BENCHMARKS.md")
-        figures, samples = run(plan, Path(tmp))
+        baseline = install_build(args.baseline, Path(tmp)) if args.baseline else None
+        figures, samples = run(plan, Path(tmp), baseline)
         report(plan, figures, samples, output, args.quick)
         if args.quick and args.output is None:
             print((Path(tmp) / "BENCHMARKS.md").read_text())
