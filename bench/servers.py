@@ -163,10 +163,14 @@ class Relay:
                        "max_message_size": "64MiB"},
             "spool": {"path": str(self.spool), "min_free": 0},
             "upstream": {"host": "127.0.0.1", "port": sink.port, "tls": "none",
-                         "connections": connections, "timeout": "60s", "rate": rate},
+                         "connections": connections, "timeout": "60s"},
             "log": {"level": "info"},
-            "metrics": {"port": self.metrics_port},
         }
+        # Only the keys a measurement needs: an earlier build (python=) refuses later ones.
+        if rate is not None:
+            config["upstream"]["rate"] = rate
+        if metrics:
+            config["metrics"] = {"port": self.metrics_port}
         self.config_path = workdir / "relay.yaml"
         self.config_path.write_text(yaml.safe_dump(config))
         self.log_path = workdir / "relay.log"

@@ -50,8 +50,6 @@ REPLY_LINE_LIMIT = 510  # RFC 5321 4.5.3.1.5: 512 octets with the CRLF
 JUNK_LIMIT = 20  # commands without mail per message
 ERROR_LIMIT = 20  # error replies per message
 OVERSHOOT_LIMIT = 1000  # recipients past max_recipients (452) before each counts as an error
-# Replies held for one write until the loop runs again, unless they pile up past this.
-HELD_REPLIES = 64 * 1024
 PATH_CACHE = 4096
 STORING_RECHECK = 0.1  # seconds: how often a timeout that fell due while storing looks again
 
@@ -132,9 +130,7 @@ class RelaySMTP(SMTP):
         # MAIL's at each EHLO: each session gets its own, fixed.
         self.command_size_limits = collections.defaultdict(lambda: COMMAND_LINE_LIMIT)
         self._admitted = False
-        self._held: list[bytes] = []
-        self._held_size = 0
-        self._flush_handle: asyncio.Handle | None = None
+        self._held: list[bytes] = []  # an EHLO reply's lines, written whole at its last
         self._plain_replies = False  # answering HELO or EHLO: no enhanced codes
         self._junk = 0
         self._errors = 0
@@ -159,8 +155,6 @@ class RelaySMTP(SMTP):
             return  # refused at connect: aiosmtpd's session never started
         self._admitted = False
         self.policy.release()
-        if self._flush_handle is not None:
-            self._flush_handle.cancel()
         super().connection_lost(error)
 
     def _create_envelope(self) -> RelayEnvelope:
@@ -217,22 +211,17 @@ class RelaySMTP(SMTP):
             self.policy.replied(TOO_MANY_ERRORS)
             self._end_session()
             return
-        if self._held_size > HELD_REPLIES:
+        if not reply.startswith("250-"):  # an EHLO reply is written whole, at its last line
             self._flush()
             await self._writer.drain()
 
     def _hold(self, line: bytes) -> None:
         self._held.append(line)
-        self._held_size += len(line)
-        if self._flush_handle is None:
-            self._flush_handle = self.loop.call_soon(self._flush)
 
     def _flush(self) -> None:
-        self._flush_handle = None
         if self._held and self.transport is not None:
             self.transport.write(b"".join(self._held))  # type: ignore[attr-defined]
         self._held.clear()
-        self._held_size = 0
 
     def _end_session(self) -> None:
         """After a reply that ends the session: send what is held, close, and act on
