@@ -14,7 +14,8 @@ import enum
 from dataclasses import dataclass, replace
 
 from .config import DeliveryConfig
-from .policy import SET_UP, AttemptResult, Stage, backoff
+from .outcome import SET_UP, AttemptResult, Stage
+from .policy import backoff
 from .ratelimit import is_rate_limit
 
 

@@ -53,7 +53,7 @@ from .errors import (
 from .history_query import Query, search
 from .hostname import system_name
 from .log import setup_logging
-from .policy import Stage
+from .outcome import Stage
 from .schedule import parse_since, parse_when
 from .spool import Spool, is_valid_id
 

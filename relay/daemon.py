@@ -17,8 +17,8 @@ import os
 import signal
 from concurrent.futures import ThreadPoolExecutor
 
-from .bounces import Bounces
 from . import addresses
+from .bounces import Bounces
 from .clock import SteadyClock
 from .config import Config, keep_restart_only, load_config, restart_required
 from .delivery import Delivery

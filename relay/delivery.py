@@ -26,18 +26,26 @@ import time
 from collections.abc import Callable
 
 from . import policy, routing
-from .attempt import Attempter, Limited, Tried, Waiting
+from .attempt import Attempter
 from .bounces import Bounces
-from .config import Config
-from .routing import Gate
 from .breaker import Circuit
+from .config import Config
 from .entry import Entry, Queue, Status
 from .errors import CorruptEntry, SpoolError, TaskFailed
 from .faults import fault_point
 from .history import HistoryWriter
 from .log import log_event, log_failure
 from .metrics import Recorder
-from .policy import AttemptResult, Disposition, Reply, Stage
+from .outcome import (
+    AttemptResult,
+    Disposition,
+    Limited,
+    Reply,
+    Settlement,
+    Stage,
+    Tried,
+)
+from .routing import Gate
 from .scheduler import Scheduler
 from .spool import Spool
 from .supervise import supervised
@@ -348,8 +356,8 @@ class Delivery:
         if isinstance(outcome, Tried):
             await self._record(outcome.entry, outcome.result, outcome.started, outcome.upstream)
         elif isinstance(outcome, Limited):
-            limited = policy.rate_limited(outcome.entry, outcome.result, outcome.reply,
-                                          outcome.until)
+            limited = policy.after_rate_limit(outcome.entry, outcome.result, outcome.reply,
+                                              outcome.until)
             await self._defer_unattempted(entry, limited, outcome.until)
         elif outcome.record:
             await self._defer_unattempted(
@@ -382,7 +390,7 @@ class Delivery:
                       upstream: str) -> None:
         """Apply an attempt's result to the entry and make it durable before anything else
         happens to the entry; if that fails, set it aside."""
-        settled: policy.Settlement | None = None
+        settled: Settlement | None = None
         try:
             settled = policy.settle(entry, result, started, self._clock(),
                                     self.config.delivery, self._rand())

@@ -15,7 +15,7 @@ from typing import cast
 import aiosmtplib
 
 from .errors import ReplyTimeout, SessionError
-from .policy import Reply, Stage
+from .outcome import Reply, Stage
 
 # Bounds on what the upstream may send, as aiosmtplib's: a reply line, a whole reply
 # (continuation lines included), and everything unread at once.

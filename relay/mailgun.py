@@ -2,7 +2,7 @@
 
 `POST {api_url}/v3/{domain}/messages.mime` with Basic auth `api:<key>`, as
 multipart/form-data: one `to` field per envelope recipient and `message`, the whole MIME
-message, as a file. Mailgun's answers come back as the same policy.AttemptResult an SMTP
+message, as a file. Mailgun's answers come back as the same outcome.AttemptResult an SMTP
 attempt gives, with an SMTP reply of like meaning, so that delivery, policy and the
 breaker treat both transports alike:
 
@@ -33,7 +33,7 @@ from typing import Any
 import httpx
 
 from .config import MailgunApiConfig
-from .policy import AttemptResult, Reply, Stage
+from .outcome import AttemptResult, Reply, Stage
 
 MAX_TEXT = 300  # of Mailgun's message kept in a reply: it ends up in logs and the queue
 

@@ -5,7 +5,7 @@ taken over by a `relay.link.Link`, which writes a transaction's MAIL, RCPT and D
 one go when the server offers PIPELINING (RFC 2920), as Postfix does, and reads the
 replies in order: two round trips per message instead of four, which aiosmtplib cannot.
 
-Every failure comes back as a value (`policy.AttemptResult`), never as an exception: the
+Every failure comes back as a value (`outcome.AttemptResult`), never as an exception: the
 caller asks `policy` what it means. The session is reused for consecutive messages (RSET
 between them) while it is fresh, and dropped after any error that may have left it in an
 unknown state. Knows nothing of the spool.
@@ -34,7 +34,8 @@ from aiosmtplib.email import quote_address
 from .config import UpstreamConfig
 from .errors import ConfigError, CredentialsRejected, ReplyTimeout, SessionError
 from .link import Link, printable
-from .policy import AttemptResult, Reply, Stage, is_recipient_limit
+from .outcome import AttemptResult, Reply, Stage
+from .policy import is_recipient_limit
 
 # Postfix reuses a cached connection for 2 s (smtp_connection_cache_time_limit); a little
 # longer suits bursts from one application, and a server that dropped an idle connection

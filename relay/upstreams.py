@@ -19,7 +19,7 @@ from typing import Protocol
 
 from .breaker import Circuit
 from .config import AnyUpstream, Config, UpstreamConfig
-from .policy import AttemptResult
+from .outcome import AttemptResult
 from .routing import Gate
 from .upstream import UpstreamSession, make_tls_context
 

@@ -352,7 +352,7 @@ CASES: dict[int, Case] = {
               "Refused whole: nothing switched, the error names upstream.ca_file, STATUS= says refused, READY=1 follows RELOADING=1; at start and in `relay check`: exit 78"),
     112: Case("Finding 6: two error vocabularies",
               "535 at AUTH on the new session opened when a reused one was found dead at MAIL",
-              "Classified at stage AUTH (CredentialsRejected), so delivery pauses as after a first login; SessionError in relay/errors.py, one policy.Stage vocabulary, `relay check` through cli.exit_status"),
+              "Classified at stage AUTH (CredentialsRejected), so delivery pauses as after a first login; SessionError in relay/errors.py, one outcome.Stage vocabulary, `relay check` through cli.exit_status"),
     113: Case("Finding 7: logins while paused",
               "Delivery paused after a 535; then a retry coming due, a new message and `relay queue flush`",
               "No login until a reload (or retry_max)"),

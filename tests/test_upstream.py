@@ -11,7 +11,7 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from relay.config import UpstreamConfig
-from relay.policy import AttemptResult
+from relay.outcome import AttemptResult
 from relay.upstream import UpstreamSession, make_tls_context, wire_form
 from upstream import PASSWORD, USERNAME, Upstream
 
