@@ -56,6 +56,7 @@ from .log import setup_logging
 from .outcome import Stage
 from .schedule import parse_since, parse_when
 from .spool import Spool, is_valid_id
+from .text import escape
 
 EX_OK = 0
 EX_USAGE = 64
@@ -329,7 +330,7 @@ def _act(spool: Spool, action: Action, ids: list[str], send_at: float,
     done = 0
     for entry_id in ids:
         outcome = admin.apply(spool, action, entry_id, send_at=send_at, deleted=deleted)
-        line = f"{views.escape(entry_id)}: {outcome.message}"
+        line = f"{escape(entry_id)}: {outcome.message}"
         if outcome.error is None:
             print(line)
             done += 1
@@ -409,7 +410,7 @@ async def _check(config: Config) -> int:
             where = (f"{upstream.host}:{upstream.port}, {upstream.tls}"
                      if isinstance(upstream, UpstreamConfig)
                      else f"{upstream.api_url}, domain {upstream.domain}")
-            print(f"\n{'upstream':<9} {views.escape(upstream.name)} "
+            print(f"\n{'upstream':<9} {escape(upstream.name)} "
                   f"({upstream.transport} {where})")
         if upstream.name in states:
             print(f"{'relay':<9} {'sees':<7} "
@@ -426,15 +427,15 @@ async def _check_smtp(upstream: UpstreamConfig, hostname: str) -> SessionError |
     session = UpstreamSession(upstream, make_tls_context(upstream), hostname)
 
     def report(stage: Stage, detail: str) -> None:
-        print(f"{stage.value:<9} ok      {views.escape(detail)}")
+        print(f"{stage.value:<9} ok      {escape(detail)}")
     try:
         smtp = await session.open(report)
     except SessionError as failure:
-        print(f"{failure.stage.value:<9} FAILED  {views.escape(str(failure.reply))}")
+        print(f"{failure.stage.value:<9} FAILED  {escape(str(failure.reply))}")
         print(f"{'':<9} likely cause: {likely_cause(failure, upstream)}")
         return failure
     response = await smtp.quit()
-    print(f"{Stage.QUIT.value:<9} ok      {response.code} {views.escape(response.message)}")
+    print(f"{Stage.QUIT.value:<9} ok      {response.code} {escape(response.message)}")
     return None
 
 
@@ -448,10 +449,10 @@ async def _check_api(upstream: MailgunApiConfig) -> CheckFailed | None:
     finally:
         await api.close()
     if check.ok:
-        print(f"{'domain':<9} ok      {views.escape(check.detail)}")
+        print(f"{'domain':<9} ok      {escape(check.detail)}")
         return None
-    print(f"{'domain':<9} FAILED  {views.escape(check.detail)}")
-    print(f"{'':<9} likely cause: {views.escape(check.cause)}")
+    print(f"{'domain':<9} FAILED  {escape(check.detail)}")
+    print(f"{'':<9} likely cause: {escape(check.cause)}")
     return CheckFailed(check.detail, refused=check.refused)
 
 
@@ -473,9 +474,9 @@ def _check_local(config: Config) -> int:
         connection.close()
     detail = "; ".join(line for line in text.splitlines() if line.strip())
     if response.status != 200:
-        print(f"{'healthz':<9} FAILED  {response.status} {views.escape(detail)}")
+        print(f"{'healthz':<9} FAILED  {response.status} {escape(detail)}")
         raise Unhealthy(f"the relay at {where} is not healthy")
-    print(f"{'healthz':<9} ok      {where} {response.status} {views.escape(detail)}")
+    print(f"{'healthz':<9} ok      {where} {response.status} {escape(detail)}")
     return EX_OK
 
 
@@ -526,13 +527,13 @@ def _verify(config: Config, recipients: list[str]) -> int:
     worst = EX_OK
     for recipient in recipients:
         accepted, verdict = addresses.describe(rules, recipient)
-        print(f"{views.escape(recipient)}: {views.escape(verdict)}")
+        print(f"{escape(recipient)}: {escape(verdict)}")
         worst = worst if accepted else EX_DATAERR
     return worst
 
 
 def _warn_foreign(problem: ForeignFile) -> None:
-    print(f"relay: {views.escape(problem.path)}: {problem.reason}", file=sys.stderr)
+    print(f"relay: {escape(problem.path)}: {problem.reason}", file=sys.stderr)
 
 
 def _describe(error: BaseException) -> str:

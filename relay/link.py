@@ -16,6 +16,7 @@ import aiosmtplib
 
 from .errors import ReplyTimeout, SessionError
 from .outcome import Reply, Stage
+from .text import escape
 
 # Bounds on what the upstream may send, as aiosmtplib's: a reply line, a whole reply
 # (continuation lines included), and everything unread at once.
@@ -176,7 +177,7 @@ def printable(text: str) -> str:
             text = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
         except UnicodeEncodeError:  # a surrogate that stands for no byte
             text = text.encode("utf-8", "backslashreplace").decode("utf-8")
-        text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+        text = escape(text)
     if len(text) > MAX_REPLY_TEXT:
         text = text[:MAX_REPLY_TEXT - 1] + "…"
     return text

@@ -37,6 +37,7 @@ from .log import log_event
 from .metrics import Recorder, Refusal
 from .smtp_server import RelayEnvelope, RelaySMTP
 from .spool import Draft, Spool, new_id
+from .text import header_safe
 from .writer import SpoolWriter
 
 logger = logging.getLogger("relay.listener")
@@ -50,6 +51,7 @@ WRITE_ERROR = "452 4.3.1 Error: queue file write error"
 # The spool writer's thread died: the daemon is going down for systemd to restart it.
 WRITER_STOPPED = "451 4.3.0 Error: the spool cannot be written now, try again later"
 NULL_PATH = "<>"  # aiosmtpd's mail_from for the null reverse-path
+MAX_TRACE_WORD = 255  # the HELO name and the recipient in Received:, cut to this length
 
 
 class Gate:
@@ -265,11 +267,14 @@ class Handler:
         recipients = tuple(envelope.rcpt_tos)
 
         def seal(content: bytes) -> NewEntry | str:
+            head = split_header(content)[0]
             try:
-                header_send_at, content = schedule.message_send_at(content, now, max_schedule)
+                header_send_at, stripped = schedule.message_send_at(content, now, max_schedule,
+                                                                    head)
             except ScheduleRefused as exc:
                 return exc.reply
-            head = split_header(content)[0]
+            if stripped is not content:
+                content, head = stripped, split_header(stripped)[0]
             applied = addresses.apply(rules, sender, recipients, content, head)
             if isinstance(applied, str):
                 return applied
@@ -339,11 +344,13 @@ class Handler:
         """RFC 5321 4.4 trace header. Only sanitised text goes in: a client's HELO can carry
         CR or LF, which must never become a header of its own, or 8-bit text, which must
         not make a 7-bit message 8-bit."""
-        helo = _printable_ascii(session.host_name or "unknown")
+        # Any name a client gives itself goes in (Postfix accepts them all, Windows hosts
+        # send underscores), but as ASCII: no 8-bit text in a header of a 7-bit message.
+        helo = header_safe(session.host_name or "unknown", ascii_only=True)[:MAX_TRACE_WORD]
         protocol = "UTF8SMTP" if smtputf8 else ("ESMTP" if session.extended_smtp else "SMTP")
         stamp = _date(int(now))
-        recipient = (f"\r\n\tfor <{_printable(recipients[0])}>" if len(recipients) == 1
-                     else "")
+        recipient = (f"\r\n\tfor <{header_safe(recipients[0])[:MAX_TRACE_WORD]}>"
+                     if len(recipients) == 1 else "")
         header = (f"Received: from {helo} ({_client_name(session)})\r\n"
                   f"\tby {self.hostname} (relay) with {protocol} id {entry_id}{recipient};\r\n"
                   f"\t{stamp}\r\n")
@@ -402,15 +409,3 @@ def _date(second: int) -> str:
 def _client_name(session: Session) -> str:
     peer = session.peer
     return f"[{peer[0]}]" if isinstance(peer, tuple) and peer else "unknown"
-
-
-def _printable(text: str) -> str:
-    """Printable, space-free, bounded: safe inside a header or a log line."""
-    cleaned = "".join(c if c.isprintable() and not c.isspace() else "?" for c in text)
-    return cleaned[:255]
-
-
-def _printable_ascii(text: str) -> str:
-    """As _printable, and ASCII: any name a client gives itself (Postfix accepts them all,
-    Windows hosts send underscores) without 8-bit text in a header of a 7-bit message."""
-    return "".join(c if "!" <= c <= "~" else "?" for c in text)[:255]
