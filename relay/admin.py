@@ -22,6 +22,7 @@ from .schedule import rfc3339
 from .spool import Spool, is_valid_id
 
 BUSY_WAIT = 5.0
+BUSY_POLL = 0.05  # seconds between looks at a busy entry: an attempt takes milliseconds
 
 
 class Action(enum.Enum):
@@ -84,7 +85,7 @@ def apply(spool: Spool, action: Action, entry_id: str, *, wait: float = BUSY_WAI
         except EntryBusy as busy:
             if clock() >= deadline:
                 return Outcome(entry_id, "being delivered right now; try again", busy)
-            sleep(0.05)
+            sleep(BUSY_POLL)
         except EntryNotFound as missing:
             return Outcome(entry_id, "no such message in the queue", missing)
 

@@ -22,11 +22,15 @@ from .entry import Entry
 from .log import log_event
 from .outcome import AttemptOutcome, Disposition, Limited, Reaction, Tried, Waiting
 from .ratelimit import rate_limited
+from .upstreamconfig import TIMEOUT
 from .upstreams import Upstreams, display
 
 # A message whose upstream's rate lets it go within this many seconds waits for it in its
 # worker; a longer wait puts it back in the queue with its turn taken, and frees the worker.
 RATE_HOLD = 1.0
+# A probe of a down upstream may be out this many of its timeouts before another is let
+# through: longer than an attempt can take (connect, greeting, then a command at a time).
+PROBE_TIMEOUTS = 4
 
 
 class Attempter:
@@ -114,4 +118,4 @@ class Attempter:
     def _grace(self, path: list[AnyUpstream]) -> float:
         """How long a probe of a down upstream may be out before another is let through:
         longer than any attempt can take."""
-        return 4 * max((u.timeout for u in path), default=60.0)
+        return PROBE_TIMEOUTS * max((u.timeout for u in path), default=TIMEOUT)

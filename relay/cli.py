@@ -67,6 +67,7 @@ EX_TEMPFAIL = 75
 EX_NOPERM = 77
 EX_CONFIG = 78
 HEALTH_SECONDS = 5.0  # a probe of a healthy relay answers in milliseconds
+HEALTH_BYTES = 4096  # of /healthz's answer: a line per problem
 
 
 def exit_status(error: BaseException) -> int:
@@ -467,7 +468,7 @@ def _check_local(config: Config) -> int:
     try:
         connection.request("GET", "/healthz")
         response = connection.getresponse()
-        text = response.read(4096).decode("utf-8", "replace")
+        text = response.read(HEALTH_BYTES).decode("utf-8", "replace")
     except (OSError, http.client.HTTPException) as exc:
         raise Unhealthy(f"no relay answers at {where}: {_describe(exc)}") from None
     finally:

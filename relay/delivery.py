@@ -79,6 +79,8 @@ LISTENER_QUIET_WAIT = 0.005
 QUIET_SESSIONS = 4
 # How often active/ is looked through for entries no worker owns (Delivery.sweep).
 SWEEP_SECONDS = 2.0
+# How often incoming/ and wake/ are looked at for what operators did (watch_incoming).
+INCOMING_SECONDS = 1.0
 
 
 class Delivery:
@@ -134,7 +136,7 @@ class Delivery:
             self._fresh_bytes += entry.size
         self.scheduler.schedule(entry.id, 0.0)
 
-    async def watch_incoming(self, interval: float = 1.0) -> None:
+    async def watch_incoming(self, interval: float = INCOMING_SECONDS) -> None:
         """Schedule whatever operators put into incoming/ (flush, release, requeue), and
         the new times of entries they rescheduled (named in wake/).
 
