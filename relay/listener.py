@@ -26,7 +26,7 @@ from typing import Any
 
 from aiosmtpd.smtp import Session
 
-from . import addresses, routing, schedule
+from . import addresses, routing, schedule, tuning
 from .addresses import Rules
 from .config import Config, IPNetwork
 from .entry import Entry, NewEntry
@@ -42,9 +42,6 @@ from .writer import SpoolWriter
 
 logger = logging.getLogger("relay.listener")
 
-# A message larger than this goes to its spool file as it arrives rather than into memory,
-# so that memory does not grow with message size times sessions.
-SPILL_BYTES = 1024 * 1024
 INTERNAL_ERROR = "451 4.3.0 Error: internal error, try again later"
 NO_ROOM = "452 4.3.1 Error: insufficient system storage"
 WRITE_ERROR = "452 4.3.1 Error: queue file write error"
@@ -95,7 +92,7 @@ def _allowed(host: str, allow: tuple[IPNetwork, ...]) -> bool:
 
 class Message:
     """One message's content as DATA delivers it: kept in memory, or once it passes
-    SPILL_BYTES written to its spool file as it comes (relay.spool.Draft). `seal` turns
+    tuning.SPILL_BYTES written to its spool file as it comes (relay.spool.Draft). `seal` turns
     the content so far, its header complete, into the entry to store (the relay's own
     headers added, the rules applied), or the reply that refuses it; it runs at the end,
     or when the message is spilled."""
@@ -117,7 +114,7 @@ class Message:
         if self._draft is None:
             self._parts.append(content)
             self._size += len(content)
-            if self._size > SPILL_BYTES:
+            if self._size > tuning.SPILL_BYTES:
                 self._spill()
             return
         try:

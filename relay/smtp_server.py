@@ -36,6 +36,7 @@ from typing import Any, AnyStr, Protocol
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
+from . import tuning
 from .config import ListenConfig
 from .data import DataReader
 
@@ -49,8 +50,6 @@ REPLY_LINE_LIMIT = 510  # RFC 5321 4.5.3.1.5: 512 octets with the CRLF
 JUNK_LIMIT = 20  # commands without mail per message
 ERROR_LIMIT = 20  # error replies per message
 OVERSHOOT_LIMIT = 1000  # recipients past max_recipients (452) before each counts as an error
-# Replies held for one write until the loop runs again, unless they pile up past this.
-HELD_REPLIES = 64 * 1024
 PATH_CACHE = 4096
 STORING_RECHECK = 0.1  # seconds: how often a timeout that fell due while storing looks again
 
@@ -199,7 +198,7 @@ class RelaySMTP(SMTP):
             self.policy.replied(TOO_MANY_ERRORS)
             self._end_session()
             return
-        if self._held_size > HELD_REPLIES:
+        if self._held_size > tuning.HELD_REPLIES:
             self._flush()
             await self._writer.drain()
 
