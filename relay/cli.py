@@ -330,14 +330,14 @@ def _act(spool: Spool, action: Action, ids: list[str], send_at: float,
     worst = EX_OK
     done = 0
     for entry_id in ids:
-        outcome = admin.apply(spool, action, entry_id, send_at=send_at, deleted=deleted)
-        line = f"{escape(entry_id)}: {outcome.message}"
-        if outcome.error is None:
+        result = admin.apply(spool, action, entry_id, send_at=send_at, deleted=deleted)
+        line = f"{escape(entry_id)}: {result.message}"
+        if result.error is None:
             print(line)
             done += 1
         else:
             print(line, file=sys.stderr)
-            worst = max(worst, exit_status(outcome.error))
+            worst = max(worst, exit_status(result.error))
     # What was done, not what was asked: an ID that was refused is not a message held.
     summary = f"-- {action.value}: {done} message{'s' if done != 1 else ''} {action.past}"
     if done < len(ids):
@@ -424,7 +424,7 @@ async def _check(config: Config) -> int:
 
 
 async def _check_smtp(upstream: UpstreamConfig, hostname: str) -> SessionError | None:
-    from .upstream import UpstreamSession, likely_cause, make_tls_context
+    from .smtp_client import UpstreamSession, likely_cause, make_tls_context
     session = UpstreamSession(upstream, make_tls_context(upstream), hostname)
 
     def report(stage: Stage, detail: str) -> None:

@@ -128,7 +128,7 @@ class Daemon:
         self.delivery.schedule_new(entry, parts)
 
     def _client_sessions(self) -> int:
-        return self._factory.gate.active if self._factory is not None else 0
+        return self._factory.admission.active if self._factory is not None else 0
 
     def _listener_problem(self) -> str | None:
         """For /healthz: None while the listener accepts connections."""

@@ -287,9 +287,9 @@ class Delivery:
             return
         if entry is None:
             # Not due after all (an operator gave it a later time): watch for that time.
-            due = self.spool.waiting_until(entry_id)
-            if due is not None:
-                self.schedule(entry_id, due)
+            until = self.spool.waiting_until(entry_id)
+            if until is not None:
+                self.schedule(entry_id, until)
             return
         self._owned.add(entry.id)  # in the same step as the claim's rename: see sweep_once
         try:

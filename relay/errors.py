@@ -30,7 +30,7 @@
                                   that its supervisor (systemd) starts it afresh
 
 Expected delivery outcomes (a 4xx, a refused recipient, a lost connection) are values
-returned by `relay.upstream`, never exceptions; SessionError is how its steps report to
+returned by `relay.smtp_client`, never exceptions; SessionError is how its steps report to
 it (and to `relay check`). The command line maps these classes to exit statuses in
 exactly one place (`relay.cli.exit_status`). This module imports nothing from relay at
 run time.

@@ -1,6 +1,6 @@
 """The upstream connection once aiosmtplib has set it up: commands out, replies in.
 
-relay.upstream hands the transport over to a Link (`transport.set_protocol`) to send its
+relay.smtp_client hands the transport over to a Link (`transport.set_protocol`) to send its
 transactions pipelined (RFC 2920), which aiosmtplib cannot. A Link reads replies strictly
 in order, bounded in size, and keeps their text printable (`printable`); it refuses to
 send while a reply nobody asked for waits unread. Anything that leaves the session out

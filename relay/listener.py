@@ -51,7 +51,7 @@ NULL_PATH = "<>"  # aiosmtpd's mail_from for the null reverse-path
 MAX_TRACE_WORD = 255  # the HELO name and the recipient in Received:, cut to this length
 
 
-class Gate:
+class Admission:
     """Admission at connect time: allowed client networks and the connection limit."""
 
     def __init__(self, allow: tuple[IPNetwork, ...], max_connections: int) -> None:
@@ -160,13 +160,13 @@ class Handler:
     """The listener's policy, in aiosmtpd's handler hooks. `on_stored` is told of each
     entry once it is durable, with the content it holds in memory (none if spilled)."""
 
-    def __init__(self, spool: Spool, writer: SpoolWriter, config: Config, gate: Gate,
+    def __init__(self, spool: Spool, writer: SpoolWriter, config: Config, admission: Admission,
                  on_stored: Callable[[Entry, tuple[bytes, ...]], None], rules: Rules,
                  metrics: Recorder, clock: Callable[[], float] = time.time) -> None:
         self.spool = spool
         self.writer = writer
         self.config = config
-        self.gate = gate
+        self.admission = admission
         self.on_stored = on_stored
         self.rules = rules
         self.metrics = metrics
@@ -185,7 +185,7 @@ class Handler:
     # --- the session (relay.smtp_server) asks -------------------------------------------
 
     def admit(self, peer: Any) -> str | None:
-        refused = self.gate.admit(peer)
+        refused = self.admission.admit(peer)
         if refused is None:
             return None
         reason, reply = refused
@@ -195,7 +195,7 @@ class Handler:
         return reply
 
     def release(self) -> None:
-        self.gate.release()
+        self.admission.release()
 
     def extensions(self) -> list[str]:
         """EHLO's keywords besides aiosmtpd's: the session answers pipelined commands in
@@ -293,11 +293,11 @@ class Handler:
         return Message(self.spool, seal)
 
     async def end_message(self, session: Session, envelope: RelayEnvelope,
-                          message: Message) -> str:
+                          sink: Message) -> str:
         started = time.monotonic()
-        if message.error is not None:
-            return NO_ROOM if isinstance(message.error, SpoolFull) else WRITE_ERROR
-        new = message.new_entry()
+        if sink.error is not None:
+            return NO_ROOM if isinstance(sink.error, SpoolFull) else WRITE_ERROR
+        new = sink.new_entry()
         if isinstance(new, str):
             return new
         try:
@@ -383,15 +383,15 @@ class ServerFactory:
     def __init__(self, spool: Spool, writer: SpoolWriter, config: Config,
                  on_stored: Callable[[Entry, tuple[bytes, ...]], None], rules: Rules,
                  metrics: Recorder, clock: Callable[[], float] = time.time) -> None:
-        self.gate = Gate(config.listen.allow, config.listen.max_connections)
-        self.handler = Handler(spool, writer, config, self.gate, on_stored, rules, metrics,
+        self.admission = Admission(config.listen.allow, config.listen.max_connections)
+        self.handler = Handler(spool, writer, config, self.admission, on_stored, rules, metrics,
                                clock)
 
     def reconfigure(self, config: Config, rules: Rules) -> None:
         self.handler.config = config
         self.handler.rules = rules
-        self.gate.allow = config.listen.allow
-        self.gate.max_connections = config.listen.max_connections
+        self.admission.allow = config.listen.allow
+        self.admission.max_connections = config.listen.max_connections
 
     def __call__(self) -> RelaySMTP:
         return RelaySMTP(self.handler, self.handler.config.listen, self.handler.hostname)

@@ -138,7 +138,7 @@ def result_of(relay: str, status: int, body: bytes, recipients: list[str]) -> At
 
 
 def _failure(exc: httpx.HTTPError) -> Reply:
-    """The error without an HTTP answer, in the words relay.upstream uses for SMTP."""
+    """The error without an HTTP answer, in the words relay.smtp_client uses for SMTP."""
     text = _one_line(str(exc)) or type(exc).__name__
     if isinstance(exc, httpx.ConnectTimeout):
         return Reply(None, f"timed out: connecting to the Mailgun API: {text}")

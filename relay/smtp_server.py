@@ -32,7 +32,7 @@ import asyncio
 import collections
 import logging
 import re
-from typing import Any, AnyStr, Protocol
+from typing import Any, AnyStr, Protocol, TypeVar
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
@@ -96,8 +96,12 @@ class MessageSink(Protocol):
     def discard(self) -> None: ...
 
 
-class Policy(Protocol):
-    """What the session asks of the relay's policy beyond aiosmtpd's handler hooks."""
+Sink = TypeVar("Sink", bound=MessageSink)
+
+
+class Policy(Protocol[Sink]):
+    """What the session asks of the relay's policy beyond aiosmtpd's handler hooks; `Sink`
+    is the type of what begin_message returns and end_message is given back."""
 
     def admit(self, peer: Any) -> str | None: ...
 
@@ -109,16 +113,15 @@ class Policy(Protocol):
 
     def release(self) -> None: ...
 
-    def begin_message(self, session: Session, envelope: RelayEnvelope) -> MessageSink: ...
+    def begin_message(self, session: Session, envelope: RelayEnvelope) -> Sink: ...
 
-    async def end_message(self, session: Session, envelope: RelayEnvelope,
-                          sink: MessageSink) -> str: ...
+    async def end_message(self, session: Session, envelope: RelayEnvelope, sink: Sink) -> str: ...
 
 
 class RelaySMTP(SMTP):
     """One client connection: aiosmtpd's protocol with the relay's overrides."""
 
-    def __init__(self, handler: Policy, config: ListenConfig, hostname: str) -> None:
+    def __init__(self, handler: Policy[Any], config: ListenConfig, hostname: str) -> None:
         super().__init__(handler, data_size_limit=config.max_message_size or None,
                          enable_SMTPUTF8=True, decode_data=False, hostname=hostname,
                          ident="ESMTP", timeout=config.timeout,
@@ -360,7 +363,7 @@ class RelaySMTP(SMTP):
         if arg:
             await self.push("501 5.5.4 Syntax: DATA")
             return
-        sink = self.policy.begin_message(self.session, envelope)
+        sink: MessageSink = self.policy.begin_message(self.session, envelope)
         try:
             await self.push("354 End data with <CR><LF>.<CR><LF>")
             reader = DataReader(self.data_size_limit, self.line_length_limit)
@@ -375,7 +378,7 @@ class RelaySMTP(SMTP):
                     sink.write(content)
             if reader.refusal is not None:
                 sink.discard()
-                self._set_post_data_state()
+                self._set_post_data_state()  # type: ignore[no-untyped-call]
                 await self.push(reader.refusal)
                 return
             self._storing = True
@@ -386,7 +389,7 @@ class RelaySMTP(SMTP):
         except BaseException:
             sink.discard()
             raise
-        self._set_post_data_state()
+        self._set_post_data_state()  # type: ignore[no-untyped-call]
         if reply.startswith("250"):
             self.message_queued()
         await self.push(reply)

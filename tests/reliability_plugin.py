@@ -1,5 +1,5 @@
 """A pytest plugin that writes the reliability report (docs/RELIABILITY.md); loaded with
-`-p reliability_report` by tools/reliability_report.py.
+`-p reliability_plugin` by tools/reliability_report.py.
 
 Tests name the plan rows they prove with `@pytest.mark.plan(row, ...)`; they may record
 what they observed with `record_property("seen", text)`, and the soak its figures with
