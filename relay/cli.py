@@ -5,8 +5,8 @@ Exit statuses (sysexits.h): 0 success, 64 usage, 65 bad input data, 69 unavailab
 error.
 
 The daemon, the upstream client and sendmail's submission are imported by the commands
-that use them: asyncio, aiosmtplib, smtplib and the listener took about half of the
-start-up of a command such as `relay history`, whose answer must come within a second.
+that use them: asyncio, aiosmtplib, smtplib and the listener would weigh on the start-up
+of every command, and `relay history` must answer within a second.
 """
 
 from __future__ import annotations
@@ -258,8 +258,7 @@ def _serve(config: Config) -> int:
 
 def _list(spool: Spool, args: argparse.Namespace) -> int:
     # A listing allocates several objects per entry and frees none before it prints, so
-    # the cyclic collector would walk the growing heap again and again and find nothing:
-    # a tenth of the time at 100,000 entries.
+    # the cyclic collector would walk the growing heap again and again and find nothing.
     collecting = gc.isenabled()
     gc.disable()
     try:
@@ -285,9 +284,8 @@ def _print_listing(spool: Spool, args: argparse.Namespace) -> int:
         entries.append(item)
     if args.json:
         # One entry per line: still one JSON array, and each line goes through the C
-        # encoder (indent= would fall back to the pure-Python one, 5 s at 100,000 entries).
-        # One encoder for them all: json.dumps builds a new one per call when given
-        # ensure_ascii.
+        # encoder (indent= falls back to the pure-Python one); one encoder for them all,
+        # since json.dumps builds a new one per call when given ensure_ascii.
         encode = json.JSONEncoder(ensure_ascii=False).encode
         lines = [encode(views.entry_json(e)) for e in entries]
         print("[\n" + ",\n".join(lines) + "\n]" if lines else "[]")

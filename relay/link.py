@@ -23,7 +23,8 @@ from .text import escape
 MAX_REPLY_LINE = 8192
 MAX_REPLY = 4 * MAX_REPLY_LINE
 MAX_UNREAD = 1024 * 1024
-# Replies are read into a buffer the session keeps, for the reason relay.smtpd gives.
+# Replies are read into one buffer the link keeps (asyncio.BufferedProtocol) rather than a
+# new bytes object for every read.
 RECEIVE_BUFFER = MAX_REPLY_LINE
 QUIT_SECONDS = 5.0
 # Characters of a reply kept (state record, attempt history, logs): a server may send 32 KiB.

@@ -1,5 +1,5 @@
-"""The relay's Prometheus metrics: their names, types and labels (a contract), and what
-counts them.
+"""The relay's Prometheus metrics: their names, types and labels (part of the contract,
+docs/CONTRACT.md), and what counts them.
 
 `Recorder` is what the listener, delivery and bounces call; it records nothing, so a
 relay without `metrics.port` pays one empty call per event. `Metrics` records, on a

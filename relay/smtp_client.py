@@ -6,9 +6,10 @@ one go when the server offers PIPELINING (RFC 2920), as Postfix does, and reads 
 replies in order: two round trips per message instead of four, which aiosmtplib cannot.
 
 Every failure comes back as a value (`outcome.AttemptResult`), never as an exception: the
-caller asks `policy` what it means. The session is reused for consecutive messages (RSET
-between them) while it is fresh, and dropped after any error that may have left it in an
-unknown state. Knows nothing of the spool.
+caller asks `policy` what it means. The session is reused for consecutive messages while
+it is fresh: at once within RESET_FREE_SECONDS of a transaction that ended cleanly, else
+after an RSET; it is dropped after any error that may have left it in an unknown state.
+Knows nothing of the spool.
 
 Replies are matched to their commands strictly (RFC 2920): nothing may wait unread when a
 command is sent, 354 answers DATA alone, nothing may follow the final dot's reply, and a
@@ -335,23 +336,18 @@ def _command(verb: str, address: str, options: list[str], encoding: str) -> byte
     return line.encode(encoding) + b"\r\n"
 
 
-# aiosmtplib's quote_address parses with email.utils (about 10 us) and raises ValueError
-# for an address unsafe on a command line; a relay sends from and to the same few
-# addresses again and again.
+# aiosmtplib's quote_address parses with email.utils and raises ValueError for an address
+# unsafe on a command line; a relay sends from and to the same few addresses again and again.
 _quoted = functools.lru_cache(maxsize=4096)(quote_address)
 
 
 def wire_form(content: bytes) -> bytes:
     """`content` as DATA sends it (RFC 5321 4.5.2): every line ending in CRLF, a leading
-    dot doubled, then the final dot. The same bytes as aiosmtplib's data() produces, whose
-    two regular expressions over the whole message cost more CPU than the rest of a
-    delivery at 100 KiB. Here a message of CRLF lines with no line that starts with a dot
-    costs four scans in C and is not copied before the final join.
-
-    The scans are the fast kinds: a count of one byte, and a search that leads with a
-    literal byte (which the regular expression engine finds with memchr); a count or an
-    `in` of a two-byte string took twice as long. With no CR that lacks its LF, as many
-    CRs as LFs means that every LF has its CR.
+    dot doubled, then the final dot: the bytes aiosmtplib's data() produces, without its
+    two regular expressions over the whole message. A message of CRLF lines with no line
+    that starts with a dot costs four scans in C (counts of one byte, and searches that
+    lead with a literal byte, found with memchr) and is not copied before the final join.
+    With no CR that lacks its LF, as many CRs as LFs means that every LF has its CR.
     """
     if content.count(b"\r") != content.count(b"\n") or _BARE_CR.search(content):
         content = _BARE_LINE_END.sub(b"\r\n", content)

@@ -31,12 +31,12 @@ def iso(timestamp: float | None) -> str | None:
 @functools.lru_cache(maxsize=4096)
 def _iso_second(second: int) -> str:
     # Cached by the second: a listing formats two times per entry, and entries that
-    # arrived in one burst share them. time.gmtime, not datetime: a third of the cost.
+    # arrived in one burst share them. time.gmtime, which is cheaper than datetime.
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(second))
 
 
 def entry_json(entry: Entry) -> dict[str, Any]:
-    """The contract's JSON fields of a queued message."""
+    """The JSON fields of a queued message (docs/CONTRACT.md)."""
     return {
         "id": entry.id,
         "size": entry.size,

@@ -1,4 +1,4 @@
-"""Clock jumps (RELIABILITY-PLAN row 85): a step of the system clock neither expires the
+"""Clock jumps (docs/RELIABILITY-PLAN.md row 85): a step of the system clock neither expires the
 queue at once nor pushes retries out of reach, and it is logged."""
 
 from __future__ import annotations
