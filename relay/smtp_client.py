@@ -42,10 +42,9 @@ from .policy import is_recipient_limit
 # longer suits bursts from one application, and a server that dropped an idle connection
 # is noticed by the RSET that precedes reuse.
 REUSE_IDLE_SECONDS = 10.0
-# A session whose last transaction just ended with the final dot's 2xx is in the initial
-# state already (RFC 5321 4.1.1.4): within this many seconds the next MAIL follows without
-# an RSET round trip. A server that closed it meanwhile fails that MAIL, and the message
-# goes out on a new session at once.
+# After a final dot's 2xx the session is in its initial state (RFC 5321 4.1.1.4): within
+# this many seconds the next MAIL goes without an RSET round trip. If the server closed it
+# meanwhile, that MAIL fails and the message goes out on a new session at once.
 RESET_FREE_SECONDS = 2.0
 # A CR or LF that is not part of a CRLF (the same rule as aiosmtplib's own data()).
 _BARE_LINE_END = re.compile(rb"\r\n|\n|\r(?!\n)")
@@ -120,10 +119,9 @@ class UpstreamSession:
                     return replace(result, recipients=replies)
                 remaining = over_limit
         except SessionError as exc:
-            # Replies already heard stand: a recipient sent in an earlier transaction of
-            # this attempt must not be sent again. Those of the transaction that failed
-            # are dropped: none of them is certain. A new session that failed at AUTH
-            # keeps its stage, so refused credentials pause delivery from here too.
+            # Replies already heard stand, so no recipient of this attempt is sent twice;
+            # those of the failed transaction are dropped, none being certain. A new
+            # session that failed at AUTH keeps its stage: refused credentials pause delivery.
             await self.close()
             return AttemptResult(relay=relay, recipients=replies, error=exc.reply,
                                  stage=exc.stage)
