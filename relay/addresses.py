@@ -32,6 +32,8 @@ WILDCARD = "*"
 LINE_WIDTH = 78  # RFC 5322 2.1.1: header lines should not be longer
 _SPECIALS = frozenset('()<>[]:;@\\,."')
 _FOLD = re.compile(r"\r?\n(?=[ \t])")
+# Control characters: an address with one is left alone, and in a display name they
+# become spaces, so that its words stay apart (relay.text's "?" is for fields without words).
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 # Answered at DATA when a reload changed the rules after MAIL or RCPT accepted an address:
 # the client's retry meets the new rules at MAIL and RCPT, with their own replies.

@@ -194,6 +194,8 @@ def _field(body: bytes, *path: str) -> str:
 
 
 def _clip(text: str) -> str:
+    """Mailgun's text (decoded JSON, so no bytes to show as \\xNN, unlike link.printable),
+    on one line and bounded; logs and `relay queue` escape it as any reply (relay.text)."""
     text = _one_line(text)
     return text if len(text) <= MAX_TEXT else text[:MAX_TEXT - 3] + "..."
 
