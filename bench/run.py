@@ -616,6 +616,21 @@ def plot(plan: Plan, figures: Figures, latency_samples: dict[str, list[float]],
     return True
 
 
+# The section the code's comments point to for their figures: written by hand, and kept
+# from the report being replaced when the benchmark writes a new one.
+NOTES_HEADING = "## Why the code is as it is"
+
+
+def kept_notes(output: Path) -> str:
+    """The hand-written notes at the end of the report now at `output`, if any."""
+    try:
+        text = output.read_text()
+    except FileNotFoundError:
+        return ""
+    start = text.find("\n" + NOTES_HEADING)
+    return "" if start < 0 else text[start:]
+
+
 def report(plan: Plan, figures: Figures, latency_samples: dict[str, list[float]],
            output: Path, quick: bool) -> None:
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -660,7 +675,7 @@ def report(plan: Plan, figures: Figures, latency_samples: dict[str, list[float]]
         "of one record per message spread over 30 days.",
         "",
     ]
-    output.write_text("\n".join(lines))
+    output.write_text("\n".join(lines) + kept_notes(output))
     print("\n".join(table(plan, figures)))
     print(f"\nwritten: {output}" + (f", {picture}" if plotted else " (no plot: matplotlib missing)"))
 

@@ -32,6 +32,8 @@ WILDCARD = "*"
 LINE_WIDTH = 78  # RFC 5322 2.1.1: header lines should not be longer
 _SPECIALS = frozenset('()<>[]:;@\\,."')
 _FOLD = re.compile(r"\r?\n(?=[ \t])")
+# Control characters: an address with one is left alone, and in a display name they
+# become spaces, so that its words stay apart (relay.text's "?" is for fields without words).
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 # Answered at DATA when a reload changed the rules after MAIL or RCPT accepted an address:
 # the client's retry meets the new rules at MAIL and RCPT, with their own replies.
@@ -39,8 +41,8 @@ RULES_CHANGED = "451 4.3.0 Error: address rules reloaded during the transaction;
 
 
 # An application sends from a handful of addresses, often to the same few: the answer for
-# each is kept (a pure function of its arguments) instead of running email-validator's
-# 30 us again for every MAIL and RCPT.
+# each is kept (a pure function of its arguments) instead of running email-validator
+# again for every MAIL and RCPT.
 @functools.lru_cache(maxsize=4096)
 def address_problem(address: str, smtputf8: bool) -> str | None:
     """Why `address` is not a syntactically valid mailbox, or None if it is. No DNS."""
@@ -298,7 +300,7 @@ def _edit_from(rules: Rules, field: bytes) -> tuple[bytes, bytes | None] | None:
 
 
 # A relay sees the same few From: fields again and again; each answer is a pure function
-# of its arguments, so the parse (8-10 us) is kept rather than redone for every message.
+# of its arguments, so the parse is kept rather than redone for every message.
 @functools.lru_cache(maxsize=1024)
 def _from_decision(hostname: str, local_domains: frozenset[str], sender_domains: frozenset[str],
                    default_sender: str | None,

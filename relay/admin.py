@@ -22,6 +22,7 @@ from .schedule import rfc3339
 from .spool import Spool, is_valid_id
 
 BUSY_WAIT = 5.0
+BUSY_POLL = 0.05  # seconds between looks at a busy entry: an attempt takes milliseconds
 
 
 class Action(enum.Enum):
@@ -56,7 +57,7 @@ _DONE = {Action.HOLD: "held", Action.RELEASE: "released", Action.DELETE: "delete
 
 
 @dataclass(frozen=True)
-class Outcome:
+class ActionResult:
     entry_id: str
     message: str
     error: RelayError | None = None
@@ -70,33 +71,33 @@ def select_all(spool: Spool, action: Action) -> list[str]:
 def apply(spool: Spool, action: Action, entry_id: str, *, wait: float = BUSY_WAIT,
           clock: Callable[[], float] = time.monotonic,
           sleep: Callable[[float], None] = time.sleep, send_at: float = 0.0,
-          deleted: Callable[[Entry], None] = lambda entry: None) -> Outcome:
+          deleted: Callable[[Entry], None] = lambda entry: None) -> ActionResult:
     """Apply the action to one entry, waiting a little for a delivery that owns it.
     `send_at` is RESCHEDULE's new time; `deleted` hears of each entry DELETE removed,
     as it was (for the delivery history)."""
     if not is_valid_id(entry_id):
         # Checked before any path is built: an ID never escapes the spool.
-        return Outcome(entry_id, "not a queue ID", EntryNotFound(entry_id))
+        return ActionResult(entry_id, "not a queue ID", EntryNotFound(entry_id))
     deadline = clock() + wait
     while True:
         try:
             return _apply_once(spool, action, entry_id, send_at, deleted)
         except EntryBusy as busy:
             if clock() >= deadline:
-                return Outcome(entry_id, "being delivered right now; try again", busy)
-            sleep(0.05)
+                return ActionResult(entry_id, "being delivered right now; try again", busy)
+            sleep(BUSY_POLL)
         except EntryNotFound as missing:
-            return Outcome(entry_id, "no such message in the queue", missing)
+            return ActionResult(entry_id, "no such message in the queue", missing)
 
 
 def _apply_once(spool: Spool, action: Action, entry_id: str, send_at: float,
-                deleted: Callable[[Entry], None]) -> Outcome:
+                deleted: Callable[[Entry], None]) -> ActionResult:
     if action is Action.DELETE:
         entry = spool.delete(entry_id)
         if entry is not None:
             deleted(entry)
         where = entry.state if entry is not None else "corrupt"
-        return Outcome(entry_id, f"deleted (was {where})")
+        return ActionResult(entry_id, f"deleted (was {where})")
     if action is Action.REQUEUE:
         moved = spool.requeue(entry_id, time.time())
     elif action is Action.RESCHEDULE:
@@ -111,11 +112,11 @@ def _apply_once(spool: Spool, action: Action, entry_id: str, send_at: float,
         moved = spool.move(entry_id, action.sources, target)
     if moved is None:
         state = spool.find(entry_id).state
-        return Outcome(entry_id, f"not {action.past}: message is {state}",
+        return ActionResult(entry_id, f"not {action.past}: message is {state}",
                        WrongState(entry_id, state))
     if action is Action.RESCHEDULE:
         due = f"for {rfc3339(send_at)}" if moved.queue is Queue.SCHEDULED else "due now"
-        return Outcome(entry_id, f"rescheduled {due}")
+        return ActionResult(entry_id, f"rescheduled {due}")
     if action in (Action.FLUSH, Action.RELEASE, Action.REQUEUE):
         spool.ask_retry()  # the operator means now: upstreams marked down are probed
-    return Outcome(entry_id, action.past)
+    return ActionResult(entry_id, action.past)

@@ -14,56 +14,23 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 from . import policy, routing
 from .config import AnyUpstream, DeliveryConfig
 from .entry import Entry
 from .log import log_event
-from .policy import AttemptResult, Disposition, Reply
+from .outcome import AttemptOutcome, Disposition, Limited, Reaction, Tried, Waiting
 from .ratelimit import rate_limited
+from .upstreamconfig import TIMEOUT
 from .upstreams import Upstreams, display
 
 # A message whose upstream's rate lets it go within this many seconds waits for it in its
 # worker; a longer wait puts it back in the queue with its turn taken, and frees the worker.
 RATE_HOLD = 1.0
-
-
-@dataclass(frozen=True)
-class Tried:
-    """An attempt was made: `entry` (with any failed-over attempts before it in its
-    history) and the last upstream's `result`, to be settled."""
-
-    entry: Entry
-    result: AttemptResult
-    started: float
-    upstream: str
-
-
-@dataclass(frozen=True)
-class Waiting:
-    """No attempt was made: the entry comes back at `until`. With `record`, the reason is
-    kept with it (shown by `relay queue`); without, it just returns to the queue (every
-    upstream is down, which `relay queue` shows once for all)."""
-
-    entry: Entry
-    until: float
-    why: str
-    record: bool
-
-
-@dataclass(frozen=True)
-class Limited:
-    """The provider said we send too fast: the entry goes back without an attempt counted."""
-
-    entry: Entry
-    result: AttemptResult
-    reply: Reply
-    until: float
-    upstream: str
-
-
-Outcome = Tried | Waiting | Limited
+# A probe of a down upstream may be out this many of its timeouts before another is let
+# through: longer than an attempt can take (connect, greeting, then a command at a time).
+PROBE_TIMEOUTS = 4
 
 
 class Attempter:
@@ -79,7 +46,7 @@ class Attempter:
         self._turns: dict[str, tuple[str, float]] = {}
 
     async def attempt(self, entry: Entry, content: bytes,
-                      route: tuple[AnyUpstream, ...]) -> Outcome:
+                      route: tuple[AnyUpstream, ...]) -> AttemptOutcome:
         now = self._clock()
         turn = self._turns.pop(entry.id, None)
         if turn is not None and turn[1] > now:
@@ -115,7 +82,7 @@ class Attempter:
                 await asyncio.sleep(choice.wait)
                 continue
             sent, reaction = await self._send(choice, entry, content)
-            if isinstance(sent, Limited) or reaction is not routing.Reaction.FAILOVER:
+            if isinstance(sent, Limited) or reaction is not Reaction.FAILOVER:
                 return sent  # the upstream answered: the usual rules settle the message
             last = sent
             settled = policy.settle(entry, last.result, last.started, self._clock(),
@@ -129,7 +96,7 @@ class Attempter:
             tried.append(last.upstream)
 
     async def _send(self, choice: routing.Choice, entry: Entry,
-                    content: bytes) -> tuple[Tried | Limited, routing.Reaction]:
+                    content: bytes) -> tuple[Tried | Limited, Reaction]:
         upstream = choice.upstream
         assert upstream is not None and choice.gate is not None
         self.upstreams.set_gate(upstream.name, choice.gate)
@@ -141,7 +108,7 @@ class Attempter:
         gate, reaction = routing.react(self.upstreams.gates[upstream.name], result,
                                        self._clock(), self.config, self._rand())
         self.upstreams.set_gate(upstream.name, gate)
-        if reaction is routing.Reaction.REQUEUE:
+        if reaction is Reaction.REQUEUE:
             reply = rate_limited(result)
             assert reply is not None
             limited = Limited(entry, result, reply, gate.bucket.paused_until, upstream.name)
@@ -151,4 +118,4 @@ class Attempter:
     def _grace(self, path: list[AnyUpstream]) -> float:
         """How long a probe of a down upstream may be out before another is let through:
         longer than any attempt can take."""
-        return 4 * max((u.timeout for u in path), default=60.0)
+        return PROBE_TIMEOUTS * max((u.timeout for u in path), default=TIMEOUT)

@@ -14,7 +14,8 @@ import enum
 from dataclasses import dataclass, replace
 
 from .config import DeliveryConfig
-from .policy import SET_UP, AttemptResult, Stage, backoff
+from .outcome import SET_UP, AttemptResult, Stage
+from .policy import backoff
 from .ratelimit import is_rate_limit
 
 
@@ -69,9 +70,9 @@ class Breaker:
 
 def trips(result: AttemptResult) -> bool:
     """A failure of the upstream, not of the message: an error while setting it up or at AUTH.
-    That is connect, TLS, EHLO and AUTH; the API's connection errors, 401/403/404 and
-    5xx, which relay.mailgun reports there; and, as relay.upstream reports it today, a
-    connection lost during a transaction. A provider's rate limiting is not one."""
+    That is connect, TLS, EHLO and AUTH (and a session closed before its first command,
+    which relay.link reports at SESSION); the API's connection errors, 401/403/404 and
+    5xx, which relay.mailgun reports there. A provider's rate limiting is not one."""
     error = result.error
     return (error is not None and (result.stage in SET_UP or result.stage is Stage.AUTH)
             and not is_rate_limit(error))

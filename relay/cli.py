@@ -5,8 +5,8 @@ Exit statuses (sysexits.h): 0 success, 64 usage, 65 bad input data, 69 unavailab
 error.
 
 The daemon, the upstream client and sendmail's submission are imported by the commands
-that use them: asyncio, aiosmtplib, smtplib and the listener took about half of the
-start-up of a command such as `relay history`, whose answer must come within a second.
+that use them: asyncio, aiosmtplib, smtplib and the listener would weigh on the start-up
+of every command, and `relay history` must answer within a second.
 """
 
 from __future__ import annotations
@@ -53,9 +53,10 @@ from .errors import (
 from .history_query import Query, search
 from .hostname import system_name
 from .log import setup_logging
-from .policy import Stage
+from .outcome import Stage
 from .schedule import parse_since, parse_when
 from .spool import Spool, is_valid_id
+from .text import escape
 
 EX_OK = 0
 EX_USAGE = 64
@@ -66,6 +67,7 @@ EX_TEMPFAIL = 75
 EX_NOPERM = 77
 EX_CONFIG = 78
 HEALTH_SECONDS = 5.0  # a probe of a healthy relay answers in milliseconds
+HEALTH_BYTES = 4096  # of /healthz's answer: a line per problem
 
 
 def exit_status(error: BaseException) -> int:
@@ -256,8 +258,7 @@ def _serve(config: Config) -> int:
 
 def _list(spool: Spool, args: argparse.Namespace) -> int:
     # A listing allocates several objects per entry and frees none before it prints, so
-    # the cyclic collector would walk the growing heap again and again and find nothing:
-    # a tenth of the time at 100,000 entries.
+    # the cyclic collector would walk the growing heap again and again and find nothing.
     collecting = gc.isenabled()
     gc.disable()
     try:
@@ -283,9 +284,8 @@ def _print_listing(spool: Spool, args: argparse.Namespace) -> int:
         entries.append(item)
     if args.json:
         # One entry per line: still one JSON array, and each line goes through the C
-        # encoder (indent= would fall back to the pure-Python one, 5 s at 100,000 entries).
-        # One encoder for them all: json.dumps builds a new one per call when given
-        # ensure_ascii.
+        # encoder (indent= falls back to the pure-Python one); one encoder for them all,
+        # since json.dumps builds a new one per call when given ensure_ascii.
         encode = json.JSONEncoder(ensure_ascii=False).encode
         lines = [encode(views.entry_json(e)) for e in entries]
         print("[\n" + ",\n".join(lines) + "\n]" if lines else "[]")
@@ -328,14 +328,14 @@ def _act(spool: Spool, action: Action, ids: list[str], send_at: float,
     worst = EX_OK
     done = 0
     for entry_id in ids:
-        outcome = admin.apply(spool, action, entry_id, send_at=send_at, deleted=deleted)
-        line = f"{views.escape(entry_id)}: {outcome.message}"
-        if outcome.error is None:
+        result = admin.apply(spool, action, entry_id, send_at=send_at, deleted=deleted)
+        line = f"{escape(entry_id)}: {result.message}"
+        if result.error is None:
             print(line)
             done += 1
         else:
             print(line, file=sys.stderr)
-            worst = max(worst, exit_status(outcome.error))
+            worst = max(worst, exit_status(result.error))
     # What was done, not what was asked: an ID that was refused is not a message held.
     summary = f"-- {action.value}: {done} message{'s' if done != 1 else ''} {action.past}"
     if done < len(ids):
@@ -409,7 +409,7 @@ async def _check(config: Config) -> int:
             where = (f"{upstream.host}:{upstream.port}, {upstream.tls}"
                      if isinstance(upstream, UpstreamConfig)
                      else f"{upstream.api_url}, domain {upstream.domain}")
-            print(f"\n{'upstream':<9} {views.escape(upstream.name)} "
+            print(f"\n{'upstream':<9} {escape(upstream.name)} "
                   f"({upstream.transport} {where})")
         if upstream.name in states:
             print(f"{'relay':<9} {'sees':<7} "
@@ -422,19 +422,19 @@ async def _check(config: Config) -> int:
 
 
 async def _check_smtp(upstream: UpstreamConfig, hostname: str) -> SessionError | None:
-    from .upstream import UpstreamSession, likely_cause, make_tls_context
+    from .smtp_client import UpstreamSession, likely_cause, make_tls_context
     session = UpstreamSession(upstream, make_tls_context(upstream), hostname)
 
     def report(stage: Stage, detail: str) -> None:
-        print(f"{stage.value:<9} ok      {views.escape(detail)}")
+        print(f"{stage.value:<9} ok      {escape(detail)}")
     try:
         smtp = await session.open(report)
     except SessionError as failure:
-        print(f"{failure.stage.value:<9} FAILED  {views.escape(str(failure.reply))}")
+        print(f"{failure.stage.value:<9} FAILED  {escape(str(failure.reply))}")
         print(f"{'':<9} likely cause: {likely_cause(failure, upstream)}")
         return failure
     response = await smtp.quit()
-    print(f"{Stage.QUIT.value:<9} ok      {response.code} {views.escape(response.message)}")
+    print(f"{Stage.QUIT.value:<9} ok      {response.code} {escape(response.message)}")
     return None
 
 
@@ -448,10 +448,10 @@ async def _check_api(upstream: MailgunApiConfig) -> CheckFailed | None:
     finally:
         await api.close()
     if check.ok:
-        print(f"{'domain':<9} ok      {views.escape(check.detail)}")
+        print(f"{'domain':<9} ok      {escape(check.detail)}")
         return None
-    print(f"{'domain':<9} FAILED  {views.escape(check.detail)}")
-    print(f"{'':<9} likely cause: {views.escape(check.cause)}")
+    print(f"{'domain':<9} FAILED  {escape(check.detail)}")
+    print(f"{'':<9} likely cause: {escape(check.cause)}")
     return CheckFailed(check.detail, refused=check.refused)
 
 
@@ -466,16 +466,16 @@ def _check_local(config: Config) -> int:
     try:
         connection.request("GET", "/healthz")
         response = connection.getresponse()
-        text = response.read(4096).decode("utf-8", "replace")
+        text = response.read(HEALTH_BYTES).decode("utf-8", "replace")
     except (OSError, http.client.HTTPException) as exc:
         raise Unhealthy(f"no relay answers at {where}: {_describe(exc)}") from None
     finally:
         connection.close()
     detail = "; ".join(line for line in text.splitlines() if line.strip())
     if response.status != 200:
-        print(f"{'healthz':<9} FAILED  {response.status} {views.escape(detail)}")
+        print(f"{'healthz':<9} FAILED  {response.status} {escape(detail)}")
         raise Unhealthy(f"the relay at {where} is not healthy")
-    print(f"{'healthz':<9} ok      {where} {response.status} {views.escape(detail)}")
+    print(f"{'healthz':<9} ok      {where} {response.status} {escape(detail)}")
     return EX_OK
 
 
@@ -526,13 +526,13 @@ def _verify(config: Config, recipients: list[str]) -> int:
     worst = EX_OK
     for recipient in recipients:
         accepted, verdict = addresses.describe(rules, recipient)
-        print(f"{views.escape(recipient)}: {views.escape(verdict)}")
+        print(f"{escape(recipient)}: {escape(verdict)}")
         worst = worst if accepted else EX_DATAERR
     return worst
 
 
 def _warn_foreign(problem: ForeignFile) -> None:
-    print(f"relay: {views.escape(problem.path)}: {problem.reason}", file=sys.stderr)
+    print(f"relay: {escape(problem.path)}: {problem.reason}", file=sys.stderr)
 
 
 def _describe(error: BaseException) -> str:

@@ -182,7 +182,7 @@ def keep_restart_only(old: Config, new: Config) -> Config:
 
 
 def find_config_file(explicit: str | None, environ: Mapping[str, str]) -> Path | None:
-    """The config file to use, by the contract's lookup order; None means built-in defaults."""
+    """The config file to use, by the lookup order of docs/CONTRACT.md; None: the defaults."""
     if explicit:
         return Path(explicit)
     if environ.get("RELAY_CONFIG"):

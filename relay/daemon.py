@@ -17,8 +17,8 @@ import os
 import signal
 from concurrent.futures import ThreadPoolExecutor
 
+from . import addresses, tuning
 from .bounces import Bounces
-from . import addresses
 from .clock import SteadyClock
 from .config import Config, keep_restart_only, load_config, restart_required
 from .delivery import Delivery
@@ -37,7 +37,6 @@ from .writer import SpoolWriter
 
 # How long SIGTERM waits for deliveries in flight; systemd's TimeoutStopSec must exceed it.
 DRAIN_SECONDS = 10.0
-SPOOL_THREADS = 32
 HOUSEKEEPING_SECONDS = 10.0  # how often STATUS= is refreshed and the clock compared
 CLOCK_JUMP_SECONDS = 60.0  # a step of the system clock worth a warning
 
@@ -129,7 +128,7 @@ class Daemon:
         self.delivery.schedule_new(entry, parts)
 
     def _client_sessions(self) -> int:
-        return self._factory.gate.active if self._factory is not None else 0
+        return self._factory.admission.active if self._factory is not None else 0
 
     def _listener_problem(self) -> str | None:
         """For /healthz: None while the listener accepts connections."""
@@ -266,12 +265,9 @@ async def serve(config: Config) -> None:
     internal task died beyond restarting."""
     daemon = Daemon(config)
     loop = asyncio.get_running_loop()
-    # State records (deferrals, failures) are written in threads that mostly wait on
-    # fsync: enough of them for many delivery workers at once, so that the disk sees the
-    # requests together (and directory fsyncs are shared) instead of six at a time.
-    # Stores and removals have a thread of their own (relay.writer). With the loop's,
-    # that stays well under the unit's TasksMax=64 (config/relay.service).
-    loop.set_default_executor(ThreadPoolExecutor(max_workers=SPOOL_THREADS,
+    # State records (deferrals, failures) and large reads go to these threads; stores and
+    # removals have a thread of their own (relay.writer).
+    loop.set_default_executor(ThreadPoolExecutor(max_workers=tuning.SPOOL_THREADS,
                                                  thread_name_prefix="spool"))
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, daemon.request_stop)

@@ -6,6 +6,8 @@ polling interval; each attempt goes over the message's route of upstreams (relay
 relay.upstreams). While no upstream can take anything (all down, or paused for rejected
 credentials) the scheduler is held: entries keep their places instead of being claimed
 only to be put back, and no login is tried until an upstream's time comes or a reload.
+What is kept in memory, what is read on the loop, and when a worker waits for the
+listener are relay.tuning's heuristics.
 
 Every entry in active/ has an owner: the worker that claimed it (`_owned`), from the
 claim's rename until the rename that ends the attempt. One that has none (an error
@@ -25,52 +27,37 @@ import random
 import time
 from collections.abc import Callable
 
-from . import policy, routing
-from .attempt import Attempter, Limited, Tried, Waiting
+from . import policy, routing, tuning
+from .attempt import Attempter
 from .bounces import Bounces
-from .config import Config
-from .routing import Gate
 from .breaker import Circuit
+from .config import Config
 from .entry import Entry, Queue, Status
 from .errors import CorruptEntry, SpoolError, TaskFailed
 from .faults import fault_point
 from .history import HistoryWriter
 from .log import log_event, log_failure
 from .metrics import Recorder
-from .policy import AttemptResult, Disposition, Reply, Stage
+from .outcome import (
+    AttemptResult,
+    Disposition,
+    Limited,
+    Reply,
+    Settlement,
+    Stage,
+    Tried,
+)
+from .routing import Gate
 from .scheduler import Scheduler
 from .spool import Spool
 from .supervise import supervised
 from .upstreams import Upstreams, prepare
 from .writer import SpoolWriter
 
-# Claiming and reading an entry are a rename and small reads, with no fsync: they take
-# microseconds, less than a hop to a worker thread and back, which also contends for the
-# GIL with the listener. They run on the event loop. Contents larger than this and state
-# records (which fsync) go to a worker thread, removals to the spool writer's: an unlink
-# can wait behind the journal commit of an fsync, and that wait must not stall every
-# session.
-INLINE_READ_BYTES = 256 * 1024
-# A message the listener has just stored is kept in memory until its first attempt (which
-# normally follows at once), if it is no larger than INLINE_READ_BYTES and the ones kept
-# so far come to no more than this: during an outage or a backlog the rest are read back
-# from the spool as usual.
-FRESH_BYTES = 16 * 1024 * 1024
-# Delivery shares the event loop with the listener, and a session waits for each of its
-# replies while the loop runs whatever else is ready: with one client sending message
-# after message, the previous message's delivery (its upstream transaction, removal and
-# log lines, about 0.3 ms of the loop) fell between the next message's commands and
-# delayed every one of them. But while a message's fsyncs run, its session waits for the
-# disk and the loop is idle. So while a few client sessions are open, a worker claims its
-# entry and starts on it when a batch of stores begins its fsyncs, or after
-# LISTENER_QUIET_WAIT if none does: a relay whose clients are idle delivers a few
-# milliseconds later, nothing more. With more sessions than QUIET_SESSIONS the loop is
-# seldom idle, and the wait only added to its work (16 sessions: about 5% fewer messages
-# in alternating runs).
-LISTENER_QUIET_WAIT = 0.005
-QUIET_SESSIONS = 4
 # How often active/ is looked through for entries no worker owns (Delivery.sweep).
 SWEEP_SECONDS = 2.0
+# How often incoming/ and wake/ are looked at for what operators did (watch_incoming).
+INCOMING_SECONDS = 1.0
 
 
 class Delivery:
@@ -121,12 +108,12 @@ class Delivery:
         if entry.queue is Queue.SCHEDULED and entry.send_at is not None:
             self.scheduler.schedule(entry.id, entry.send_at)
             return
-        if entry.size <= INLINE_READ_BYTES and self._fresh_bytes + entry.size <= FRESH_BYTES:
+        if tuning.keep_fresh(entry.size, self._fresh_bytes):
             self._fresh[entry.id] = (entry, parts)
             self._fresh_bytes += entry.size
         self.scheduler.schedule(entry.id, 0.0)
 
-    async def watch_incoming(self, interval: float = 1.0) -> None:
+    async def watch_incoming(self, interval: float = INCOMING_SECONDS) -> None:
         """Schedule whatever operators put into incoming/ (flush, release, requeue), and
         the new times of entries they rescheduled (named in wake/).
 
@@ -300,16 +287,16 @@ class Delivery:
             return
         if entry is None:
             # Not due after all (an operator gave it a later time): watch for that time.
-            due = self.spool.waiting_until(entry_id)
-            if due is not None:
-                self.schedule(entry_id, due)
+            until = self.spool.waiting_until(entry_id)
+            if until is not None:
+                self.schedule(entry_id, until)
             return
         self._owned.add(entry.id)  # in the same step as the claim's rename: see sweep_once
         try:
             # Claimed first, so that the entry waits in active/: in incoming/, the watcher
             # could schedule it a second time.
-            if 0 < self._client_sessions() <= QUIET_SESSIONS:
-                await self.writer.disk_wait(LISTENER_QUIET_WAIT)
+            if tuning.yield_to_listener(self._client_sessions()):
+                await self.writer.disk_wait(tuning.LISTENER_QUIET_WAIT)
             await self._attempt(entry, content)
         except asyncio.CancelledError:
             # Shutdown past the grace period: hand the entry back, to be tried again
@@ -334,7 +321,7 @@ class Delivery:
         route = routing.route(self.config.upstreams, entry.sender)
         try:
             if content is None:
-                content = (self.spool.content(entry) if entry.size <= INLINE_READ_BYTES
+                content = (self.spool.content(entry) if tuning.read_inline(entry.size)
                            else await asyncio.to_thread(self.spool.content, entry))
         except SpoolError as exc:
             # Nothing was sent: an attempt that failed for now, recorded as any other.
@@ -348,8 +335,8 @@ class Delivery:
         if isinstance(outcome, Tried):
             await self._record(outcome.entry, outcome.result, outcome.started, outcome.upstream)
         elif isinstance(outcome, Limited):
-            limited = policy.rate_limited(outcome.entry, outcome.result, outcome.reply,
-                                          outcome.until)
+            limited = policy.after_rate_limit(outcome.entry, outcome.result, outcome.reply,
+                                              outcome.until)
             await self._defer_unattempted(entry, limited, outcome.until)
         elif outcome.record:
             await self._defer_unattempted(
@@ -382,7 +369,7 @@ class Delivery:
                       upstream: str) -> None:
         """Apply an attempt's result to the entry and make it durable before anything else
         happens to the entry; if that fails, set it aside."""
-        settled: policy.Settlement | None = None
+        settled: Settlement | None = None
         try:
             settled = policy.settle(entry, result, started, self._clock(),
                                     self.config.delivery, self._rand())

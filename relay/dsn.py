@@ -24,6 +24,7 @@ from typing import cast
 
 from . import policy
 from .entry import Entry, Recipient, Status
+from .text import header_safe
 
 EXPIRED_STATUS = "4.4.7"  # RFC 3463: delivery time expired
 _REPLY = re.compile(r"^([245])\d\d(?:[ -]|$)")
@@ -65,11 +66,6 @@ def final_recipient(address: str) -> str:
     encoded = "".join(c if c.isascii() and c.isprintable() and c not in "+=\\ "
                       else f"\\x{{{ord(c):X}}}" for c in address)
     return f"utf-8; {encoded}"
-
-
-def _ascii(text: str) -> str:
-    """Printable ASCII for a field of the delivery-status part, which is 7-bit."""
-    return "".join(c if " " <= c <= "~" else "?" for c in text)
 
 
 def build(entry: Entry, original_head: bytes, *, notice_id: str, hostname: str,
@@ -132,10 +128,13 @@ def _delivery_status(entry: Entry, recipients: tuple[Recipient, ...],
         block["Final-Recipient"] = final_recipient(recipient.address)
         block["Action"] = "failed"
         block["Status"] = status_code(recipient.reply)
+        # The delivery-status part is 7-bit: its fields are printable ASCII.
         if last is not None:
-            block["Remote-MTA"] = f"dns; {_ascii(last.relay.rsplit(':', 1)[0])}"
+            remote = header_safe(last.relay.rsplit(":", 1)[0], ascii_only=True, spaces=True)
+            block["Remote-MTA"] = f"dns; {remote}"
             block["Last-Attempt-Date"] = email.utils.formatdate(last.at, usegmt=True)
-        block["Diagnostic-Code"] = _ascii(diagnostic(recipient.reply))
+        block["Diagnostic-Code"] = header_safe(diagnostic(recipient.reply), ascii_only=True,
+                                               spaces=True)
         blocks.append(block)
     status = Message()
     status.set_type("message/delivery-status")

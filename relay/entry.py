@@ -23,8 +23,8 @@ class Queue(enum.Enum):
 
     @property
     def state(self) -> str:
-        """The state an operator sees (the contract's queued|deferred|held|failed, and
-        scheduled)."""
+        """The state an operator sees: queued, deferred, held or failed (docs/CONTRACT.md),
+        and scheduled."""
         return _STATE_OF_QUEUE[self]
 
 

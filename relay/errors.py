@@ -23,14 +23,14 @@
     ├── ScheduleRefused           a send time a client asked for cannot be honoured;
                                   `reply` is the SMTP reply that says why
     ├── SessionError              a step of an upstream session failed; carries the
-    │   │                         reply and the policy.Stage it failed at
+    │   │                         reply and the outcome.Stage it failed at
     │   ├── CredentialsRejected   AUTH refused for good (5xx): delivery pauses
     │   └── ReplyTimeout          no complete reply in time: the session is out of step
     └── TaskFailed                an internal task kept dying: the daemon exits 70 so
                                   that its supervisor (systemd) starts it afresh
 
 Expected delivery outcomes (a 4xx, a refused recipient, a lost connection) are values
-returned by `relay.upstream`, never exceptions; SessionError is how its steps report to
+returned by `relay.smtp_client`, never exceptions; SessionError is how its steps report to
 it (and to `relay check`). The command line maps these classes to exit statuses in
 exactly one place (`relay.cli.exit_status`). This module imports nothing from relay at
 run time.
@@ -41,7 +41,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from .policy import Reply, Stage
+    from .outcome import Reply, Stage
 
 
 class RelayError(Exception):
@@ -157,7 +157,7 @@ class WrongState(RelayError):
 class SessionError(RelayError):
     """A step of an upstream session failed: `reply` is the server's reply, or a
     description with code None (refused, timed out, TLS, out of step); `stage` is the
-    policy.Stage it failed at, the one vocabulary of delivery and `relay check`."""
+    outcome.Stage it failed at, the one vocabulary of delivery and `relay check`."""
 
     def __init__(self, reply: Reply, stage: Stage) -> None:
         super().__init__(str(reply))

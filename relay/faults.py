@@ -1,4 +1,4 @@
-"""Named fault points for fault-injection tests (RELIABILITY-PLAN.md, "Fault points").
+"""Named fault points for fault-injection tests (docs/RELIABILITY-PLAN.md).
 
 With RELAY_CRASH_AT=<name> in the environment the relay SIGKILLs itself on reaching that
 point, as a power cut or the OOM killer would: no cleanup, no flush. With

@@ -1,4 +1,6 @@
-"""Where a message's header section ends, read the way Postfix's cleanup reads it."""
+"""Where a message's header section ends, read the way Postfix's cleanup reads it, and
+its fields: the one reading of a header that the listener, the address rules, scheduling,
+bounce notices, sendmail and `relay queue show` share."""
 
 from __future__ import annotations
 
@@ -28,6 +30,19 @@ def split_header(message: bytes) -> tuple[list[bytes], bytes]:
     return head, message[position:]
 
 
+def fields(head: list[bytes]) -> list[tuple[str, str]]:
+    """Every field of a header section (split_header's lines): its name and its value,
+    unfolded, as field_value reads one."""
+    found: list[tuple[bytes, list[bytes]]] = []  # joined once: a long folded field stays linear
+    for line in head:
+        if line[:1] in (b" ", b"\t") and found:
+            found[-1][1].append(line)
+        else:
+            name, _, value = line.partition(b":")
+            found.append((name, [value]))
+    return [(name.decode("ascii"), _unfolded(b"".join(parts))) for name, parts in found]
+
+
 def field_value(head: list[bytes], name: str) -> str | None:
     """The first `name:` field's value, unfolded, or None when there is none."""
     prefix = name.lower().encode() + b":"
@@ -38,5 +53,9 @@ def field_value(head: list[bytes], name: str) -> str | None:
                 if more[:1] not in (b" ", b"\t"):
                     break
                 parts.append(more)
-            return " ".join(b"".join(parts).decode("utf-8", "replace").split())
+            return _unfolded(b"".join(parts))
     return None
+
+
+def _unfolded(value: bytes) -> str:
+    return " ".join(value.decode("utf-8", "replace").split())

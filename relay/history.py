@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from .entry import Entry, Status
-from .policy import EXPIRED
+from .policy import is_expiry
 
 logger = logging.getLogger("relay.history")
 
@@ -71,7 +71,7 @@ def outcomes(before: Entry, after: Entry, now: float) -> list[Record]:
         if new.status is Status.SENT:
             status = "sent"
         else:
-            status = "expired" if (new.reply or "").startswith(EXPIRED) else "failed"
+            status = "expired" if is_expiry(new.reply) else "failed"
         records.append(_record(after, new.address, status, now, relay, new.reply))
     return records
 

@@ -1,6 +1,6 @@
 """The upstream connection once aiosmtplib has set it up: commands out, replies in.
 
-relay.upstream hands the transport over to a Link (`transport.set_protocol`) to send its
+relay.smtp_client hands the transport over to a Link (`transport.set_protocol`) to send its
 transactions pipelined (RFC 2920), which aiosmtplib cannot. A Link reads replies strictly
 in order, bounded in size, and keeps their text printable (`printable`); it refuses to
 send while a reply nobody asked for waits unread. Anything that leaves the session out
@@ -15,14 +15,16 @@ from typing import cast
 import aiosmtplib
 
 from .errors import ReplyTimeout, SessionError
-from .policy import Reply, Stage
+from .outcome import Reply, Stage
+from .text import escape
 
 # Bounds on what the upstream may send, as aiosmtplib's: a reply line, a whole reply
 # (continuation lines included), and everything unread at once.
 MAX_REPLY_LINE = 8192
 MAX_REPLY = 4 * MAX_REPLY_LINE
 MAX_UNREAD = 1024 * 1024
-# Replies are read into a buffer the session keeps, for the reason relay.smtpd gives.
+# Replies are read into one buffer the link keeps (asyncio.BufferedProtocol) rather than a
+# new bytes object for every read.
 RECEIVE_BUFFER = MAX_REPLY_LINE
 QUIT_SECONDS = 5.0
 # Characters of a reply kept (state record, attempt history, logs): a server may send 32 KiB.
@@ -176,7 +178,7 @@ def printable(text: str) -> str:
             text = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
         except UnicodeEncodeError:  # a surrogate that stands for no byte
             text = text.encode("utf-8", "backslashreplace").decode("utf-8")
-        text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+        text = escape(text)
     if len(text) > MAX_REPLY_TEXT:
         text = text[:MAX_REPLY_TEXT - 1] + "…"
     return text

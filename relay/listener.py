@@ -26,7 +26,7 @@ from typing import Any
 
 from aiosmtpd.smtp import Session
 
-from . import addresses, routing, schedule
+from . import addresses, routing, schedule, tuning
 from .addresses import Rules
 from .config import Config, IPNetwork
 from .entry import Entry, NewEntry
@@ -37,25 +37,24 @@ from .log import log_event
 from .metrics import Recorder, Refusal
 from .smtp_server import RelayEnvelope, RelaySMTP
 from .spool import Draft, Spool, new_id
+from .text import header_safe
 from .writer import SpoolWriter
 
 logger = logging.getLogger("relay.listener")
 
-# A message larger than this goes to its spool file as it arrives rather than into memory,
-# so that memory does not grow with message size times sessions.
-SPILL_BYTES = 1024 * 1024
 INTERNAL_ERROR = "451 4.3.0 Error: internal error, try again later"
 NO_ROOM = "452 4.3.1 Error: insufficient system storage"
 WRITE_ERROR = "452 4.3.1 Error: queue file write error"
-HEADER_TOO_LARGE = f"552 5.3.4 Error: message header section longer than {SPILL_BYTES} octets"
+HEADER_TOO_LARGE = f"552 5.3.4 Error: message header section longer than {tuning.SPILL_BYTES} octets"
 # How often free space is looked at again while a large message is written to disk.
 ROOM_CHECK = 1024 * 1024
 # The spool writer's thread died: the daemon is going down for systemd to restart it.
 WRITER_STOPPED = "451 4.3.0 Error: the spool cannot be written now, try again later"
 NULL_PATH = "<>"  # aiosmtpd's mail_from for the null reverse-path
+MAX_TRACE_WORD = 255  # the HELO name and the recipient in Received:, cut to this length
 
 
-class Gate:
+class Admission:
     """Admission at connect time: allowed client networks and the connection limit."""
 
     def __init__(self, allow: tuple[IPNetwork, ...], max_connections: int) -> None:
@@ -96,7 +95,7 @@ def _allowed(host: str, allow: tuple[IPNetwork, ...]) -> bool:
 
 class Message:
     """One message's content as DATA delivers it: kept in memory, or once it passes
-    SPILL_BYTES written to its spool file as it comes (relay.spool.Draft). `seal` turns
+    tuning.SPILL_BYTES written to its spool file as it comes (relay.spool.Draft). `seal` turns
     the content so far, its header complete, into the entry to store (the relay's own
     headers added, the rules applied), or the reply that refuses it; it runs at the end,
     or when the message is spilled."""
@@ -119,7 +118,7 @@ class Message:
         if self._draft is None:
             self._parts.append(content)
             self._size += len(content)
-            if self._size > SPILL_BYTES:
+            if self._size > tuning.SPILL_BYTES:
                 self._spill()
             return
         try:
@@ -180,13 +179,13 @@ class Handler:
     """The listener's policy, in aiosmtpd's handler hooks. `on_stored` is told of each
     entry once it is durable, with the content it holds in memory (none if spilled)."""
 
-    def __init__(self, spool: Spool, writer: SpoolWriter, config: Config, gate: Gate,
+    def __init__(self, spool: Spool, writer: SpoolWriter, config: Config, admission: Admission,
                  on_stored: Callable[[Entry, tuple[bytes, ...]], None], rules: Rules,
                  metrics: Recorder, clock: Callable[[], float] = time.time) -> None:
         self.spool = spool
         self.writer = writer
         self.config = config
-        self.gate = gate
+        self.admission = admission
         self.on_stored = on_stored
         self.rules = rules
         self.metrics = metrics
@@ -205,7 +204,7 @@ class Handler:
     # --- the session (relay.smtp_server) asks -------------------------------------------
 
     def admit(self, peer: Any) -> str | None:
-        refused = self.gate.admit(peer)
+        refused = self.admission.admit(peer)
         if refused is None:
             return None
         reason, reply = refused
@@ -215,7 +214,7 @@ class Handler:
         return reply
 
     def release(self) -> None:
-        self.gate.release()
+        self.admission.release()
 
     def extensions(self) -> list[str]:
         """EHLO's keywords besides aiosmtpd's: the session answers pipelined commands in
@@ -284,11 +283,14 @@ class Handler:
         recipients = tuple(envelope.rcpt_tos)
 
         def seal(content: bytes) -> NewEntry | str:
+            head = split_header(content)[0]
             try:
-                header_send_at, content = schedule.message_send_at(content, now, max_schedule)
+                header_send_at, stripped = schedule.message_send_at(content, now, max_schedule,
+                                                                    head)
             except ScheduleRefused as exc:
                 return exc.reply
-            head = split_header(content)[0]
+            if stripped is not content:
+                content, head = stripped, split_header(stripped)[0]
             applied = addresses.apply(rules, sender, recipients, content, head)
             if isinstance(applied, str):
                 return applied
@@ -310,11 +312,11 @@ class Handler:
         return Message(self.spool, seal)
 
     async def end_message(self, session: Session, envelope: RelayEnvelope,
-                          message: Message) -> str:
+                          sink: Message) -> str:
         started = time.monotonic()
-        if message.error is not None:
-            return NO_ROOM if isinstance(message.error, SpoolFull) else WRITE_ERROR
-        new = message.new_entry()
+        if sink.error is not None:
+            return NO_ROOM if isinstance(sink.error, SpoolFull) else WRITE_ERROR
+        new = sink.new_entry()
         if isinstance(new, str):
             return new
         if new.draft is not None:
@@ -370,11 +372,13 @@ class Handler:
         """RFC 5321 4.4 trace header. Only sanitised text goes in: a client's HELO can carry
         CR or LF, which must never become a header of its own, or 8-bit text, which must
         not make a 7-bit message 8-bit."""
-        helo = _printable_ascii(session.host_name or "unknown")
+        # Any name a client gives itself goes in (Postfix accepts them all, Windows hosts
+        # send underscores), but as ASCII: no 8-bit text in a header of a 7-bit message.
+        helo = header_safe(session.host_name or "unknown", ascii_only=True)[:MAX_TRACE_WORD]
         protocol = "UTF8SMTP" if smtputf8 else ("ESMTP" if session.extended_smtp else "SMTP")
         stamp = _date(int(now))
-        recipient = (f"\r\n\tfor <{_printable(recipients[0])}>" if len(recipients) == 1
-                     else "")
+        recipient = (f"\r\n\tfor <{header_safe(recipients[0])[:MAX_TRACE_WORD]}>"
+                     if len(recipients) == 1 else "")
         header = (f"Received: from {helo} ({_client_name(session)})\r\n"
                   f"\tby {self.hostname} (relay) with {protocol} id {entry_id}{recipient};\r\n"
                   f"\t{stamp}\r\n")
@@ -410,15 +414,15 @@ class ServerFactory:
     def __init__(self, spool: Spool, writer: SpoolWriter, config: Config,
                  on_stored: Callable[[Entry, tuple[bytes, ...]], None], rules: Rules,
                  metrics: Recorder, clock: Callable[[], float] = time.time) -> None:
-        self.gate = Gate(config.listen.allow, config.listen.max_connections)
-        self.handler = Handler(spool, writer, config, self.gate, on_stored, rules, metrics,
+        self.admission = Admission(config.listen.allow, config.listen.max_connections)
+        self.handler = Handler(spool, writer, config, self.admission, on_stored, rules, metrics,
                                clock)
 
     def reconfigure(self, config: Config, rules: Rules) -> None:
         self.handler.config = config
         self.handler.rules = rules
-        self.gate.allow = config.listen.allow
-        self.gate.max_connections = config.listen.max_connections
+        self.admission.allow = config.listen.allow
+        self.admission.max_connections = config.listen.max_connections
 
     def __call__(self) -> RelaySMTP:
         return RelaySMTP(self.handler, self.handler.config.listen, self.handler.hostname)
@@ -433,15 +437,3 @@ def _date(second: int) -> str:
 def _client_name(session: Session) -> str:
     peer = session.peer
     return f"[{peer[0]}]" if isinstance(peer, tuple) and peer else "unknown"
-
-
-def _printable(text: str) -> str:
-    """Printable, space-free, bounded: safe inside a header or a log line."""
-    cleaned = "".join(c if c.isprintable() and not c.isspace() else "?" for c in text)
-    return cleaned[:255]
-
-
-def _printable_ascii(text: str) -> str:
-    """As _printable, and ASCII: any name a client gives itself (Postfix accepts them all,
-    Windows hosts send underscores) without 8-bit text in a header of a 7-bit message."""
-    return "".join(c if "!" <= c <= "~" else "?" for c in text)[:255]

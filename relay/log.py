@@ -2,7 +2,7 @@
 
     3F2A...: to=<bob@example.com>, relay=smtp.mailgun.org:587, delay=0.41, attempt=1, status=sent (250 2.0.0 Ok)
 
-Values are escaped so an envelope address or an upstream reply can never start a new log
+Values are escaped (relay.text) so an envelope address or an upstream reply can never start a new log
 line. Secrets never reach this module: nothing logs the config's password. With
 `log.redact_addresses`, addresses are shown as j***@example.com (relay.redact): the
 sender and recipient fields, and any address inside another text field.
@@ -19,6 +19,7 @@ from typing import Any
 
 from .config import LogConfig
 from .redact import redact_address, redact_text
+from .text import escape
 
 logger = logging.getLogger("relay")
 _ADDRESS_FIELDS = ("from", "to")
@@ -63,7 +64,7 @@ def setup_logging(config: LogConfig, stream: Any = None) -> None:
     logging.getLogger("mail.log").setLevel(
         logging.DEBUG if config.level == "debug" else logging.ERROR)
     # Neither format shows the caller, thread or process, so logging need not look them up
-    # for each record (the logging HOWTO's "Optimization"): 3 us of 15 per event line.
+    # for each record (the logging HOWTO's "Optimization").
     logging._srcfile = None
     logging.logThreads = False
     logging.logProcesses = False
@@ -78,12 +79,12 @@ class TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         text = record.getMessage()
         if record.exc_info:
-            text += " | " + _escape(self.formatException(record.exc_info))
+            text += " | " + escape(self.formatException(record.exc_info))
         prefix = f"{record.levelname.lower()}: "
         if self.with_time:
             stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
             prefix = f"{stamp}.{int(record.msecs):03d}Z {prefix}"
-        return prefix + _escape(text)
+        return prefix + escape(text)
 
 
 class JsonFormatter(logging.Formatter):
@@ -119,10 +120,3 @@ def _render_text(queue_id: str | None, fields: dict[str, Any]) -> str:
             parts.append(f"{key}={value}")
     body = ", ".join(parts)
     return f"{queue_id}: {body}" if queue_id else body
-
-
-def _escape(text: str) -> str:
-    """Make control characters visible so one event is always one line."""
-    if text.isprintable():
-        return text
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)

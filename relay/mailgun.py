@@ -2,7 +2,7 @@
 
 `POST {api_url}/v3/{domain}/messages.mime` with Basic auth `api:<key>`, as
 multipart/form-data: one `to` field per envelope recipient and `message`, the whole MIME
-message, as a file. Mailgun's answers come back as the same policy.AttemptResult an SMTP
+message, as a file. Mailgun's answers come back as the same outcome.AttemptResult an SMTP
 attempt gives, with an SMTP reply of like meaning, so that delivery, policy and the
 breaker treat both transports alike:
 
@@ -33,7 +33,7 @@ from typing import Any
 import httpx
 
 from .config import MailgunApiConfig
-from .policy import AttemptResult, Reply, Stage
+from .outcome import AttemptResult, Reply, Stage
 
 MAX_TEXT = 300  # of Mailgun's message kept in a reply: it ends up in logs and the queue
 
@@ -138,7 +138,7 @@ def result_of(relay: str, status: int, body: bytes, recipients: list[str]) -> At
 
 
 def _failure(exc: httpx.HTTPError) -> Reply:
-    """The error without an HTTP answer, in the words relay.upstream uses for SMTP."""
+    """The error without an HTTP answer, in the words relay.smtp_client uses for SMTP."""
     text = _one_line(str(exc)) or type(exc).__name__
     if isinstance(exc, httpx.ConnectTimeout):
         return Reply(None, f"timed out: connecting to the Mailgun API: {text}")
@@ -194,6 +194,8 @@ def _field(body: bytes, *path: str) -> str:
 
 
 def _clip(text: str) -> str:
+    """Mailgun's text (decoded JSON, so no bytes to show as \\xNN, unlike link.printable),
+    on one line and bounded; logs and `relay queue` escape it as any reply (relay.text)."""
     text = _one_line(text)
     return text if len(text) <= MAX_TEXT else text[:MAX_TEXT - 3] + "..."
 

@@ -1,5 +1,5 @@
-"""The relay's Prometheus metrics: their names, types and labels (a contract), and what
-counts them.
+"""The relay's Prometheus metrics: their names, types and labels (part of the contract,
+docs/CONTRACT.md), and what counts them.
 
 `Recorder` is what the listener, delivery and bounces call; it records nothing, so a
 relay without `metrics.port` pays one empty call per event. `Metrics` records, on a
@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import contextlib
 import enum
-from dataclasses import dataclass
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 from prometheus_client import (
     CollectorRegistry,
@@ -31,7 +31,7 @@ from prometheus_client.registry import Collector
 
 from . import policy
 from .entry import Entry, Queue, Status
-from .policy import AttemptResult
+from .outcome import SET_UP, AttemptResult, Stage
 from .spool import Spool
 
 # Final dot to 250: a fsync or two, well under a millisecond to a few on a busy disk.
@@ -167,12 +167,12 @@ class Metrics(Recorder):
         for reply in result.recipients.values():
             if not (reply.code is not None and 200 <= reply.code < 300
                     or policy.is_recipient_limit(reply)):
-                self._errors.labels(upstream, policy.Stage.RCPT.value).inc()
+                self._errors.labels(upstream, Stage.RCPT.value).inc()
         error = result.error
         if error is not None:
             self._errors.labels(upstream, result.stage.value).inc()
         unreachable = (error is not None and error.code is None and not result.recipients
-                       and result.stage in policy.SET_UP)
+                       and result.stage in SET_UP)
         bound.set_up(0 if unreachable else 1)
 
     def upstreams(self, names: list[str]) -> None:

@@ -1,106 +1,22 @@
 """Pure delivery decisions: classify an upstream outcome, back off, expire, settle an entry.
 
 No I/O, no clock, no randomness of its own: `now` and a random number in [0, 1) are
-arguments, so every rule here is unit-tested with plain values. The one table
-(ARCHITECTURE.md, "Failure classification") lives in `classify`.
+arguments, so every rule here is unit-tested with plain values. The values it decides
+with are relay.outcome's. The one table (docs/ARCHITECTURE.md)
+lives in `classify`.
 """
 
 from __future__ import annotations
 
-import enum
-from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 
 from .config import DeliveryConfig
 from .entry import Attempt, Entry, Recipient, Status
+from .outcome import AttemptResult, Disposition, Reply, Settlement, Stage, Verdict
 
 NO_UPSTREAM = "no upstream configured"
-EXPIRED = "expired after "  # how an expired recipient's reply begins (relay.history reads it)
+EXPIRED = "expired after "  # how an expired recipient's reply begins (is_expiry reads it)
 JITTER = 0.2  # +-20%: spreads retries of a backlog so they do not hit the upstream in step
-
-
-class Stage(enum.Enum):
-    """Where in the SMTP dialogue an outcome happened: the one vocabulary of delivery
-    (classify), of errors (errors.SessionError.stage) and of `relay check`'s steps (the
-    values). A 5xx is permanent only for MAIL, RCPT and DATA."""
-
-    CONNECT = "connect"  # TCP, implicit TLS and the greeting
-    STARTTLS = "starttls"
-    TLS = "tls"  # the check that TLS is in effect
-    AUTH = "auth"
-    EHLO = "ehlo"
-    RSET = "rset"
-    MAIL = "mail"
-    RCPT = "rcpt"
-    DATA = "data"  # the DATA command and the reply to the final dot
-    QUIT = "quit"
-    SESSION = "session"  # the session as a whole, no command in particular
-
-
-# Where a failure is the upstream's, not the message's: it could not be reached or set up.
-SET_UP = frozenset({Stage.CONNECT, Stage.STARTTLS, Stage.TLS, Stage.EHLO, Stage.SESSION})
-
-
-class Verdict(enum.Enum):
-    SENT = "sent"
-    TEMPORARY = "temporary"
-    PERMANENT = "permanent"
-
-
-class Disposition(enum.Enum):
-    """What happens to the entry after an attempt."""
-
-    DELIVERED = "delivered"  # every recipient sent: remove from the spool
-    DEFERRED = "deferred"  # some recipient still pending: try again at next_attempt
-    FAILED = "failed"  # nothing pending and something failed, or expired
-
-
-@dataclass(frozen=True)
-class Reply:
-    """An SMTP reply, or an error that produced none (code None: refused, timeout, TLS)."""
-
-    code: int | None
-    text: str
-
-    def __str__(self) -> str:
-        return f"{self.code} {self.text}" if self.code is not None else self.text
-
-
-@dataclass(frozen=True)
-class AttemptResult:
-    """What one upstream session reported for one entry.
-
-    `recipients` maps each address that got an individual answer to it: the RCPT refusal,
-    or the final DATA reply for an accepted recipient. Addresses without an answer take
-    `error`, the reply that ended the transaction early (at `stage`).
-    """
-
-    relay: str
-    recipients: Mapping[str, Reply] = field(default_factory=dict)
-    error: Reply | None = None
-    stage: Stage = Stage.SESSION
-
-    @property
-    def summary(self) -> str:
-        """One line for the attempt history: the trouble first, if there was any."""
-        if self.error is not None:
-            return str(self.error)
-        replies = list(self.recipients.values())
-        if not replies:
-            return "no recipients tried"
-        sent = sum(r.code is not None and 200 <= r.code < 300 for r in replies)
-        trouble = [r for r in replies if r.code is None or not 200 <= r.code < 300]
-        if not trouble:
-            return str(replies[-1])
-        if not sent:
-            return str(trouble[0])
-        return f"{sent} of {len(replies)} recipients sent; {trouble[0]}"
-
-
-@dataclass(frozen=True)
-class Settlement:
-    entry: Entry
-    disposition: Disposition
 
 
 def classify(reply: Reply, stage: Stage) -> Verdict:
@@ -197,7 +113,8 @@ def await_turn(entry: Entry, until: float, why: str) -> Entry:
     return replace(entry, last_error=why, next_attempt=until)
 
 
-def rate_limited(entry: Entry, result: AttemptResult, reply: Reply, until: float) -> Entry:
+def after_rate_limit(entry: Entry, result: AttemptResult, reply: Reply,
+                     until: float) -> Entry:
     """The entry after a provider said we send too fast: recipients it took are sent, the
     others stay pending, and no attempt is counted (the message was not at fault)."""
     recipients = tuple(

@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass, replace
 
 from .config import Rate
-from .policy import AttemptResult, Reply
+from .outcome import AttemptResult, Reply
 
 # The bucket holds one token: messages go evenly spaced, never in a burst. A full bucket
 # of N tokens would let 2N go within one of the provider's windows (N at its end, N

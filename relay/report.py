@@ -11,7 +11,8 @@ from typing import Any
 from .history import Record
 from .redact import redact_address, redact_text
 from .stats import Delay, Stats
-from .views import escape, iso
+from .text import escape
+from .views import iso
 
 _COLUMNS = (("TIME", 20), ("STATUS", 7), ("ID", 21), ("FROM", 26), ("TO", 26), ("DELAY", 8),
             ("ATT", 3), ("RELAY", 22), ("REPLY", 0))

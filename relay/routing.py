@@ -9,14 +9,14 @@ failure of the upstream is. Pure: no I/O, `now` and random numbers are arguments
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from .breaker import Breaker, trips
 from .config import AnyUpstream, DeliveryConfig
 from .configvalues import canonical_domain
-from .policy import AttemptResult, Reply, credentials_rejected
+from .outcome import AttemptResult, Reaction, Reply
+from .policy import credentials_rejected
 from .ratelimit import Bucket, rate_limited
 
 WAITING_FOR_RATE = "waiting for rate"  # how `relay queue` shows a message's wait for it
@@ -97,14 +97,6 @@ def reserve(gate: Gate, upstream: AnyUpstream, now: float) -> Gate:
     """The gate once a message waiting for the upstream's rate has taken its turn now:
     the next message's wait is one interval longer (Bucket.take)."""
     return Gate(gate.breaker, gate.bucket.take(upstream.rate, now))
-
-
-class Reaction(enum.Enum):
-    """What the delivery does with a message after an attempt."""
-
-    SETTLE = "settle"  # policy.settle, as for any attempt
-    FAILOVER = "failover"  # the upstream failed: the next of the route takes it at once
-    REQUEUE = "requeue"  # rate limited: back to the queue, no attempt counted
 
 
 def react(gate: Gate, result: AttemptResult, now: float, config: DeliveryConfig,

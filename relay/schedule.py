@@ -29,7 +29,6 @@ HEADER = "X-Relay-Send-At"
 _RFC3339 = re.compile(r"(\d{4})-(\d\d)-(\d\d)[Tt ](\d\d):(\d\d):(\d\d)(\.\d+)?"
                       r"(?:([Zz])|([+-])(\d\d):(\d\d))")
 _HOLDFOR = re.compile(r"[0-9]{1,9}")  # RFC 4865: at most nine digits of seconds
-# Bounds a quick look for the header; the exact header section is found only after a hit.
 _HEADER_FIELD = re.compile(rb"^" + HEADER.encode() + rb"[ \t]*:", re.IGNORECASE | re.MULTILINE)
 
 
@@ -75,19 +74,20 @@ def hold_send_at(holdfor: str | None, holduntil: str | None, now: float,
     return None
 
 
-def message_send_at(content: bytes, now: float,
-                    max_schedule: float) -> tuple[float | None, bytes]:
+def message_send_at(content: bytes, now: float, max_schedule: float,
+                    head: list[bytes] | None = None) -> tuple[float | None, bytes]:
     """The send time the X-Relay-Send-At header asks for (None: no header, or a time
     already past) and the content without that header, every other byte as it was; the
-    content itself when it has no such header. Raises ScheduleRefused with 554 5.6.0,
-    naming the header, for a value that is not an RFC 3339 or RFC 5322 date-time, a time
-    beyond `max_schedule`, or more than one such header."""
-    blank = content.find(b"\r\n\r\n")
-    if _HEADER_FIELD.search(content, 0, len(content) if blank < 0 else blank + 2) is None:
+    content itself when it has no such header. `head` is the content's header lines
+    (headers.split_header), when the caller has them. Raises ScheduleRefused with 554
+    5.6.0, naming the header, for a value that is not an RFC 3339 or RFC 5322 date-time,
+    a time beyond `max_schedule`, or more than one such header."""
+    if head is None:
+        head = split_header(content)[0]
+    # One search in C over the header section; the lines are walked only after a hit.
+    if _HEADER_FIELD.search(content, 0, sum(map(len, head))) is None:
         return None, content
-    values, stripped = _take_header(content)
-    if not values:  # the look matched a line past the header section
-        return None, content
+    values, stripped = _take_header(content, head)
     if len(values) > 1:
         raise ScheduleRefused(f"554 5.6.0 Error: more than one {HEADER} header")
     try:
@@ -102,9 +102,8 @@ def message_send_at(content: bytes, now: float,
     return (when if when > now else None), stripped
 
 
-def _take_header(content: bytes) -> tuple[list[str], bytes]:
+def _take_header(content: bytes, head: list[bytes]) -> tuple[list[str], bytes]:
     """The values of every X-Relay-Send-At field (unfolded) and the content without them."""
-    head, _ = split_header(content)
     prefix = HEADER.lower().encode()
     values: list[list[bytes]] = []  # each field's lines, joined once at the end
     cut: list[tuple[int, int]] = []  # byte spans of the fields, continuation lines included

@@ -119,11 +119,11 @@ class Scheduler:
 
     def _wake_one(self) -> None:
         while self._idle:
-            if _wake(self._idle.pop()):
+            if _try_wake(self._idle.pop()):
                 return
 
 
-def _wake(waiter: asyncio.Future[None]) -> bool:
+def _try_wake(waiter: asyncio.Future[None]) -> bool:
     """Wake a waiting worker; False if it had stopped waiting (woken or cancelled)."""
     if waiter.done():
         return False

@@ -29,6 +29,9 @@ from .schedule import hold_parameter, parse_time
 _WITH_VALUE = frozenset("BCFLNORVXbefhopr")
 # sendmail's modes (-bX) and what each does here.
 MODES = {"m": "deliver", "p": "queue", "v": "verify", "i": "newaliases"}
+# How long `relay sendmail` waits for each reply of the listener, which stores the message
+# before its last one: a disk this slow is better reported than waited for.
+SUBMIT_SECONDS = 60.0
 
 USAGE = """\
 usage: sendmail [-t] [-i|-oi] [-f SENDER] [-F NAME] [-v] [--config FILE] [--] [RCPT ...]
@@ -204,7 +207,7 @@ def prepare(message: bytes, options: Options, default_sender: str) -> tuple[str,
 
 
 def submit(host: str, port: int, sender: str, recipients: list[str], message: bytes,
-           timeout: float = 60.0, send_at: float | None = None) -> str:
+           timeout: float = SUBMIT_SECONDS, send_at: float | None = None) -> str:
     """Hand the message to the listener; return its queue ID. All recipients or none:
     if any is refused the transaction is abandoned, so nothing is half sent. With
     `send_at`, the listener must offer FUTURERELEASE, and is asked to hold it till then."""

@@ -35,11 +35,18 @@ from .errors import ConfigError
 
 TLS_MODES = ("starttls", "implicit", "none")
 TRANSPORTS = ("smtp", "mailgun-api")
-DEFAULT_API_URL = "https://api.mailgun.net"
 MAILGUN_EXTRA = "pip install 'relay[mailgun-api]'"
+# An upstream's defaults, written once for the dataclasses and the parser.
+SUBMISSION_PORT = 587  # RFC 6409: STARTTLS, and plain text on a loopback upstream
+SUBMISSIONS_PORT = 465  # RFC 8314: TLS from the first byte (tls: implicit)
+DEFAULT_TLS = "starttls"
+VERIFY = True  # the server's certificate, against the system's CAs and ca_file
+CONNECTIONS = 4
+TIMEOUT = 60.0
+GREETING_TIMEOUT = 15.0  # upstream.greeting_timeout unless upstream.timeout is shorter
+DEFAULT_API_URL = "https://api.mailgun.net"
 # Keys of one transport that mean nothing to the other: a mistake worth naming, since a
 # key the relay silently ignored would leave the operator believing it is in effect.
-GREETING_TIMEOUT = 15.0  # upstream.greeting_timeout unless upstream.timeout is shorter
 SMTP_KEYS = ("host", "port", "tls", "username", "password", "password_env", "password_file",
              "greeting_timeout")
 API_KEYS = ("api_url", "domain", "api_key", "api_key_env", "api_key_file")
@@ -61,14 +68,14 @@ class UpstreamConfig:
 
     transport: ClassVar[str] = "smtp"
     host: str
-    port: int = 587
-    tls: str = "starttls"
-    verify: bool = True
+    port: int = SUBMISSION_PORT
+    tls: str = DEFAULT_TLS
+    verify: bool = VERIFY
     ca_file: Path | None = None
     username: str | None = None
     password: str | None = field(default=None, repr=False)
-    connections: int = 4
-    timeout: float = 60.0
+    connections: int = CONNECTIONS
+    timeout: float = TIMEOUT
     # For the connect and the greeting alone: a port that speaks the other TLS mode stays
     # silent, and should not cost every attempt the whole command timeout.
     greeting_timeout: float = GREETING_TIMEOUT
@@ -93,10 +100,10 @@ class MailgunApiConfig:
     domain: str
     api_key: str | None = field(default=None, repr=False)
     api_url: str = DEFAULT_API_URL
-    verify: bool = True
+    verify: bool = VERIFY
     ca_file: Path | None = None
-    connections: int = 4
-    timeout: float = 60.0
+    connections: int = CONNECTIONS
+    timeout: float = TIMEOUT
     name: str = ""  # empty: mailgun-api/DOMAIN
     sender_domains: tuple[str, ...] = ()
     rate: Rate | None = None
@@ -148,10 +155,10 @@ def _upstream(s: Section, environ: Mapping[str, str], secrets: bool) -> AnyUpstr
             raise ConfigError(s.key(key), f"not a key of a {transport} upstream; {hint}")
     common: dict[str, Any] = {
         "name": s.get("name", _name, ""),
-        "verify": s.get("verify", boolean, True),
+        "verify": s.get("verify", boolean, VERIFY),
         "ca_file": s.get("ca_file", existing_file, None),
-        "connections": s.get("connections", int_range(1, 100), 4),
-        "timeout": s.get("timeout", duration_at_least(minimum=1), 60.0),
+        "connections": s.get("connections", int_range(1, 100), CONNECTIONS),
+        "timeout": s.get("timeout", duration_at_least(minimum=1), TIMEOUT),
         "sender_domains": s.get("sender_domains", _domains, ()),
         "rate": s.get("rate", parse_rate, None),
     }
@@ -165,13 +172,13 @@ def _smtp(s: Section, environ: Mapping[str, str], secrets: bool,
     host = s.get("host", hostname, None)
     if host is None:
         raise ConfigError(s.key("host"), "required when the upstream section is present")
-    tls = s.get("tls", choice(TLS_MODES), "starttls")
+    tls = s.get("tls", choice(TLS_MODES), DEFAULT_TLS)
     if tls == "none" and not is_loopback_host(host):
         raise ConfigError(
             s.key("tls"), f"'none' sends mail and passwords in clear; it is allowed only for a "
             f"loopback upstream, not {host}"
         )
-    default_port = 465 if tls == "implicit" else 587
+    default_port = SUBMISSIONS_PORT if tls == "implicit" else SUBMISSION_PORT
     username = s.get("username", nonempty_text, None)
     password = _secret(s, environ, secrets, "password", "passwords")
     has_password = "password_env" in s.data or "password_file" in s.data

@@ -1,6 +1,6 @@
 """The configured upstreams at run time: each one's connections and its gate.
 
-An SMTP upstream has a pool of sessions (relay.upstream), at most `connections` of them,
+An SMTP upstream has a pool of sessions (relay.smtp_client), at most `connections` of them,
 the one used last handed out first, so that the others can stay closed; an API upstream
 has one HTTPS client (relay.mailgun) that keeps its own connections. Each upstream's gate
 (relay.routing: its circuit breaker and rate bucket) is kept here, and its state is
@@ -19,9 +19,9 @@ from typing import Protocol
 
 from .breaker import Circuit
 from .config import AnyUpstream, Config, UpstreamConfig
-from .policy import AttemptResult
+from .outcome import AttemptResult
 from .routing import Gate
-from .upstream import UpstreamSession, make_tls_context
+from .smtp_client import UpstreamSession, make_tls_context
 
 
 class Transport(Protocol):

@@ -1,19 +1,20 @@
 """How queue entries look to people (mailq-style table, `show`) and to machines (JSON).
 
 Pure formatting of `Entry` values; every string from the outside (addresses, headers,
-replies) is escaped so a control character can never act on the operator's terminal.
+replies) is escaped (relay.text) so a control character can never act on the operator's
+terminal.
 """
 
 from __future__ import annotations
 
-import email.parser
-import email.policy
 import functools
 import time
 from collections import Counter
 from typing import Any
 
 from .entry import Entry, Queue
+from .headers import fields, split_header
+from .text import escape
 
 STATES = tuple(q.state for q in Queue)
 _COLUMNS = (("ID", 21), ("SIZE", 6), ("ARRIVED", 20), ("STATE", 9), ("ATT", 3),
@@ -30,12 +31,12 @@ def iso(timestamp: float | None) -> str | None:
 @functools.lru_cache(maxsize=4096)
 def _iso_second(second: int) -> str:
     # Cached by the second: a listing formats two times per entry, and entries that
-    # arrived in one burst share them. time.gmtime, not datetime: a third of the cost.
+    # arrived in one burst share them. time.gmtime, which is cheaper than datetime.
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(second))
 
 
 def entry_json(entry: Entry) -> dict[str, Any]:
-    """The contract's JSON fields of a queued message."""
+    """The JSON fields of a queued message (docs/CONTRACT.md)."""
     return {
         "id": entry.id,
         "size": entry.size,
@@ -54,7 +55,8 @@ def entry_json(entry: Entry) -> dict[str, Any]:
 def detail_json(entry: Entry, content: bytes, with_body: bool) -> dict[str, Any]:
     """`relay queue show --json`: the listing fields plus the envelope as received (when
     address rules rewrote it), headers and every attempt."""
-    headers, body = split_message(content)
+    head, body = split_header(content)
+    headers = fields(head)
     data = entry_json(entry)
     data["original_sender"] = entry.original_sender
     data["original_recipients"] = (None if entry.original_recipients is None
@@ -125,7 +127,8 @@ def summary(entries: list[Entry], corrupt: int) -> str:
 
 def show(entry: Entry, content: bytes, with_body: bool) -> str:
     """`relay queue show`: envelope, per-recipient status, attempts, headers (and body)."""
-    headers, body = split_message(content)
+    head, body = split_header(content)
+    headers = fields(head)
     lines = [
         f"ID:           {entry.id}",
         f"State:        {entry.state}",
@@ -157,14 +160,6 @@ def show(entry: Entry, content: bytes, with_body: bool) -> str:
     return "\n".join(lines)
 
 
-def split_message(content: bytes) -> tuple[list[tuple[str, str]], bytes]:
-    """Header fields (unfolded) and the body of a message."""
-    end = content.find(b"\r\n\r\n")
-    head, body = (content, b"") if end < 0 else (content[:end + 2], content[end + 4:])
-    parsed = email.parser.BytesHeaderParser(policy=email.policy.compat32).parsebytes(head)
-    return [(name, " ".join(str(value).split())) for name, value in parsed.items()], body
-
-
 def human_size(size: int) -> str:
     if size < 1024:
         return f"{size}B"
@@ -172,14 +167,6 @@ def human_size(size: int) -> str:
         if size < scale << 10:
             return f"{size / scale:.1f}{unit}"
     return f"{size / (1 << 30):.1f}G"
-
-
-def escape(text: str, keep_newlines: bool = False) -> str:
-    """Control characters shown as \\x1b and the like, so output cannot drive a terminal."""
-    allowed = "\n\t" if keep_newlines else ""
-    if keep_newlines:
-        text = text.replace("\r\n", "\n")
-    return "".join(c if c.isprintable() or c in allowed else repr(c)[1:-1] for c in text)
 
 
 def _row(cells: list[str]) -> str:

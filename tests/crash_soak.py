@@ -1,4 +1,4 @@
-"""The crash soak, shared by tests/test_soak.py (RELIABILITY-PLAN row 84, in the
+"""The crash soak, shared by tests/test_soak.py (docs/RELIABILITY-PLAN.md row 84, in the
 reliability report) and tools/soak.py (the long soak: its --quick mode in CI, the full
 run by hand).
 

@@ -1,8 +1,8 @@
-"""The RELIABILITY-PLAN cases, as the report lists them: what is injected and what is
-expected, and after them (rows 107-117) the findings of outside reviews (issue 19).
-Taken from the project's RELIABILITY-PLAN.md; where this relay injects differently
-(no second network namespace, no packet capture) or the contract sets another reply,
-`how` and `note` say so. Rows with no test say why in `NOT_TESTED`."""
+"""The cases of docs/RELIABILITY-PLAN.md, as the report lists them: what is injected and
+what is expected, and after them (rows 107-117) the findings of outside reviews (issue 19).
+Where this relay injects differently (no second network namespace, no packet capture) or
+the contract (docs/CONTRACT.md) sets another reply, `how` and `note` say so. Rows with no
+test say why in `NOT_TESTED`."""
 
 from __future__ import annotations
 
@@ -352,7 +352,7 @@ CASES: dict[int, Case] = {
               "Refused whole: nothing switched, the error names upstream.ca_file, STATUS= says refused, READY=1 follows RELOADING=1; at start and in `relay check`: exit 78"),
     112: Case("Finding 6: two error vocabularies",
               "535 at AUTH on the new session opened when a reused one was found dead at MAIL",
-              "Classified at stage AUTH (CredentialsRejected), so delivery pauses as after a first login; SessionError in relay/errors.py, one policy.Stage vocabulary, `relay check` through cli.exit_status"),
+              "Classified at stage AUTH (CredentialsRejected), so delivery pauses as after a first login; SessionError in relay/errors.py, one outcome.Stage vocabulary, `relay check` through cli.exit_status"),
     113: Case("Finding 7: logins while paused",
               "Delivery paused after a 535; then a retry coming due, a new message and `relay queue flush`",
               "No login until a reload (or retry_max)"),

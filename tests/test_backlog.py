@@ -1,4 +1,4 @@
-"""A large backlog (RELIABILITY-PLAN row 43): start-up and `relay queue` read directories
+"""A large backlog (docs/RELIABILITY-PLAN.md row 43): start-up and `relay queue` read directories
 and small headers, never bodies, so 10,000 queued entries cost seconds, not minutes, and
 the daemon's memory stays bounded."""
 

@@ -6,7 +6,7 @@ import pytest
 
 from relay.breaker import Breaker, Circuit, trips
 from relay.config import DeliveryConfig
-from relay.policy import AttemptResult, Reply, Stage
+from relay.outcome import AttemptResult, Reply, Stage
 
 CONFIG = DeliveryConfig(retry_min=60, retry_max=3600)
 T0 = 1_800_000_000.0

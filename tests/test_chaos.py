@@ -1,4 +1,4 @@
-"""Delivery through a misbehaving network path: RELIABILITY-PLAN rows 52, 55, 62 and 91."""
+"""Delivery through a misbehaving network path: docs/RELIABILITY-PLAN.md rows 52, 55, 62, 91."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Clock jumps (RELIABILITY-PLAN row 85): a step of the system clock neither expires the
+"""Clock jumps (docs/RELIABILITY-PLAN.md row 85): a step of the system clock neither expires the
 queue at once nor pushes retries out of reach, and it is logged."""
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ from relay.clock import SteadyClock
 from relay.config import DeliveryConfig, load_config
 from relay.daemon import Daemon
 from relay.entry import Entry, Queue, Recipient
-from relay.policy import AttemptResult, Disposition, Reply, Stage, settle
+from relay.outcome import AttemptResult, Disposition, Reply, Stage
+from relay.policy import settle
 from upstream import Upstream
 
 DAY = 86400.0

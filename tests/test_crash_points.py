@@ -1,4 +1,5 @@
-"""SIGKILL at each named step of ingest and delivery, then restart: RELIABILITY-PLAN #35, #83.
+"""SIGKILL at each named step of ingest and delivery, then restart (docs/RELIABILITY-PLAN.md
+#35, #83).
 
 Expected, per the plan: killed before the rename, the client never heard 250 and nothing
 is queued; killed after the rename but before 250, the message is queued and delivered

@@ -7,10 +7,10 @@ import smtplib
 from pathlib import Path
 
 import pytest
-
 from conftest import RelayProcess, relay_config, wait_for
-from relay.delivery import INLINE_READ_BYTES
 from upstream import Upstream, secret_forms
+
+from relay.tuning import INLINE_READ_BYTES
 
 BODY = (b"From: app@example.com\r\nTo: user@example.com\r\nSubject: hello\r\n"
         b"Message-ID: <m1@example.com>\r\n\r\nHello there.\r\n")

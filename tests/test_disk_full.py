@@ -1,4 +1,4 @@
-"""A spool on a tiny real filesystem: RELIABILITY-PLAN rows 30, 36 and 37.
+"""A spool on a tiny real filesystem: docs/RELIABILITY-PLAN.md rows 30, 36 and 37.
 
 The relay runs in its own mount namespace (`unshare -rm`, no privileges needed) with a
 size- or inode-limited tmpfs over its spool directory; the test reads that spool through

@@ -12,15 +12,16 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-import relay.delivery
 from conftest import PASSWORD_ENV, relay_config
+from upstream import PASSWORD, Upstream
+
+import relay.tuning
 from relay.config import parse_config
-from relay.delivery import QUIET_SESSIONS, Delivery
+from relay.delivery import Delivery
 from relay.entry import NewEntry
 from relay.spool import Spool, new_id
+from relay.tuning import QUIET_SESSIONS
 from relay.writer import SpoolWriter
-from upstream import PASSWORD, Upstream
 
 CONTENT = b"Subject: window\r\n\r\nbody\r\n"
 
@@ -63,7 +64,7 @@ def run_delivery(tmp_path: Path, upstream: Upstream, ca_file: Path, sessions: in
 @pytest.fixture(autouse=True)
 def no_bound(monkeypatch: pytest.MonkeyPatch) -> None:
     """Only a store (or no session) may let a worker go in these tests."""
-    monkeypatch.setattr(relay.delivery, "LISTENER_QUIET_WAIT", 60.0)
+    monkeypatch.setattr(relay.tuning, "LISTENER_QUIET_WAIT", 60.0)
 
 
 def test_with_a_session_open_a_worker_waits_for_a_store_to_reach_the_disk(

@@ -1,4 +1,5 @@
-"""Bad input and faults from RELIABILITY-PLAN.md: the relay refuses cleanly or keeps the mail."""
+"""Bad input and faults from docs/RELIABILITY-PLAN.md: the relay refuses them cleanly or
+keeps the mail."""
 
 from __future__ import annotations
 

@@ -13,15 +13,16 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-import relay.delivery
 from conftest import PASSWORD_ENV, relay_config
+from upstream import PASSWORD, Upstream
+
+import relay.tuning
 from relay.config import parse_config
-from relay.delivery import INLINE_READ_BYTES, Delivery
+from relay.delivery import Delivery
 from relay.entry import Entry, NewEntry, Queue
 from relay.spool import Spool, new_id
+from relay.tuning import INLINE_READ_BYTES
 from relay.writer import SpoolWriter
-from upstream import PASSWORD, Upstream
 
 RECEIVED = b"Received: from test\r\n"
 LINE = b"z" * 998 + b"\r\n"
@@ -110,7 +111,7 @@ def test_messages_past_the_memory_bound_are_read_from_the_spool(
         run: Run, monkeypatch: pytest.MonkeyPatch) -> None:
     """The bound holds one of these messages: the second and third are read back."""
     bodies = [body(n) for n in range(3)]
-    monkeypatch.setattr(relay.delivery, "FRESH_BYTES", len(RECEIVED + bodies[0]) + 100)
+    monkeypatch.setattr(relay.tuning, "FRESH_BYTES", len(RECEIVED + bodies[0]) + 100)
     ids = run.deliver(bodies)
     assert sorted(run.reads) == sorted(ids[1:] * 2)  # envelope and content of each
     for n, content in enumerate(bodies):

@@ -16,7 +16,8 @@ from ports import reusable_port
 from relay.breaker import trips
 from relay.config import MailgunApiConfig
 from relay.mailgun import DomainCheck, MailgunApi, result_of
-from relay.policy import AttemptResult, Stage, Verdict, classify, credentials_rejected
+from relay.outcome import AttemptResult, Stage, Verdict
+from relay.policy import classify, credentials_rejected
 from relay.ratelimit import rate_limited
 
 MESSAGE = b"From: app@example.com\r\nTo: u@example.net\r\nSubject: hi\r\n\r\nHello.\r\n"

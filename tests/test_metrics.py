@@ -15,7 +15,7 @@ from upstream import Upstream
 
 from relay.entry import Entry, Queue, Recipient, Status
 from relay.metrics import Metrics, Recorder, Refusal
-from relay.policy import AttemptResult, Reply, Stage
+from relay.outcome import AttemptResult, Reply, Stage
 from relay.spool import Spool
 
 BODY = b"Subject: metrics\r\nMessage-ID: <m@example.com>\r\n\r\nHello.\r\n"

@@ -8,12 +8,8 @@ from hypothesis import strategies as st
 
 from relay.config import DeliveryConfig
 from relay.entry import Entry, Queue, Recipient, Status
+from relay.outcome import AttemptResult, Disposition, Reply, Stage, Verdict
 from relay.policy import (
-    AttemptResult,
-    Disposition,
-    Reply,
-    Stage,
-    Verdict,
     await_upstream,
     backoff,
     classify,

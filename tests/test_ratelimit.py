@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from relay.config import Rate
-from relay.policy import AttemptResult, Reply, Stage
+from relay.outcome import AttemptResult, Reply, Stage
 from relay.ratelimit import Bucket, is_rate_limit, rate_limited
 
 T0 = 1_800_000_000.0

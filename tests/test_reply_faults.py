@@ -13,8 +13,9 @@ from conftest import RelayProcess, relay_config, wait_for
 from upstream import PASSWORD, USERNAME, Upstream
 
 from relay.config import UpstreamConfig
-from relay.policy import AttemptResult, Stage, credentials_rejected
-from relay.upstream import UpstreamSession, make_tls_context
+from relay.outcome import AttemptResult, Stage
+from relay.policy import credentials_rejected
+from relay.smtp_client import UpstreamSession, make_tls_context
 
 BODY = b"Subject: replies\r\nMessage-ID: <replies@example.com>\r\n\r\nbody\r\n"
 

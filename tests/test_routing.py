@@ -6,9 +6,9 @@ import pytest
 
 from relay.breaker import Breaker, Circuit
 from relay.config import DeliveryConfig, MailgunApiConfig, Rate, UpstreamConfig
-from relay.policy import AttemptResult, Reply, Stage
+from relay.outcome import AttemptResult, Reaction, Reply, Stage
 from relay.ratelimit import Bucket
-from relay.routing import Gate, Reaction, choose, react, refusal, route, sender_domain
+from relay.routing import Gate, choose, react, refusal, route, sender_domain
 
 CONFIG = DeliveryConfig(retry_min=60, retry_max=3600)
 T0 = 1_800_000_000.0

@@ -15,17 +15,17 @@ from typing import Any
 
 import pytest
 from aiosmtpd.smtp import SMTP
+from conftest import RelayProcess, relay_config, wait_for
+from test_data import RelayKeeper, Transport, waiting
+from upstream import Upstream
 
 import relay.smtp_server
-from conftest import RelayProcess, relay_config, wait_for
 from relay.addresses import rules_for
 from relay.config import AddressesConfig, Config, ListenConfig
 from relay.hostname import system_name
+from relay.listener import Admission, Handler
 from relay.metrics import Recorder
-from relay.listener import Gate, Handler
 from relay.smtp_server import MAIL_LINE_LIMIT, RelayEnvelope, RelaySMTP
-from test_data import RelayKeeper, Transport, waiting
-from upstream import Upstream
 
 
 @pytest.fixture
@@ -165,7 +165,7 @@ def test_listing_only_the_hooks_finds_every_hook_of_the_listener() -> None:
             return sorted(RelaySMTP(handler, ListenConfig(), "relay.example")._handle_hooks)
         return asyncio.run(run())
     rules = rules_for(AddressesConfig(hostname="relay.example"), system_name())
-    args: Any = (None, None, Config(), Gate((), 1), None, rules, Recorder())
+    args: Any = (None, None, Config(), Admission((), 1), None, rules, Recorder())
     assert hooks(Handler(*args)) == hooks(WholeDir(*args)) == ["MAIL", "RCPT", "exception"]
 
 

@@ -1,4 +1,4 @@
-"""The crash soak (RELIABILITY-PLAN row 84): 8 clients send 2,000 messages while the
+"""The crash soak (docs/RELIABILITY-PLAN.md row 84): 8 clients send 2,000 messages while the
 upstream meets faults at random and the relay is SIGKILLed at random moments, then the
 run is reconciled by Message-ID (tests/crash_soak.py says how). tools/soak.py runs the long
 version, with a spool that fills up now and then.

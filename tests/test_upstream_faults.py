@@ -1,4 +1,4 @@
-"""An upstream that misbehaves at one command: RELIABILITY-PLAN rows 51, 53, 56, 57, 60,
+"""An upstream that misbehaves at one command: docs/RELIABILITY-PLAN.md rows 51, 53, 56, 57, 60,
 61, 63, 64, 65, 69, 72 and 73. The relay must defer what may succeed later, fail only
 what the upstream refused for good, and never lose or resend what was delivered."""
 

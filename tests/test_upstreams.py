@@ -139,7 +139,9 @@ def test_a_providers_rate_limiting_puts_the_message_back_without_an_attempt(
 @pytest.fixture
 def api_relay(tmp_path: Path, make_relay: Any, mailgun: MailgunStandIn,
               ca_file: Path) -> RelayProcess:
-    config = relay_config(tmp_path, None, None, delivery={"retry_min": "1s", "retry_max": "2s"})
+    # Refused credentials pause the upstream for retry_max: long enough that a test
+    # watching for no request within 2 s cannot see the pause end.
+    config = relay_config(tmp_path, None, None, delivery={"retry_min": "1s", "retry_max": "10s"})
     config["upstreams"] = [mailgun.upstream_entry(ca_file)]
     return make_relay(config)
 

@@ -1,4 +1,4 @@
-"""Run every test that proves a RELIABILITY-PLAN case, and the crash soak, and write the
+"""Run every test that proves a docs/RELIABILITY-PLAN.md case, and the crash soak, and write the
 report: `python tools/reliability_report.py [PATH]` (default docs/RELIABILITY.md).
 
 Exits with pytest's status, so CI fails when any case fails. The report is written
@@ -19,7 +19,7 @@ def main() -> int:
     report = Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT / "docs" / "RELIABILITY.md"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         filter(None, [str(ROOT / "tests"), os.environ.get("PYTHONPATH")]))}
-    command = [sys.executable, "-m", "pytest", "-q", "-p", "reliability_report",
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "reliability_plugin",
                "-m", "plan or soak", f"--reliability-report={report.resolve()}"]
     status = subprocess.run(command, cwd=ROOT, env=env).returncode
     print(f"reliability report written to {report}")

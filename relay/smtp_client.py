@@ -5,10 +5,11 @@ taken over by a `relay.link.Link`, which writes a transaction's MAIL, RCPT and D
 one go when the server offers PIPELINING (RFC 2920), as Postfix does, and reads the
 replies in order: two round trips per message instead of four, which aiosmtplib cannot.
 
-Every failure comes back as a value (`policy.AttemptResult`), never as an exception: the
-caller asks `policy` what it means. The session is reused for consecutive messages (RSET
-between them) while it is fresh, and dropped after any error that may have left it in an
-unknown state. Knows nothing of the spool.
+Every failure comes back as a value (`outcome.AttemptResult`), never as an exception: the
+caller asks `policy` what it means. The session is reused for consecutive messages while
+it is fresh: at once within RESET_FREE_SECONDS of a transaction that ended cleanly, else
+after an RSET; it is dropped after any error that may have left it in an unknown state.
+Knows nothing of the spool.
 
 Replies are matched to their commands strictly (RFC 2920): nothing may wait unread when a
 command is sent, 354 answers DATA alone, nothing may follow the final dot's reply, and a
@@ -34,16 +35,16 @@ from aiosmtplib.email import quote_address
 from .config import UpstreamConfig
 from .errors import ConfigError, CredentialsRejected, ReplyTimeout, SessionError
 from .link import Link, printable
-from .policy import AttemptResult, Reply, Stage, is_recipient_limit
+from .outcome import AttemptResult, Reply, Stage
+from .policy import is_recipient_limit
 
 # Postfix reuses a cached connection for 2 s (smtp_connection_cache_time_limit); a little
 # longer suits bursts from one application, and a server that dropped an idle connection
 # is noticed by the RSET that precedes reuse.
 REUSE_IDLE_SECONDS = 10.0
-# A session whose last transaction just ended with the final dot's 2xx is in the initial
-# state already (RFC 5321 4.1.1.4): within this many seconds the next MAIL follows without
-# an RSET round trip. A server that closed it meanwhile fails that MAIL, and the message
-# goes out on a new session at once.
+# After a final dot's 2xx the session is in its initial state (RFC 5321 4.1.1.4): within
+# this many seconds the next MAIL goes without an RSET round trip. If the server closed it
+# meanwhile, that MAIL fails and the message goes out on a new session at once.
 RESET_FREE_SECONDS = 2.0
 # A CR or LF that is not part of a CRLF (the same rule as aiosmtplib's own data()).
 _BARE_LINE_END = re.compile(rb"\r\n|\n|\r(?!\n)")
@@ -118,10 +119,9 @@ class UpstreamSession:
                     return replace(result, recipients=replies)
                 remaining = over_limit
         except SessionError as exc:
-            # Replies already heard stand: a recipient sent in an earlier transaction of
-            # this attempt must not be sent again. Those of the transaction that failed
-            # are dropped: none of them is certain. A new session that failed at AUTH
-            # keeps its stage, so refused credentials pause delivery from here too.
+            # Replies already heard stand, so no recipient of this attempt is sent twice;
+            # those of the failed transaction are dropped, none being certain. A new
+            # session that failed at AUTH keeps its stage: refused credentials pause delivery.
             await self.close()
             return AttemptResult(relay=relay, recipients=replies, error=exc.reply,
                                  stage=exc.stage)
@@ -334,23 +334,18 @@ def _command(verb: str, address: str, options: list[str], encoding: str) -> byte
     return line.encode(encoding) + b"\r\n"
 
 
-# aiosmtplib's quote_address parses with email.utils (about 10 us) and raises ValueError
-# for an address unsafe on a command line; a relay sends from and to the same few
-# addresses again and again.
+# aiosmtplib's quote_address parses with email.utils and raises ValueError for an address
+# unsafe on a command line; a relay sends from and to the same few addresses again and again.
 _quoted = functools.lru_cache(maxsize=4096)(quote_address)
 
 
 def wire_form(content: bytes) -> bytes:
     """`content` as DATA sends it (RFC 5321 4.5.2): every line ending in CRLF, a leading
-    dot doubled, then the final dot. The same bytes as aiosmtplib's data() produces, whose
-    two regular expressions over the whole message cost more CPU than the rest of a
-    delivery at 100 KiB. Here a message of CRLF lines with no line that starts with a dot
-    costs four scans in C and is not copied before the final join.
-
-    The scans are the fast kinds: a count of one byte, and a search that leads with a
-    literal byte (which the regular expression engine finds with memchr); a count or an
-    `in` of a two-byte string took twice as long. With no CR that lacks its LF, as many
-    CRs as LFs means that every LF has its CR.
+    dot doubled, then the final dot: the bytes aiosmtplib's data() produces, without its
+    two regular expressions over the whole message. A message of CRLF lines with no line
+    that starts with a dot costs four scans in C (counts of one byte, and searches that
+    lead with a literal byte, found with memchr) and is not copied before the final join.
+    With no CR that lacks its LF, as many CRs as LFs means that every LF has its CR.
     """
     if content.count(b"\r") != content.count(b"\n") or _BARE_CR.search(content):
         content = _BARE_LINE_END.sub(b"\r\n", content)

@@ -1,4 +1,4 @@
-"""The upstream session on its own, against the real test upstream."""
+"""relay.smtp_client's upstream session on its own, against the real test upstream."""
 
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ import pytest
 from aiosmtplib.protocol import PERIOD_REGEX, normalize_message_line_endings
 from hypothesis import example, given
 from hypothesis import strategies as st
+from upstream import PASSWORD, USERNAME, Upstream
 
 from relay.config import UpstreamConfig
-from relay.policy import AttemptResult
-from relay.upstream import UpstreamSession, make_tls_context, wire_form
-from upstream import PASSWORD, USERNAME, Upstream
+from relay.outcome import AttemptResult
+from relay.smtp_client import UpstreamSession, make_tls_context, wire_form
 
 
 def deliver(upstream: Upstream, ca_file: Path, recipients: list[str]) -> AttemptResult:
