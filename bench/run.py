@@ -587,6 +587,21 @@ def plot(plan: Plan, figures: Figures, latency_samples: dict[str, list[float]],
     return True
 
 
+# The hand-written notes below the generated part of BENCHMARKS.md (what was measured
+# and tried over time) survive a run that rewrites the table.
+KEPT_HEADING = "## Measurements and what was tried"
+
+
+def _kept_section(output: Path) -> str:
+    """The hand-written section of an existing report, from KEPT_HEADING on; "" if none."""
+    try:
+        previous = output.read_text()
+    except FileNotFoundError:
+        return ""
+    start = previous.find("\n" + KEPT_HEADING + "\n")
+    return previous[start:] if start >= 0 else ""
+
+
 def report(plan: Plan, figures: Figures, latency_samples: dict[str, list[float]],
            output: Path, quick: bool) -> None:
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -631,7 +646,7 @@ def report(plan: Plan, figures: Figures, latency_samples: dict[str, list[float]]
         "of one record per message spread over 30 days.",
         "",
     ]
-    output.write_text("\n".join(lines))
+    output.write_text("\n".join(lines) + _kept_section(output))
     print("\n".join(table(plan, figures)))
     print(f"\nwritten: {output}" + (f", {picture}" if plotted else " (no plot: matplotlib missing)"))
 
