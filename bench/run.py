@@ -616,19 +616,19 @@ def plot(plan: Plan, figures: Figures, latency_samples: dict[str, list[float]],
     return True
 
 
-# The section the code's comments point to for their figures: written by hand, and kept
-# from the report being replaced when the benchmark writes a new one.
-NOTES_HEADING = "## Why the code is as it is"
+# The hand-written notes below the generated part of BENCHMARKS.md (what was measured
+# and tried over time) survive a run that rewrites the table.
+KEPT_HEADING = "## Measurements and what was tried"
 
 
-def kept_notes(output: Path) -> str:
-    """The hand-written notes at the end of the report now at `output`, if any."""
+def _kept_section(output: Path) -> str:
+    """The hand-written section of an existing report, from KEPT_HEADING on; "" if none."""
     try:
-        text = output.read_text()
+        previous = output.read_text()
     except FileNotFoundError:
         return ""
-    start = text.find("\n" + NOTES_HEADING)
-    return "" if start < 0 else text[start:]
+    start = previous.find("\n" + KEPT_HEADING + "\n")
+    return previous[start:] if start >= 0 else ""
 
 
 def report(plan: Plan, figures: Figures, latency_samples: dict[str, list[float]],
@@ -675,7 +675,7 @@ def report(plan: Plan, figures: Figures, latency_samples: dict[str, list[float]]
         "of one record per message spread over 30 days.",
         "",
     ]
-    output.write_text("\n".join(lines) + kept_notes(output))
+    output.write_text("\n".join(lines) + _kept_section(output))
     print("\n".join(table(plan, figures)))
     print(f"\nwritten: {output}" + (f", {picture}" if plotted else " (no plot: matplotlib missing)"))
 

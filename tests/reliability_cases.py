@@ -1,8 +1,9 @@
 """The cases of docs/RELIABILITY-PLAN.md, as the report lists them: what is injected and
-what is expected, and after them (rows 107-117) the findings of outside reviews (issue 19).
-Where this relay injects differently (no second network namespace, no packet capture) or
-the contract (docs/CONTRACT.md) sets another reply, `how` and `note` say so. Rows with no
-test say why in `NOT_TESTED`."""
+what is expected, and after them (rows 107-117) the findings of outside reviews (issue
+19). The numbers are the plan's and never change; where this relay injects differently
+(no second network namespace, no packet capture) or docs/CONTRACT.md sets another
+reply, the injection and the expectation say so. Rows with no test say why in
+`NOT_TESTED`."""
 
 from __future__ import annotations
 

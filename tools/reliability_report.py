@@ -1,5 +1,5 @@
-"""Run every test that proves a docs/RELIABILITY-PLAN.md case, and the crash soak, and write the
-report: `python tools/reliability_report.py [PATH]` (default docs/RELIABILITY.md).
+"""Run every test that proves a case of docs/RELIABILITY-PLAN.md, and the crash soak, and
+write the report: `python tools/reliability_report.py [PATH]` (default docs/RELIABILITY.md).
 
 Exits with pytest's status, so CI fails when any case fails. The report is written
 either way, failures included.
