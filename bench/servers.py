@@ -245,8 +245,9 @@ class Postfix:
                 if fields[0] == "smtp" and fields[1] == "inet":
                     fields[0] = str(self.port)
                 fields[4] = "n"
-                line = " ".join(fields)
-            lines.append(line)
+                lines.append(" ".join(fields))
+            else:
+                lines.append(line)
         (self.config_dir / "master.cf").write_text("\n".join(lines) + "\n")
         self._postfix("post-install", "create-missing")
 

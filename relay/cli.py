@@ -12,6 +12,7 @@ of every command, and `relay history` must answer within a second.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import http.client
 import json
@@ -249,10 +250,8 @@ def _serve(config: Config) -> int:
 
     from . import daemon
     setup_logging(config.log)
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(daemon.serve(config))
-    except KeyboardInterrupt:
-        pass
     return EX_OK
 
 

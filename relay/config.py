@@ -13,7 +13,7 @@ from __future__ import annotations
 import ipaddress
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -140,7 +140,7 @@ class Config:
     metrics: MetricsConfig = MetricsConfig()
     bounces: BouncesConfig = BouncesConfig()
     history: HistoryConfig = HistoryConfig()
-    addresses: AddressesConfig = AddressesConfig()
+    addresses: AddressesConfig = field(default_factory=AddressesConfig)
     source: Path | None = None  # the file it was read from; None for built-in defaults
 
     @property

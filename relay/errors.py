@@ -49,7 +49,8 @@ class RelayError(Exception):
 
 
 class ConfigError(RelayError):
-    """Raised while loading the configuration; `key` is the dotted key at fault ('' for the file)."""
+    """Raised while loading the configuration; `key` is the dotted key at fault ('' for
+    the file)."""
 
     def __init__(self, key: str, message: str) -> None:
         self.key = key

@@ -30,7 +30,7 @@ class InjectedFault(Exception):
 
 def fault_point(name: str) -> None:
     assert name in FAULT_POINTS, name
-    if _CRASH_AT == name:
+    if name == _CRASH_AT:
         os.kill(os.getpid(), signal.SIGKILL)
-    if _RAISE_AT == name:
+    if name == _RAISE_AT:
         raise InjectedFault(f"fault injected at {name}")

@@ -45,7 +45,8 @@ logger = logging.getLogger("relay.listener")
 INTERNAL_ERROR = "451 4.3.0 Error: internal error, try again later"
 NO_ROOM = "452 4.3.1 Error: insufficient system storage"
 WRITE_ERROR = "452 4.3.1 Error: queue file write error"
-HEADER_TOO_LARGE = f"552 5.3.4 Error: message header section longer than {tuning.SPILL_BYTES} octets"
+HEADER_TOO_LARGE = ("552 5.3.4 Error: message header section longer than "
+                    f"{tuning.SPILL_BYTES} octets")
 # How often free space is looked at again while a large message is written to disk.
 ROOM_CHECK = 1024 * 1024
 # The spool writer's thread died: the daemon is going down for systemd to restart it.

@@ -1,9 +1,10 @@
 """Log events, one line each, queue ID first, in Postfix's words; as text or JSON.
 
-    3F2A...: to=<bob@example.com>, relay=smtp.mailgun.org:587, delay=0.41, attempt=1, status=sent (250 2.0.0 Ok)
+    3F2A...: to=<bob@example.com>, relay=smtp.mailgun.org:587, delay=0.41, attempt=1,
+        status=sent (250 2.0.0 Ok)
 
-Values are escaped (relay.text) so an envelope address or an upstream reply can never start a new log
-line. Secrets never reach this module: nothing logs the config's password. With
+Values are escaped (relay.text) so an envelope address or an upstream reply can never
+start a new log line. Secrets never reach this module: nothing logs the config's password. With
 `log.redact_addresses`, addresses are shown as j***@example.com (relay.redact): the
 sender and recipient fields, and any address inside another text field.
 """
@@ -50,7 +51,7 @@ def log_failure(level: int, queue_id: str | None, exc: BaseException, **fields: 
 
 def setup_logging(config: LogConfig, stream: Any = None) -> None:
     """Route the relay's (and its libraries') logs to stderr in the configured format."""
-    global _redacting
+    global _redacting  # noqa: PLW0603 - one process-wide setting, read by every event line
     _redacting = config.redact_addresses
     handler = logging.StreamHandler(stream or sys.stderr)
     # journald stamps every line itself; a second timestamp is noise (systemd.exec(5)).

@@ -121,7 +121,7 @@ def result_of(relay: str, status: int, body: bytes, recipients: list[str]) -> At
     if 200 <= status < 300:
         message_id = _field(body, "id")
         sent = Reply(250, _clip(f"2.0.0 {said} {message_id or '(no id given)'}"))
-        return AttemptResult(relay, recipients={r: sent for r in recipients})
+        return AttemptResult(relay, recipients=dict.fromkeys(recipients, sent))
     http = f"Mailgun API HTTP {status}: {said}"
     if status == 400:
         return AttemptResult(relay, error=Reply(554, _clip(f"5.6.0 {http}")), stage=Stage.DATA)

@@ -165,7 +165,7 @@ class Metrics(Recorder):
             else:
                 bound.counted["failed"]()
         for reply in result.recipients.values():
-            if not (reply.code is not None and 200 <= reply.code < 300
+            if not ((reply.code is not None and 200 <= reply.code < 300)
                     or policy.is_recipient_limit(reply)):
                 self._errors.labels(upstream, Stage.RCPT.value).inc()
         error = result.error

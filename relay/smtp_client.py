@@ -112,8 +112,8 @@ class UpstreamSession:
                     result = await self._transaction(link, sender, remaining, content, smtputf8)
                 unprobed = False
                 replies.update(result.recipients)
-                over_limit = [r for r in remaining
-                              if r in result.recipients and is_recipient_limit(result.recipients[r])]
+                over_limit = [r for r in remaining if r in result.recipients
+                              and is_recipient_limit(result.recipients[r])]
                 progress = any(_is_positive(result.recipients.get(r)) for r in remaining)
                 if result.error is not None or not over_limit or not progress:
                     return replace(result, recipients=replies)

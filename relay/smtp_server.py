@@ -330,7 +330,7 @@ class RelaySMTP(SMTP):
         assert isinstance(envelope, RelayEnvelope) and self.session is not None
         kept, hold = [], {}
         for parameter in (parameters or "").split():
-            name, equals, value = parameter.partition("=")
+            name, _, value = parameter.partition("=")
             if name.upper() in ("HOLDFOR", "HOLDUNTIL") and self.session.extended_smtp:
                 hold[name.upper()] = value  # a bare keyword: "", refused as malformed
             else:
@@ -387,14 +387,14 @@ class RelaySMTP(SMTP):
                 self._storing = True
                 try:
                     reply = await self.policy.end_message(self.session, envelope, sink)
-                except Exception as exc:  # noqa: BLE001 - answered 451, never as text
+                except Exception as exc:
                     reply = await self.handle_exception(exc)
                 finally:
                     self._storing = False
         finally:
             if sink is not None and not reply.startswith("250"):
                 sink.discard()
-            self._set_post_data_state()
+            self._set_post_data_state()  # type: ignore[no-untyped-call]
         if reply.startswith("250"):
             self.message_queued()
         await self.push(reply)
@@ -404,7 +404,7 @@ class RelaySMTP(SMTP):
         dropped, and the message refused at its end)."""
         try:
             sink.write(content)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             logger.error("SMTP session error: %s: %s", type(exc).__name__, exc, exc_info=exc)
             sink.discard()
             return None

@@ -35,7 +35,7 @@ async def supervised(name: str, run: Callable[[], Awaitable[None]],
             return
         except asyncio.CancelledError:
             raise
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             now = clock()
             crashes = [t for t in crashes if now - t < window] + [now]
             if len(crashes) > restarts:

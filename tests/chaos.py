@@ -1,7 +1,8 @@
 """A small asyncio TCP proxy between the relay and the test upstream that misbehaves on
 purpose (docs/RELIABILITY-PLAN.md): strip STARTTLS from the EHLO reply, inject
 bytes after the 220 that answers STARTTLS, delay every reply, or reset (or cleanly close,
-truncating) the connection once the client has sent N bytes. It keeps every byte the client sent (`sent`): a capture of the wire.
+truncating) the connection once the client has sent N bytes. It keeps every byte the
+client sent (`sent`): a capture of the wire.
 Loopback only, ephemeral port, its own event loop thread.
 
 Also a `BabblingServer`: a fake upstream with no SMTP logic, for replies no real server

@@ -21,10 +21,10 @@ from typing import Any
 import pytest
 import trustme
 import yaml
-
-from relay.spool import Spool
 from mailgun import API_KEY, API_KEY_ENV, MailgunStandIn
 from upstream import PASSWORD, USERNAME, Upstream
+
+from relay.spool import Spool
 
 PASSWORD_ENV = "RELAY_TEST_UPSTREAM_PASSWORD"
 

@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from reliability_cases import CASES, NOT_TESTED
 
 LONG_SOAK = Path(__file__).resolve().parent.parent / "docs" / "soak.json"
@@ -108,12 +107,12 @@ class ReliabilityReport:
             "(rows 107-117) the findings of outside reviews; each row names the tests that",
             "prove it.",
             "",
-            f"- Run: {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC, Python "
-            f"{platform.python_version()}, {platform.system()} {platform.release()}, "
-            f"{_cpus()} CPUs",
-            f"- Cases: {len(CASES)}; pass {counts['pass']}, fail {counts['FAIL']}, skipped "
-            f"{counts['skipped']}, does not apply {counts['n/a']}, not tested "
-            f"{counts['not tested']} (each with its reason below)",
+            (f"- Run: {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC, Python "
+             f"{platform.python_version()}, {platform.system()} {platform.release()}, "
+             f"{_cpus()} CPUs"),
+            (f"- Cases: {len(CASES)}; pass {counts['pass']}, fail {counts['FAIL']}, skipped "
+             f"{counts['skipped']}, does not apply {counts['n/a']}, not tested "
+             f"{counts['not tested']} (each with its reason below)"),
             "",
         ]
         lines += self._soak_section()

@@ -33,8 +33,8 @@ def test_rule_file_has_the_five_alerts() -> None:
     assert all(rule["labels"]["severity"] in ("warning", "critical") for rule in rules())
 
 
-def test_every_metric_in_the_rules_is_served(make_relay: MakeRelay, upstream: Upstream, ca_file: Path,
-                                             tmp_path: Path) -> None:
+def test_every_metric_in_the_rules_is_served(make_relay: MakeRelay, upstream: Upstream,
+        ca_file: Path, tmp_path: Path) -> None:
     """Each relay_* name in an expression is a series a running relay exports."""
     relay = make_relay(relay_config(tmp_path, upstream, ca_file, metrics={"port": 0}))
     relay.send("app@example.com", ["user@example.com"], b"Subject: x\r\n\r\nx\r\n")

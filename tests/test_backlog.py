@@ -10,8 +10,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import relay_config, run_cli
+
 from relay.entry import Queue
 from relay.spool import Spool, new_id
 

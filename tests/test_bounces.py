@@ -73,8 +73,8 @@ def test_failed_recipient_notifies_the_sender_from_the_null_sender(
     assert "Subject: invoice 42" in headers and "Hello." not in headers
     notice_id = relay.state(entry_id)["notice"]
     assert message["Message-ID"].startswith(f"<{notice_id}@")
-    assert f"{entry_id}: event=bounce, to=<app@example.com>, notice={notice_id}, " \
-           f"status=queued" in relay.log()
+    assert (f"{entry_id}: event=bounce, to=<app@example.com>, notice={notice_id}, "
+            f"status=queued") in relay.log()
     wait_for(lambda: f"{notice_id}: status=removed" in relay.log(), what="the notice sent")
     found = samples(relay.get("/metrics")[1])
     assert value(found, "relay_bounces_total", outcome="queued") == 1
@@ -92,8 +92,8 @@ def test_one_notice_covers_every_failed_recipient(
         "rfc822; reject1@example.com", "rfc822; reject2@example.com"]
 
 
-def test_expired_message_notice_says_4_4_7(make_relay: MakeRelay, upstream: Upstream, ca_file: Path,
-                                           tmp_path: Path) -> None:
+def test_expired_message_notice_says_4_4_7(make_relay: MakeRelay, upstream: Upstream,
+        ca_file: Path, tmp_path: Path) -> None:
     """Out of attempts (max_attempts 1, a 451): the notice's Status is 4.4.7."""
     config = bounce_config(tmp_path, upstream, ca_file)
     config["delivery"]["max_attempts"] = 1
@@ -105,8 +105,8 @@ def test_expired_message_notice_says_4_4_7(make_relay: MakeRelay, upstream: Upst
     assert blocks[1]["Diagnostic-Code"] == "smtp; 451 4.2.0 Mailbox busy, try later"
 
 
-def test_no_notice_for_a_null_sender(make_relay: MakeRelay, upstream: Upstream, ca_file: Path,
-                                     tmp_path: Path) -> None:
+def test_no_notice_for_a_null_sender(make_relay: MakeRelay, upstream: Upstream,
+        ca_file: Path, tmp_path: Path) -> None:
     """A message from <> that fails makes no notice: nothing queued, nothing logged."""
     relay = make_relay(bounce_config(tmp_path, upstream, ca_file))
     entry_id = relay.send("<>", ["reject@example.com"], BODY)
@@ -146,8 +146,8 @@ def test_notices_over_the_hourly_limit_are_counted_and_logged(
     wait_for(lambda: len(notices(upstream)) == 2, what="two notices delivered")
 
 
-def test_a_notice_that_fails_makes_no_notice(make_relay: MakeRelay, upstream: Upstream, ca_file: Path,
-                                             tmp_path: Path) -> None:
+def test_a_notice_that_fails_makes_no_notice(make_relay: MakeRelay, upstream: Upstream,
+        ca_file: Path, tmp_path: Path) -> None:
     """The notice to reject-ops@ is refused in turn: it fails from <>, and that is the end."""
     relay = make_relay(bounce_config(tmp_path, upstream, ca_file,
                                      notify="reject-ops@example.com"))

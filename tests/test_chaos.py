@@ -7,7 +7,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-
 from chaos import ChaosProxy
 from conftest import RelayProcess, relay_config, wait_for
 from upstream import Upstream, secret_forms

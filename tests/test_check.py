@@ -10,7 +10,6 @@ from typing import Any
 
 import pytest
 import yaml
-
 from chaos import BabblingServer
 from conftest import relay_config, run_cli, wait_for
 from mailgun import API_KEY, DOMAIN, MailgunStandIn

@@ -8,15 +8,15 @@ import os
 from pathlib import Path
 
 import pytest
-
 from conftest import relay_config, wait_for
+from upstream import Upstream
+
 from relay.clock import SteadyClock
 from relay.config import DeliveryConfig, load_config
 from relay.daemon import Daemon
 from relay.entry import Entry, Queue, Recipient
 from relay.outcome import AttemptResult, Disposition, Reply, Stage
 from relay.policy import settle
-from upstream import Upstream
 
 DAY = 86400.0
 

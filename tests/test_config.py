@@ -9,8 +9,15 @@ from pathlib import Path
 
 import pytest
 
-from relay.config import Config, UpstreamConfig, find_config_file, load_config, parse_config, \
-    parse_duration, parse_size
+from relay.config import (
+    Config,
+    UpstreamConfig,
+    find_config_file,
+    load_config,
+    parse_config,
+    parse_duration,
+    parse_size,
+)
 from relay.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent

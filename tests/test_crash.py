@@ -9,7 +9,6 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-
 from conftest import relay_config, wait_for
 from upstream import Upstream
 

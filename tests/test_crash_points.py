@@ -14,7 +14,6 @@ import smtplib
 from pathlib import Path
 
 import pytest
-
 from conftest import relay_config, wait_for
 from upstream import Upstream
 

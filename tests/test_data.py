@@ -10,6 +10,7 @@ aiosmtpd's own session does, run side by side in one event loop.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import tracemalloc
 from typing import Any
 
@@ -73,7 +74,7 @@ def read_in_pieces(pieces: list[bytes], size_limit: int, line_limit: int
 
 def split(stream: bytes, cuts: list[int]) -> list[bytes]:
     points = sorted({cut % (len(stream) + 1) for cut in cuts} | {0, len(stream)})
-    return [stream[a:b] for a, b in zip(points, points[1:], strict=False)]
+    return [stream[a:b] for a, b in itertools.pairwise(points)]
 
 
 # Streams made of the bytes that matter (CR, LF, dot) and fillers, always with an end of

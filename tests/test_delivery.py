@@ -52,8 +52,8 @@ def test_message_is_relayed_byte_for_byte_over_starttls_with_auth(relay: RelayPr
 def test_8bit_body_utf8_addresses_and_leading_dots_survive(relay: RelayProcess,
                                                            upstream: Upstream) -> None:
     """8-bit content, SMTPUTF8 addresses and lines starting with a dot arrive unchanged."""
-    body = ("Subject: caf\u00e9\r\nMessage-ID: <8bit@example.com>\r\n\r\n.\r\n..two dots\r\n.leading dot\r\n"
-            "na\u00efve \u2603\r\n").encode()
+    body = ("Subject: caf\u00e9\r\nMessage-ID: <8bit@example.com>\r\n\r\n"
+            ".\r\n..two dots\r\n.leading dot\r\nna\u00efve \u2603\r\n").encode()
     with relay.client() as smtp:
         smtp.ehlo()
         smtp.mail("exp\u00e9diteur@example.com", options=["SMTPUTF8", "BODY=8BITMIME"])
@@ -266,9 +266,9 @@ def test_a_pipelining_upstream_gets_mail_rcpt_and_data_in_one_write(
     trip), the message after the 354 (a second one)."""
     relay.send("app@example.com", ["one@example.com", "two@example.com"], BODY)
     wait_for(lambda: upstream.delivered_to("two@example.com"), what="the delivery")
-    assert upstream.command_reads == [b"MAIL FROM:<app@example.com>\r\n"
-                                      b"RCPT TO:<one@example.com>\r\n"
-                                      b"RCPT TO:<two@example.com>\r\nDATA\r\n"]
+    assert upstream.command_reads == [(b"MAIL FROM:<app@example.com>\r\n"
+                                       b"RCPT TO:<one@example.com>\r\n"
+                                       b"RCPT TO:<two@example.com>\r\nDATA\r\n")]
 
 
 def test_an_upstream_without_pipelining_hears_one_command_at_a_time(

@@ -12,8 +12,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from conftest import RelayProcess, relay_config, wait_for
+
 from relay.entry import Queue
 from relay.spool import Spool
 

@@ -8,10 +8,9 @@ import threading
 from pathlib import Path
 
 import pytest
+from conftest import RelayProcess, in_data, relay_config, wait_for
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from conftest import RelayProcess, in_data, relay_config, wait_for
 from upstream import Upstream
 
 
@@ -44,7 +43,7 @@ def test_smuggled_end_of_data_sequences_stay_inside_one_message(relay: RelayProc
     reply = session(relay, b"EHLO c.example\r\nMAIL FROM:<app@example.com>\r\n"
                     b"RCPT TO:<user@example.com>\r\nDATA\r\n" + smuggled + b".\r\nQUIT\r\n")
     assert reply.count(b"250 2.0.0 Ok: queued as") == 1
-    [got] = wait_for(lambda: upstream.messages(), what="the delivery")
+    [got] = wait_for(upstream.messages, what="the delivery")
     assert got.sender == "app@example.com" and got.recipients == ("user@example.com",)
     assert b"MAIL FROM:<evil@example.com>" in got.data  # as body text, nothing more
     assert upstream.delivered_to("victim@example.com") == []
@@ -83,7 +82,8 @@ def test_client_vanishing_mid_data_leaves_nothing(holding_relay: RelayProcess) -
 
 
 @pytest.mark.plan(22)
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=40, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.lists(st.binary(min_size=1, max_size=80), min_size=1, max_size=8))
 def test_garbage_commands_get_errors_never_tracebacks(holding_relay: RelayProcess,
                                                       lines: list[bytes]) -> None:

@@ -74,7 +74,8 @@ class Run:
                 delivery.schedule_new(entry, parts)
             deadline = time.monotonic() + 15
             expected = len(bodies) if expect is None else expect
-            while len(self.upstream.messages()) < expected or os.listdir(self.spool.path / "active"):
+            while (len(self.upstream.messages()) < expected
+                   or os.listdir(self.spool.path / "active")):
                 assert time.monotonic() < deadline, "delivery"
                 await asyncio.sleep(0.01)
             await delivery.stop(grace=5)

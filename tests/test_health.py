@@ -27,7 +27,8 @@ def test_healthy_relay_answers_200_and_check_local_exits_0(
     assert result.stdout.split()[:2] == ["healthz", "ok"]
 
 
-def test_full_spool_disk_answers_503_naming_the_spool(make_relay: MakeRelay, tmp_path: Path) -> None:
+def test_full_spool_disk_answers_503_naming_the_spool(make_relay: MakeRelay,
+                                                       tmp_path: Path) -> None:
     """A tmpfs spool filled to the last byte: 503 with the spool's reason, check --local
     exits 69; once space is freed, 200 again."""
     if not tmpfs_works(tmp_path):
@@ -116,7 +117,8 @@ def test_check_local_with_no_relay_running_exits_69(tmp_path: Path) -> None:
     assert f"no relay answers at 127.0.0.1:{port}" in result.stderr
 
 
-def test_check_local_asks_loopback_for_a_wildcard_address(make_relay: MakeRelay, tmp_path: Path) -> None:
+def test_check_local_asks_loopback_for_a_wildcard_address(make_relay: MakeRelay,
+                                                           tmp_path: Path) -> None:
     """metrics.address 0.0.0.0 (with allow): check --local asks 127.0.0.1."""
     relay = make_relay(relay_config(tmp_path, None, None, metrics={
         "address": "0.0.0.0", "port": 0, "allow": ["127.0.0.0/8"]}))

@@ -11,8 +11,9 @@ from typing import Any
 
 import pytest
 import yaml
-
 from conftest import PASSWORD_ENV, RelayProcess, relay_config, run_cli, wait_for
+from upstream import PASSWORD, Upstream
+
 from relay.config import parse_config
 from relay.delivery import Delivery
 from relay.entry import NewEntry
@@ -20,7 +21,6 @@ from relay.history import HistoryWriter, Journal, Record, journal_dir
 from relay.history_query import Query, search
 from relay.spool import Spool, new_id
 from relay.writer import SpoolWriter
-from upstream import PASSWORD, Upstream
 
 BODY = b"From: app@example.com\r\nSubject: history\r\n\r\nbody\r\n"
 

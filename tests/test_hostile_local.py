@@ -166,7 +166,7 @@ def test_a_scheduled_message_stored_as_its_client_left_is_sent_at_its_time(
         sock.shutdown(socket.SHUT_WR)
         final_replies(reader)
     wait_for(lambda: relay.files("scheduled") or upstream.messages(), what="the entry")
-    wait_for(lambda: upstream.messages(), timeout=10, what="the scheduled message to be sent")
+    wait_for(upstream.messages, timeout=10, what="the scheduled message to be sent")
 
 
 # --- 4. messages over 1 MiB are never held to spool.min_free -----------------------------
@@ -251,9 +251,9 @@ def test_dot_ended_lines_do_not_multiply_a_sessions_memory(
             sock.sendall(ENVELOPE % b"u@example.com")
             until_354(reader)
             sock.sendall(b"Subject: dots\r\n\r\n" + b"a.\r\n" * 260_000)
-        for sock, reader in sessions:
+        for sock, _ in sessions:
             sock.sendall(b".\r\n")
-        for sock, reader in sessions:
+        for _, reader in sessions:
             assert reader.readline().startswith(b"250 2.0.0 Ok: queued")
     finally:
         for sock, reader in sessions:

@@ -10,8 +10,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from conftest import relay_config, wait_for
+
 from relay.hostname import SystemName, system_name
 
 

@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import RelayProcess, in_data, relay_config, wait_for
 
 BODY = b"Subject: t\r\n\r\nbody\r\n"
@@ -44,7 +43,7 @@ def raw_session(relay: RelayProcess, payload: bytes, replies: int) -> list[bytes
 def test_ehlo_advertises_the_contracts_extensions(holding_relay: RelayProcess) -> None:
     """SIZE, 8BITMIME, SMTPUTF8, PIPELINING, ENHANCEDSTATUSCODES; no version in the banner."""
     with holding_relay.client() as smtp:
-        code, banner = smtp.connect("127.0.0.1", holding_relay.port)
+        _, banner = smtp.connect("127.0.0.1", holding_relay.port)
         assert b"aiosmtpd" not in banner and b"Python" not in banner
         smtp.ehlo()
         for extension in ("size", "8bitmime", "smtputf8", "pipelining", "enhancedstatuscodes"):
@@ -264,9 +263,8 @@ def test_smtplib_sendmail_round_trip_is_fast(holding_relay: RelayProcess) -> Non
         refused = smtp.sendmail("app@example.com", ["user@example.com"], BODY)
     assert refused == {}
     assert holding_relay.queued()  # on disk the moment 250 was heard
-    with pytest.raises(smtplib.SMTPRecipientsRefused):
-        with holding_relay.client() as smtp:
-            smtp.sendmail("app@example.com", ["bad address"], BODY)
+    with pytest.raises(smtplib.SMTPRecipientsRefused), holding_relay.client() as smtp:
+        smtp.sendmail("app@example.com", ["bad address"], BODY)
 
 
 def non_loopback_address() -> str | None:

@@ -13,7 +13,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import RelayProcess, relay_config, wait_for
 from upstream import Transaction, Upstream
 
@@ -168,8 +167,8 @@ def test_mailq_and_sendmail_bp_list_the_queue(holding_relay: RelayProcess, links
     assert result.returncode == 0, result.stderr
     assert re.search(rf"^{entry_id} .* deferred .* <app@example.org> +ops@example.com",
                      result.stdout, re.MULTILINE)
-    assert re.search(r"\n-- 1 message, \S+: 0 queued, 0 active, 1 deferred, 0 held, 0 failed, 0 scheduled\n$",
-                     result.stdout)
+    assert re.search(r"\n-- 1 message, \S+: 0 queued, 0 active, 1 deferred, 0 held, 0 failed, "
+                     r"0 scheduled\n$", result.stdout)
 
 
 def test_sendmail_q_flushes_deferred_mail(holding_relay: RelayProcess, links: Path) -> None:

@@ -24,7 +24,8 @@ MESSAGE = b"From: app@example.com\r\nTo: u@example.net\r\nSubject: hi\r\n\r\nHel
 T = TypeVar("T")
 
 
-def api_config(stand_in: MailgunStandIn, ca_file: Path | None, **overrides: Any) -> MailgunApiConfig:
+def api_config(stand_in: MailgunStandIn, ca_file: Path | None,
+               **overrides: Any) -> MailgunApiConfig:
     settings: dict[str, Any] = {"domain": DOMAIN, "api_key": API_KEY, "api_url": stand_in.url,
                                 "ca_file": ca_file, "timeout": 5, "name": "mailgun-api"}
     return MailgunApiConfig(**{**settings, **overrides})
@@ -169,7 +170,8 @@ def test_consecutive_messages_share_one_connection(mailgun: MailgunStandIn,
     (200, b"not json", "2.0.0 not json (no id given)"),
     (400, b'{"message": "' + b"x" * 1000 + b'"}', None),
     (502, b"", "4.3.0 Mailgun API HTTP 502: (no text)"),
-    (500, b'{"message": "line\\nbreak\\u001b[31m"}', "4.3.0 Mailgun API HTTP 500: line break\x1b[31m"),
+    (500, b'{"message": "line\\nbreak\\u001b[31m"}',
+     "4.3.0 Mailgun API HTTP 500: line break\x1b[31m"),
 ])
 def test_reply_texts_are_one_bounded_line(status: int, body: bytes, text: str | None) -> None:
     """Mailgun's words are kept on one line and at most 300 characters."""

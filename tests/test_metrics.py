@@ -88,8 +88,8 @@ def test_listener_figures_after_accepted_and_refused_traffic(
     assert value(found, "relay_messages_refused_total", reason="address") == 1
 
 
-def test_expired_recipient_counts_as_expired(make_relay: MakeRelay, upstream: Upstream, ca_file: Path,
-                                             tmp_path: Path) -> None:
+def test_expired_recipient_counts_as_expired(make_relay: MakeRelay, upstream: Upstream,
+        ca_file: Path, tmp_path: Path) -> None:
     """delivery.max_attempts 1 and a 451: the recipient is expired, not failed."""
     relay = make_relay(metrics_config(tmp_path, upstream, ca_file, max_attempts=1))
     relay.send("app@example.com", ["tempfail@example.com"], BODY)
@@ -103,8 +103,8 @@ def test_expired_recipient_counts_as_expired(make_relay: MakeRelay, upstream: Up
     assert value(found, "relay_queue_oldest_age_seconds") == 0
 
 
-def test_unreachable_upstream_is_down(make_relay: MakeRelay, upstream: Upstream, ca_file: Path,
-                                      tmp_path: Path) -> None:
+def test_unreachable_upstream_is_down(make_relay: MakeRelay, upstream: Upstream,
+        ca_file: Path, tmp_path: Path) -> None:
     """A refused connection: relay_upstream_up 0, a session error, the message deferred."""
     upstream.stop()
     relay = make_relay(metrics_config(tmp_path, upstream, ca_file))

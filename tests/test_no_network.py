@@ -10,8 +10,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import relay_config, wait_for
+
 from relay.addresses import address_problem
 from relay.spool import Spool, new_id
 

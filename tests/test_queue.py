@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import RelayProcess, relay_config, run_cli, wait_for
+from upstream import Upstream
+
 from relay import cli
 from relay.spool import Spool, new_id
-from upstream import Upstream
 
 BODY = b"From: app@example.com\r\nSubject: queue test\r\n\r\nbody\r\n"
 
@@ -97,6 +97,7 @@ def test_empty_queue_says_so(holding_relay_config: Path) -> None:
 def holding_relay_config(tmp_path: Path) -> Path:
     """The config of a relay that is not running, over an empty spool."""
     import yaml
+
     from relay.spool import Spool
     config = relay_config(tmp_path, None, None)
     Spool(Path(config["spool"]["path"])).open()

@@ -13,7 +13,6 @@ from typing import Any
 
 import pytest
 import yaml
-
 from conftest import RelayProcess, relay_config, wait_for
 from upstream import Transaction, Upstream
 

@@ -17,14 +17,14 @@ from typing import Any
 
 import pytest
 import yaml
-
 from conftest import PASSWORD_ENV, RelayProcess, holds_for, relay_config, run_cli, wait_for
+from upstream import PASSWORD, Upstream
+
 from relay.config import parse_config
 from relay.delivery import Delivery
 from relay.entry import NewEntry, Queue
 from relay.spool import Spool, new_id
 from relay.writer import SpoolWriter
-from upstream import PASSWORD, Upstream
 
 BODY = b"Subject: later\r\nMessage-ID: <later@example.com>\r\n\r\nSee you soon.\r\n"
 ON_TIME = 1.5  # a second, plus the upstream's session set-up on a busy machine

@@ -9,10 +9,10 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import RelayProcess, holds_for, relay_config, wait_for
-from relay.schedule import rfc3339
 from upstream import Upstream
+
+from relay.schedule import rfc3339
 
 BODY = b"Subject: later\r\n\r\nSee you soon.\r\n"
 

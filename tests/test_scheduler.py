@@ -32,7 +32,8 @@ async def settle() -> None:
 
 
 def test_an_entry_wakes_one_idle_worker_the_latest_idle() -> None:
-    """One entry for five idle workers: the one that went idle last takes it, the others sleep on."""
+    """One entry for five idle workers: the one that went idle last takes it, the others
+    sleep on."""
     async def scenario(scheduler: Scheduler) -> None:
         workers = await idle_workers(scheduler, 5)
         scheduler.schedule("A", 0.0)

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import RelayProcess, relay_config, run_cli, wait_for
+
 from relay.errors import UsageError
 from relay.schedule import parse_rfc3339
 from relay.sendmail import Options, parse_args, prepare, read_message, send_time

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import RelayProcess, relay_config, wait_for
 from upstream import Upstream
 

@@ -51,9 +51,9 @@ TRANSACTION = (b"MAIL FROM:<a@example.com>\r\nRCPT TO:<u@example.com>\r\nDATA\r\
 class Session:
     """A RelaySMTP in memory, fed bytes and asked what it wrote."""
 
-    def __init__(self, config: ListenConfig = ListenConfig()) -> None:
+    def __init__(self, config: ListenConfig | None = None) -> None:
         self.policy = Policy()
-        self.smtp = RelaySMTP(self.policy, config, "relay.example")  # type: ignore[arg-type]
+        self.smtp = RelaySMTP(self.policy, config or ListenConfig(), "relay.example")  # type: ignore[arg-type]
         self.transport = Transport()
 
     async def start(self) -> None:

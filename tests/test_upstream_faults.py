@@ -9,7 +9,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-
 from chaos import BabblingServer
 from conftest import RelayProcess, holds_for, relay_config, wait_for
 from upstream import PASSWORD, Upstream

@@ -4,13 +4,12 @@ against a local HTTPS stand-in; what `relay queue` and the log say of them."""
 
 from __future__ import annotations
 
+import itertools
 import json
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-
 from conftest import RelayProcess, holds_for, relay_config, wait_for
 from mailgun import DOMAIN, MailgunStandIn
 from upstream import Upstream
@@ -54,12 +53,13 @@ def test_a_down_upstream_fails_over_to_the_next_and_is_used_again_once_back(
     assert "-- upstream up0: down for " in listing and "-- upstream up1: up" in listing
     checked = relay.cli("check")
     assert checked.returncode == 69  # up0 is still unreachable
-    assert "relay     sees    down for " in checked.stdout and "relay     sees    up" in checked.stdout
+    assert "relay     sees    down for " in checked.stdout
+    assert "relay     sees    up" in checked.stdout
     assert f"relay=up0[127.0.0.1]:{first.port}" in relay.log()
     first.start()
     for n in range(40):  # each message a chance for the probe, once up0's backoff is over
         relay.send("app@example.com", [f"back{n}@example.com"], BODY)
-        if wait_for(lambda: first.messages() or len(second.messages()) > n + 1,
+        if wait_for(lambda n=n: first.messages() or len(second.messages()) > n + 1,
                     what="a delivery") and first.messages():
             break
     assert first.messages(), "the first upstream was never used again"
@@ -98,7 +98,7 @@ def test_a_rate_spaces_the_messages_out(tmp_path: Path, make_relay: Any, upstrea
         relay.send("app@example.com", [f"r{n}@example.com"], BODY)
     wait_for(lambda: len(upstream.messages()) == 8, what="all eight")
     times = sorted(t.at for t in upstream.messages())
-    gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(times)]
     assert min(gaps) > 0.15, gaps
 
 

@@ -23,7 +23,6 @@ import time
 from dataclasses import dataclass
 
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
-
 from ports import reusable_port
 
 USERNAME = "postmaster@mg.example.com"

@@ -33,9 +33,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))  # the soak engine and the test upstream live there
 
-import crash_soak as soak
-import trustme
-from upstream import FAULT_KINDS, Upstream
+import crash_soak as soak  # noqa: E402 - after the path they are found on
+import trustme  # noqa: E402 - after the path they are found on
+from upstream import FAULT_KINDS, Upstream  # noqa: E402 - after the path they are found on
 
 FULL = soak.Plan(messages=10_000, clients=8, min_kills=100, max_kills=400, seconds=1800,
                  fault_rate=0.1, fault_kinds=FAULT_KINDS)
