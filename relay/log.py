@@ -64,6 +64,9 @@ def setup_logging(config: LogConfig, stream: Any = None) -> None:
     # listener logs what matters in the relay's own words, so its lines are for debugging.
     logging.getLogger("mail.log").setLevel(
         logging.DEBUG if config.level == "debug" else logging.ERROR)
+    # httpx logs each Mailgun API request at INFO, beside the relay's own delivery line.
+    logging.getLogger("httpx").setLevel(
+        logging.DEBUG if config.level == "debug" else logging.WARNING)
     # Neither format shows the caller, thread or process, so logging need not look them up
     # for each record (the logging HOWTO's "Optimization").
     logging._srcfile = None

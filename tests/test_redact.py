@@ -75,6 +75,20 @@ def test_log_lines_keep_addresses_by_default(captured: io.StringIO) -> None:
     assert "to=<bob@example.net>" in captured.getvalue()
 
 
+@pytest.mark.parametrize(("level", "shown"), [("info", False), ("debug", True)])
+def test_httpx_request_lines_show_only_at_debug(captured: io.StringIO, level: str,
+                                                shown: bool) -> None:
+    """httpx logs each Mailgun API request at INFO, which the relay's own delivery line
+    already says: below log.level debug it is not shown."""
+    httpx_logger = logging.getLogger("httpx")
+    try:
+        setup_logging(LogConfig(level=level), captured)
+        httpx_logger.info('HTTP Request: POST https://api.mailgun.net/v3/d/messages.mime "200"')
+        assert ("HTTP Request" in captured.getvalue()) is shown
+    finally:
+        httpx_logger.setLevel(logging.NOTSET)
+
+
 def test_history_output_is_redacted_when_asked() -> None:
     """History JSON and table show sender, recipient and reply redacted."""
     record = Record(at=0.0, status="failed", id="0" * 21, message_id="<m@app.example>",
