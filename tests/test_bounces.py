@@ -10,6 +10,7 @@ from email.message import EmailMessage, Message
 from pathlib import Path
 from typing import Any
 
+import pytest
 from conftest import MakeRelay, RelayProcess, relay_config, wait_for
 from metrics_text import samples, value
 from upstream import Transaction, Upstream
@@ -105,6 +106,7 @@ def test_expired_message_notice_says_4_4_7(make_relay: MakeRelay, upstream: Upst
     assert blocks[1]["Diagnostic-Code"] == "smtp; 451 4.2.0 Mailbox busy, try later"
 
 
+@pytest.mark.plan(15, 86)
 def test_no_notice_for_a_null_sender(make_relay: MakeRelay, upstream: Upstream,
         ca_file: Path, tmp_path: Path) -> None:
     """A message from <> that fails makes no notice: nothing queued, nothing logged."""
@@ -129,6 +131,7 @@ def test_notify_an_address_sends_every_notice_there(
     assert message["From"].addresses[0].addr_spec == "relay@example.com"
 
 
+@pytest.mark.plan(86)
 def test_notices_over_the_hourly_limit_are_counted_and_logged(
         make_relay: MakeRelay, upstream: Upstream, ca_file: Path, tmp_path: Path) -> None:
     """max_per_hour 2 and three failures to notify one address: two notices, one
@@ -146,6 +149,7 @@ def test_notices_over_the_hourly_limit_are_counted_and_logged(
     wait_for(lambda: len(notices(upstream)) == 2, what="two notices delivered")
 
 
+@pytest.mark.plan(86)
 def test_a_notice_that_fails_makes_no_notice(make_relay: MakeRelay, upstream: Upstream,
         ca_file: Path, tmp_path: Path) -> None:
     """The notice to reject-ops@ is refused in turn: it fails from <>, and that is the end."""
@@ -160,6 +164,7 @@ def test_a_notice_that_fails_makes_no_notice(make_relay: MakeRelay, upstream: Up
     assert relay.queued() == []
 
 
+@pytest.mark.plan(86)
 def test_requeued_message_failing_again_gets_no_second_notice(
         make_relay: MakeRelay, upstream: Upstream, ca_file: Path, tmp_path: Path) -> None:
     """Never more than once per message: after `relay queue requeue` and a second
