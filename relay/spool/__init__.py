@@ -48,8 +48,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from .entry import Attempt, Entry, NewEntry, Queue, Recipient, Status
-from .errors import (
+from ..entry import Attempt, Entry, NewEntry, Queue, Recipient, Status
+from ..errors import (
     CorruptEntry,
     EntryBusy,
     EntryNotFound,
@@ -58,7 +58,7 @@ from .errors import (
     SpoolFull,
     SpoolLocked,
 )
-from .faults import fault_point
+from ..faults import fault_point
 
 MAGIC = b"RELAY-ENTRY 1\n"
 _UNSAFE_IN_ADDRESS = re.compile(r"[\x00-\x1f\x7f<>]")
