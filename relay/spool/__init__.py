@@ -331,13 +331,9 @@ class Spool:
                     fd = _create(tmp, [head, *new.parts])
         if new.send_at is not None:
             with _failed_write_removes(tmp):
-                try:
-                    # The due time, as deferred/ keeps its next attempt; set before the
-                    # fsync, which makes it durable with the content.
-                    _set_mtime(fd, new.send_at)
-                except BaseException:
-                    os.close(fd)
-                    raise
+                # The due time, as deferred/ keeps its next attempt; set before the fsync,
+                # which makes it durable with the content. _set_mtime closes fd on failure.
+                _set_mtime(fd, new.send_at)
         return fd
 
     def draft(self, new: NewEntry) -> Draft:
