@@ -36,9 +36,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import json
 import os
-import random
 import re
 import secrets
 import threading
@@ -48,7 +46,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from ..entry import Attempt, Entry, NewEntry, Queue, Recipient, Status
+from ..entry import Entry, NewEntry, Queue, Recipient, Status
 from ..errors import (
     CorruptEntry,
     EntryBusy,
@@ -59,17 +57,40 @@ from ..errors import (
     SpoolLocked,
 )
 from ..faults import fault_point
+from .formats import (
+    ENVELOPE_LIMIT,
+    HEADER_READ,
+    ID_PATTERN,
+    MAGIC,
+    MAX_HEADER_BYTES,
+    SIZE_FIELD,
+    arrival_of,
+    decode_envelope,
+    decode_state,
+    decode_upstreams,
+    encode_state,
+    encode_upstreams,
+    entry_from_envelope,
+    envelope_end,
+    envelope_head,
+    is_unsafe_address,
+    is_valid_id,
+    new_id,
+    size_field,
+    size_field_at,
+)
 
-MAGIC = b"RELAY-ENTRY 1\n"
-_UNSAFE_IN_ADDRESS = re.compile(r"[\x00-\x1f\x7f<>]")
-HEADER_READ = 8192  # the first read of an entry: its envelope, unless it has many recipients
-MAX_HEADER_BYTES = 64 * 1024 * 1024  # 100,000 recipients of 320 bytes fit with room to spare
-ID_PATTERN = re.compile(r"^[0-9A-F]{21}$")
+__all__ = [
+    "ALL_DIRS", "HEADER_READ", "ID_PATTERN", "MAGIC", "MAX_HEADER_BYTES", "OPEN_NEW",
+    "OPEN_READ", "OPEN_SPARE", "QUEUE_DIRS", "RETRY", "SIZE_FIELD", "SPARES",
+    "UPSTREAMS_FILE", "Draft", "Spool", "arrival_of", "envelope_head", "is_unsafe_address",
+    "is_valid_id", "new_id",
+]
+
 # What the relay itself writes in tmp/: an entry, a kept spare, a state record in the making.
 _TMP_PATTERN = re.compile(r"^[0-9A-F]{21}(\.spare|\.state\.[0-9a-f]{8})?$")
 QUEUE_DIRS = tuple(q.value for q in Queue)
 ALL_DIRS = ("tmp", *QUEUE_DIRS, "corrupt", "state", "wake", "history")
-_decode_json = json.JSONDecoder().decode
 OPEN_NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 OPEN_SPARE = os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC
 OPEN_READ = os.O_RDONLY | os.O_CLOEXEC
@@ -79,55 +100,6 @@ _WAITING = (Queue.INCOMING, Queue.ACTIVE, Queue.DEFERRED)
 SPARES = 64
 RETRY = "RETRY"  # in wake/: an operator asked for mail to be tried again (ask_retry)
 UPSTREAMS_FILE = "upstreams.json"  # the daemon's view of its upstreams (publish_upstreams)
-SIZE_FIELD = 20  # digits kept for the size in the envelope: any size a disk can hold
-
-
-def is_unsafe_address(address: str) -> bool:
-    """True for an address that must never reach an upstream's MAIL or RCPT line: a CR,
-    LF or other control character, or a '<' or '>' that could end the path early and
-    smuggle a parameter after it (CVE-2026-53533). Quoted local parts may hold them in
-    RFC 5321's grammar; the relay refuses them at RCPT rather than relay them."""
-    return bool(_UNSAFE_IN_ADDRESS.search(address))
-
-
-def is_valid_id(entry_id: str) -> bool:
-    """Queue IDs from outside (the command line) must match before they touch a path."""
-    return bool(ID_PATTERN.match(entry_id))
-
-
-def arrival_of(entry_id: str) -> float | None:
-    """The arrival time a queue ID begins with (see new_id); None for anything else."""
-    return int(entry_id[:13], 16) / 1_000_000 if is_valid_id(entry_id) else None
-
-
-def new_id(now: float) -> str:
-    """An ID that sorts by arrival and is never reused: microseconds, then 32 random bits.
-
-    The bits need to be unique, not secret (the ID is told to the client, and its file is
-    created with O_EXCL): the process's Mersenne Twister, seeded from the OS at start,
-    spares every message a getrandom() system call."""
-    return f"{int(now * 1_000_000):013X}{random.getrandbits(32):08X}"
-
-
-def envelope_head(new: NewEntry, size: int) -> bytes:
-    """The magic line and the one-line JSON envelope that begin an entry's file. The size
-    comes last, right-aligned in a field of fixed width (JSON allows the spaces), so that a
-    draft can write it once its content is complete without moving anything."""
-    fields: dict[str, object] = {"id": new.id, "sender": new.sender,
-                                 "recipients": list(new.recipients), "arrived": new.arrived,
-                                 "smtputf8": new.smtputf8}
-    if new.message_id is not None:
-        fields["message_id"] = new.message_id
-    if new.send_at is not None:
-        fields["send_at"] = new.send_at
-    # Only when the address rules rewrote the envelope; entries without them (and those
-    # written before the rules existed) read as received unchanged.
-    if new.original_sender is not None:
-        fields["original_sender"] = new.original_sender
-    if new.original_recipients is not None:
-        fields["original_recipients"] = list(new.original_recipients)
-    text = json.dumps(fields, ensure_ascii=False, separators=(",", ":"))
-    return MAGIC + f'{text[:-1]},"size":{size:>{SIZE_FIELD}}}}'.encode() + b"\n"
 
 
 class Draft:
@@ -157,8 +129,7 @@ class Draft:
         fd, self._fd = self._fd, None
         with _failed_write_removes(self.path):
             try:
-                os.pwrite(fd, f"{self.size:>{SIZE_FIELD}}".encode(),
-                          self._head_size - len(b"}\n") - SIZE_FIELD)
+                os.pwrite(fd, size_field(self.size), size_field_at(self._head_size))
                 os.ftruncate(fd, self._head_size + self.size)
             except BaseException:
                 os.close(fd)
@@ -787,7 +758,7 @@ class Spool:
         it is stale, and a new daemon writes its own."""
         tmp = f"{self._root}/tmp/{UPSTREAMS_FILE}.{secrets.token_hex(4)}"
         try:
-            fd = _create(tmp, [json.dumps(states, separators=(",", ":")).encode()])
+            fd = _create(tmp, [encode_upstreams(states)])
             os.close(fd)
             os.replace(tmp, f"{self._root}/{UPSTREAMS_FILE}")
         except OSError:
@@ -800,10 +771,9 @@ class Spool:
             return None
         try:
             with open(f"{self._root}/{UPSTREAMS_FILE}", "rb", opener=_open_read) as f:
-                states = json.loads(f.read())
+                return decode_upstreams(f.read())
         except (OSError, ValueError):
             return None
-        return states if isinstance(states, dict) else None
 
     def _served(self) -> bool:
         """Whether a `relay serve` holds the spool's lock now."""
@@ -890,18 +860,18 @@ class Spool:
             header, _ = _read_header(fd, path)
         finally:
             os.close(fd)
-        entry = _entry_from_header(header, queue, path)
+        entry = entry_from_envelope(header, queue, path)
         if not has_state:
             return entry
         state_path = self._state_file(entry_id)
         try:
             with open(state_path, "rb", opener=_open_read) as f:
-                state = json.loads(f.read())
+                data = f.read()
         except FileNotFoundError:
             return entry
-        except (OSError, ValueError) as exc:
+        except OSError as exc:
             raise CorruptEntry(state_path, f"unreadable state record: {exc}") from None
-        return _apply_state(entry, state, state_path)
+        return decode_state(data, entry, state_path)
 
     # --- internals ----------------------------------------------------------------------
 
@@ -929,23 +899,9 @@ class Spool:
 
     def _save_state(self, entry: Entry) -> None:
         """Replace the entry's state record: write-temp, fsync, rename, fsync directory."""
-        record = {
-            "recipients": [{"status": r.status.value, "reply": r.reply} for r in entry.recipients],
-            "attempts": [{"at": a.at, "relay": a.relay, "reply": a.reply, "duration": a.duration}
-                         for a in entry.attempts],
-            "next_attempt": entry.next_attempt,
-            "last_error": entry.last_error,
-            "requeued": entry.requeued,
-            "notice": entry.notice,
-            "send_at": entry.send_at,
-        }
-        # Reply texts come printable from relay.link; should a lone surrogate get here
-        # all the same, it is written as the JSON escape it reads back as, not refused.
-        data = json.dumps(record, ensure_ascii=False, separators=(",", ":")).encode(
-            "utf-8", "backslashreplace")
         tmp = self.path / "tmp" / f"{entry.id}.state.{secrets.token_hex(4)}"
         try:
-            _write_durably(tmp, [data])
+            _write_durably(tmp, [encode_state(entry)])
             os.replace(tmp, self.path / "state" / entry.id)
             self._sync_dir("state")
         except OSError as exc:
@@ -1110,93 +1066,11 @@ def _read_header(fd: int, where: str) -> tuple[dict[str, Any], int]:
     # A read of a regular file comes back short only at its end, so a small entry's size
     # is known without the fstat that `relay queue` would otherwise make for each one.
     size = len(head) if len(head) < HEADER_READ else os.fstat(fd).st_size
-    if not head.startswith(MAGIC):
-        raise CorruptEntry(where, "not a relay spool entry (bad or missing magic line)")
-    limit = len(MAGIC) + MAX_HEADER_BYTES
-    end = head.find(b"\n", len(MAGIC))
-    while end < 0 and len(head) < min(size, limit):
-        more = os.read(fd, min(len(head), limit - len(head)))
+    end = envelope_end(head, where)
+    while end < 0 and len(head) < min(size, ENVELOPE_LIMIT):
+        more = os.read(fd, min(len(head), ENVELOPE_LIMIT - len(head)))
         if not more:
             break
         head += more
-        end = head.find(b"\n", max(len(head) - len(more), len(MAGIC)))
-    if end < 0 or end >= limit:
-        raise CorruptEntry(where, "truncated envelope")
-    try:
-        # Decoded to text first: json.loads would sniff bytes for UTF-16 and -32, which
-        # the spool never writes, and build a decoder per call.
-        header = _decode_json(head[len(MAGIC):end + 1].decode())
-    except ValueError as exc:
-        raise CorruptEntry(where, f"unreadable envelope: {exc}") from None
-    if not isinstance(header, dict):
-        raise CorruptEntry(where, "envelope is not a JSON object")
-    body_bytes = size - (end + 1)
-    if header.get("size") != body_bytes:
-        raise CorruptEntry(where, f"content is {body_bytes} bytes, envelope says {header.get('size')}")
-    return header, end + 1
-
-
-def _entry_from_header(header: dict[str, Any], queue: Queue, where: str) -> Entry:
-    try:
-        entry_id, sender, recipients = header["id"], header["sender"], header["recipients"]
-        arrived, size, smtputf8 = header["arrived"], header["size"], header["smtputf8"]
-    except KeyError as exc:
-        raise CorruptEntry(where, f"envelope lacks {exc}") from None
-    if not (isinstance(entry_id, str) and is_valid_id(entry_id) and where.endswith(entry_id)):
-        raise CorruptEntry(where, "envelope ID does not match the file name")
-    if not isinstance(recipients, list) or not recipients or "" in recipients:
-        raise CorruptEntry(where, "envelope sender or recipients malformed")
-    # One join and one check over all the addresses (a space is not among the unsafe
-    # characters), not one per address: `relay queue` checks every one of every entry.
-    try:
-        addresses = " ".join((sender, *recipients))
-    except TypeError:  # a non-string among them
-        raise CorruptEntry(where, "envelope sender or recipients malformed") from None
-    if is_unsafe_address(addresses):
-        # The listener never stores these; a hand-edited file must not smuggle a CR/LF or
-        # an extra <...> parameter onto the upstream's MAIL or RCPT line (CVE-2026-53533).
-        raise CorruptEntry(where, "envelope address contains control characters or <>")
-    if not isinstance(arrived, (int, float)) or not isinstance(smtputf8, bool):
-        raise CorruptEntry(where, "envelope arrival time or flags malformed")
-    send_at, message_id = header.get("send_at"), header.get("message_id")
-    if not (send_at is None or isinstance(send_at, (int, float))) or \
-            not (message_id is None or isinstance(message_id, str)):
-        raise CorruptEntry(where, "envelope send time or Message-ID malformed")
-    original_sender = header.get("original_sender")
-    original_recipients = header.get("original_recipients")
-    if not (original_sender is None or isinstance(original_sender, str)) or not (
-            original_recipients is None or (isinstance(original_recipients, list) and all(
-                isinstance(a, str) for a in original_recipients))):
-        raise CorruptEntry(where, "envelope original sender or recipients malformed")
-    return Entry(id=entry_id, queue=queue, sender=sender,
-                 recipients=tuple(Recipient(a) for a in recipients),
-                 arrived=float(arrived), size=size, smtputf8=smtputf8,
-                 send_at=None if send_at is None else float(send_at), message_id=message_id,
-                 original_sender=original_sender,
-                 original_recipients=None if original_recipients is None
-                 else tuple(original_recipients))
-
-
-def _apply_state(entry: Entry, state: Any, where: str) -> Entry:
-    try:
-        statuses = state["recipients"]
-        if len(statuses) != len(entry.recipients):
-            raise CorruptEntry(where, "state lists a different number of recipients")
-        recipients = tuple(replace(r, status=Status(s["status"]), reply=s["reply"])
-                           for r, s in zip(entry.recipients, statuses, strict=True))
-        attempts = tuple(Attempt(at=float(a["at"]), relay=str(a["relay"]), reply=str(a["reply"]),
-                                 duration=float(a["duration"])) for a in state["attempts"])
-        next_attempt = state["next_attempt"]
-        last_error = state["last_error"]
-        requeued = state.get("requeued")
-        notice = state.get("notice")
-        send_at = state.get("send_at", entry.send_at)
-    except (KeyError, TypeError, ValueError) as exc:
-        raise CorruptEntry(where, f"malformed state record: {exc!r}") from None
-    if notice is not None and not (isinstance(notice, str) and is_valid_id(notice)):
-        raise CorruptEntry(where, "malformed state record: notice is not a queue ID")
-    return replace(entry, recipients=recipients, attempts=attempts,
-                   next_attempt=None if next_attempt is None else float(next_attempt),
-                   last_error=None if last_error is None else str(last_error),
-                   requeued=None if requeued is None else float(requeued), notice=notice,
-                   send_at=None if send_at is None else float(send_at))
+        end = envelope_end(head, where, len(head) - len(more))
+    return decode_envelope(head, end, size, where), end + 1
