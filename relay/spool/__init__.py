@@ -34,12 +34,10 @@ listing skips it and tells `on_foreign` once, and nothing moves or deletes it.
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import os
 import re
 import secrets
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
@@ -57,6 +55,22 @@ from ..errors import (
     SpoolLocked,
 )
 from ..faults import fault_point
+from .files import (
+    OPEN_NEW,
+    OPEN_READ,
+    OPEN_SPARE,
+    GroupSync,
+    create,
+    failed_write_removes,
+    fsync_once,
+    open_read,
+    overwrite,
+    set_mtime,
+    touch,
+    unlink_quietly,
+    write_all,
+    write_durably,
+)
 from .formats import (
     ENVELOPE_LIMIT,
     HEADER_READ,
@@ -91,9 +105,6 @@ __all__ = [
 _TMP_PATTERN = re.compile(r"^[0-9A-F]{21}(\.spare|\.state\.[0-9a-f]{8})?$")
 QUEUE_DIRS = tuple(q.value for q in Queue)
 ALL_DIRS = ("tmp", *QUEUE_DIRS, "corrupt", "state", "wake", "history")
-OPEN_NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-OPEN_SPARE = os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC
-OPEN_READ = os.O_RDONLY | os.O_CLOEXEC
 _WAITING = (Queue.INCOMING, Queue.ACTIVE, Queue.DEFERRED)
 # A delivered entry's file is kept in tmp/ for a new entry, up to this many, rather than
 # unlinked: see Spool.remove.
@@ -117,8 +128,8 @@ class Draft:
     def write(self, parts: list[bytes]) -> None:
         assert self._fd is not None
         fd, self._fd = self._fd, None  # _write_all closes it if it fails
-        with _failed_write_removes(self.path):
-            _write_all(fd, parts)
+        with failed_write_removes(self.path):
+            write_all(fd, parts)
         self._fd = fd
         self.size += sum(len(part) for part in parts)
 
@@ -127,7 +138,7 @@ class Draft:
         reused one); return the descriptor for the fsync. Blocks: the writer thread's."""
         assert self._fd is not None
         fd, self._fd = self._fd, None
-        with _failed_write_removes(self.path):
+        with failed_write_removes(self.path):
             try:
                 os.pwrite(fd, size_field(self.size), size_field_at(self._head_size))
                 os.ftruncate(fd, self._head_size + self.size)
@@ -141,7 +152,7 @@ class Draft:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
-        _unlink_quietly(self.path)
+        unlink_quietly(self.path)
 
 
 class Spool:
@@ -150,7 +161,7 @@ class Spool:
         self._root = str(self.path)
         self.min_free = min_free
         self._lock_fd: int | None = None
-        self._syncs = {name: _GroupSync(self.path / name) for name in ALL_DIRS}
+        self._syncs = {name: GroupSync(self.path / name) for name in ALL_DIRS}
         # Delivered entries' files in tmp/, each to become a new entry's file (remove,
         # _write_tmp). Whichever thread stores and removes uses them; list.pop and append
         # are atomic.
@@ -272,7 +283,7 @@ class Spool:
             except OSError as exc:
                 # Not durable: the clients will hear an error and send them again.
                 for index in indexes:
-                    _unlink_quietly(self._file(queue, batch[index].id))
+                    unlink_quietly(self._file(queue, batch[index].id))
                     results[index] = SpoolError(f"spool write failed: {exc.strerror}")
             else:
                 for index in indexes:
@@ -294,17 +305,17 @@ class Spool:
             fd = new.draft.finish()
         else:
             head = envelope_head(new, new.size)
-            with _failed_write_removes(tmp):
+            with failed_write_removes(tmp):
                 fault_point("before-spool-write")
                 if self._take_spare(tmp):
-                    fd = _overwrite(tmp, [head, *new.parts])
+                    fd = overwrite(tmp, [head, *new.parts])
                 else:
-                    fd = _create(tmp, [head, *new.parts])
+                    fd = create(tmp, [head, *new.parts])
         if new.send_at is not None:
-            with _failed_write_removes(tmp):
+            with failed_write_removes(tmp):
                 # The due time, as deferred/ keeps its next attempt; set before the fsync,
                 # which makes it durable with the content. _set_mtime closes fd on failure.
-                _set_mtime(fd, new.send_at)
+                set_mtime(fd, new.send_at)
         return fd
 
     def draft(self, new: NewEntry) -> Draft:
@@ -313,12 +324,12 @@ class Spool:
         its parts are not used. Raises SpoolFull or SpoolError."""
         tmp = self._tmp_file(new.id)
         head = envelope_head(new, 0)
-        with _failed_write_removes(tmp):
+        with failed_write_removes(tmp):
             fault_point("before-spool-write")
             if self._take_spare(tmp):
-                fd = _overwrite(tmp, [head])
+                fd = overwrite(tmp, [head])
             else:
-                fd = _create(tmp, [head])
+                fd = create(tmp, [head])
         return Draft(tmp, fd, len(head))
 
     def _take_spare(self, tmp: str) -> bool:
@@ -333,15 +344,15 @@ class Spool:
         return False
 
     def _fsync_tmp(self, new: NewEntry, fd: int) -> None:
-        with _failed_write_removes(self._tmp_file(new.id)):
+        with failed_write_removes(self._tmp_file(new.id)):
             try:
-                _fsync_once(fd)
+                fsync_once(fd)
             finally:
                 os.close(fd)
 
     def _publish(self, new: NewEntry, queue: Queue) -> None:
         tmp = self._tmp_file(new.id)
-        with _failed_write_removes(tmp):
+        with failed_write_removes(tmp):
             fault_point("after-fsync-before-rename")
             os.rename(tmp, self._file(queue, new.id))
 
@@ -357,18 +368,18 @@ class Spool:
         """
         for name in os.listdir(self.path / "tmp"):
             if _TMP_PATTERN.match(name):
-                _unlink_quietly(self.path / "tmp" / name)
+                unlink_quietly(self.path / "tmp" / name)
             else:
                 self._foreign(f"{self._root}/tmp/{name}", "not a file the relay writes; kept")
         for name in self._ids(Queue.ACTIVE.value):
             os.rename(self._file(Queue.ACTIVE, name), self._file(Queue.INCOMING, name))
         for name in os.listdir(self.path / "wake"):  # due_times() below covers them all
-            _unlink_quietly(self.path / "wake" / name)
+            unlink_quietly(self.path / "wake" / name)
         due = self.due_times()
         existing = {name for d in (*QUEUE_DIRS, "corrupt") for name in os.listdir(self.path / d)}
         for name in self._ids("state"):
             if name not in existing:
-                _unlink_quietly(self.path / "state" / name)
+                unlink_quietly(self.path / "state" / name)
         return due
 
     def pull_forward(self, latest: float) -> int:
@@ -490,7 +501,7 @@ class Spool:
         """The message bytes (with our Received: header) of an entry."""
         path = self._file(entry.queue, entry.id)
         try:
-            with open(path, "rb", buffering=0, opener=_open_read) as f:
+            with open(path, "rb", buffering=0, opener=open_read) as f:
                 _, offset = _read_header(f.fileno(), str(path))
                 f.seek(offset)
                 return f.readall()
@@ -536,7 +547,7 @@ class Spool:
             self.spares_hold_mail = True
         else:
             os.unlink(path)
-        _unlink_quietly(self._state_file(entry.id))
+        unlink_quietly(self._state_file(entry.id))
 
     def empty_spares(self) -> None:
         """Empty the kept files of delivered entries (Spool.remove), so that no delivered
@@ -658,14 +669,12 @@ class Spool:
 
     def wake(self, entry_id: str) -> None:
         """Tell a running daemon that this entry's due time changed (wake/)."""
-        fd = os.open(self.path / "wake" / entry_id, OPEN_NEW & ~os.O_EXCL, 0o600)
-        os.close(fd)
+        touch(self.path / "wake" / entry_id)
 
     def ask_retry(self) -> None:
         """Tell a running daemon that an operator put mail back in the queue (flush,
         release, requeue): it probes upstreams it has marked down at once (wake/RETRY)."""
-        fd = os.open(self.path / "wake" / RETRY, OPEN_NEW & ~os.O_EXCL, 0o600)
-        os.close(fd)
+        touch(self.path / "wake" / RETRY)
 
     def take_retry(self) -> bool:
         """Whether ask_retry() was called since the last look; the request is taken."""
@@ -683,7 +692,7 @@ class Spool:
         for name in os.listdir(self.path / "wake"):
             if name == RETRY:
                 continue  # take_retry's
-            _unlink_quietly(self.path / "wake" / name)
+            unlink_quietly(self.path / "wake" / name)
             if not is_valid_id(name):
                 continue
             try:
@@ -710,7 +719,7 @@ class Spool:
             except CorruptEntry:
                 entry = None
             os.unlink(self._file(Queue.HOLD, entry_id))
-            _unlink_quietly(self.path / "state" / entry_id)
+            unlink_quietly(self.path / "state" / entry_id)
             for name in {queue.value, Queue.HOLD.value}:  # gone from both for good
                 self._sync_dir(name)
             return None if entry is None else entry.with_queue(queue)
@@ -719,7 +728,7 @@ class Spool:
         except FileNotFoundError:
             self._locate(entry_id)
             raise EntryNotFound(entry_id) from None
-        _unlink_quietly(self.path / "state" / entry_id)
+        unlink_quietly(self.path / "state" / entry_id)
         return None
 
     def queue_ids(self, queue: Queue) -> list[str]:
@@ -758,11 +767,11 @@ class Spool:
         it is stale, and a new daemon writes its own."""
         tmp = f"{self._root}/tmp/{UPSTREAMS_FILE}.{secrets.token_hex(4)}"
         try:
-            fd = _create(tmp, [encode_upstreams(states)])
+            fd = create(tmp, [encode_upstreams(states)])
             os.close(fd)
             os.replace(tmp, f"{self._root}/{UPSTREAMS_FILE}")
         except OSError:
-            _unlink_quietly(tmp)  # a view for operators: delivery goes on without it
+            unlink_quietly(tmp)  # a view for operators: delivery goes on without it
 
     def upstream_states(self) -> dict[str, Any] | None:
         """The daemon's view of its upstreams, if one was published and a daemon holds the
@@ -770,7 +779,7 @@ class Spool:
         if not self._served():
             return None
         try:
-            with open(f"{self._root}/{UPSTREAMS_FILE}", "rb", opener=_open_read) as f:
+            with open(f"{self._root}/{UPSTREAMS_FILE}", "rb", opener=open_read) as f:
                 return decode_upstreams(f.read())
         except (OSError, ValueError):
             return None
@@ -855,7 +864,7 @@ class Spool:
         # Plain string paths: `relay queue` loads every entry, and pathlib's joins cost
         # more than the two small reads.
         path = f"{self._root}/{queue.value}/{entry_id}"
-        fd = _open_read(path)
+        fd = open_read(path)
         try:
             header, _ = _read_header(fd, path)
         finally:
@@ -865,7 +874,7 @@ class Spool:
             return entry
         state_path = self._state_file(entry_id)
         try:
-            with open(state_path, "rb", opener=_open_read) as f:
+            with open(state_path, "rb", opener=open_read) as f:
                 data = f.read()
         except FileNotFoundError:
             return entry
@@ -901,161 +910,15 @@ class Spool:
         """Replace the entry's state record: write-temp, fsync, rename, fsync directory."""
         tmp = self.path / "tmp" / f"{entry.id}.state.{secrets.token_hex(4)}"
         try:
-            _write_durably(tmp, [encode_state(entry)])
+            write_durably(tmp, [encode_state(entry)])
             os.replace(tmp, self.path / "state" / entry.id)
             self._sync_dir("state")
         except OSError as exc:
-            _unlink_quietly(tmp)
+            unlink_quietly(tmp)
             raise SpoolError(f"cannot write state of {entry.id}: {exc.strerror}") from None
 
     def _sync_dir(self, name: str) -> None:
         self._syncs[name].sync()
-
-
-class _GroupSync:
-    """fsync of one directory, shared by the callers that need it at the same time.
-
-    A rename is durable once an fsync of its directory that began after the rename has
-    returned. So each caller waits for the next fsync to start and finish, and callers
-    that arrive while one runs share the one after it: with 16 sessions storing at once,
-    a handful of directory fsyncs serve them all (group commit). A failed fsync fails
-    every caller it was meant to cover, and none of them is retried on the same hope.
-    """
-
-    def __init__(self, path: Path) -> None:
-        self._path = path
-        self._cond = threading.Condition()
-        self._requested = 0  # callers so far, numbered in order of arrival
-        self._synced = 0  # every caller up to this number is durable
-        self._failed: tuple[int, OSError] | None = None  # (up to caller, error)
-        self._syncing = False
-
-    def sync(self) -> None:
-        with self._cond:
-            self._requested += 1
-            mine = self._requested
-            while self._synced < mine:
-                if self._failed is not None and mine <= self._failed[0]:
-                    raise self._failed[1]
-                if self._syncing:
-                    self._cond.wait()
-                    continue
-                self._syncing = True
-                covered = self._requested
-                self._cond.release()
-                try:
-                    _fsync_directory(self._path)
-                except OSError as exc:
-                    self._cond.acquire()
-                    self._failed = (covered, exc)
-                else:
-                    self._cond.acquire()
-                    self._synced = covered
-                finally:
-                    self._syncing = False
-                    self._cond.notify_all()
-
-
-def _open_read(path: str | Path, flags: int = OPEN_READ) -> int:
-    """Open a spool file for reading without touching its access time (also an opener
-    for open()). A deferred entry's mtime is its next attempt, later than any atime, so
-    under relatime every read would update the atime and dirty the inode: each `relay
-    queue` over 100,000 deferred entries left some 25 MB of inode tables to write back.
-    O_NOATIME is for the file's owner (or CAP_FOWNER); anyone else reads as usual."""
-    try:
-        return os.open(path, flags | os.O_NOATIME)
-    except PermissionError:
-        return os.open(path, flags)
-
-
-def _fsync_directory(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_durably(path: Path, parts: list[bytes]) -> None:
-    """Create `path` (never through a symlink, never over an existing file), write, fsync."""
-    fd = _create(path, parts)
-    try:
-        _fsync_once(fd)
-    finally:
-        os.close(fd)
-
-
-def _create(path: str | Path, parts: list[bytes]) -> int:
-    """Create `path` (never through a symlink, never over an existing file) holding
-    `parts`; return the open descriptor."""
-    fd = os.open(path, OPEN_NEW, 0o600)
-    _write_all(fd, parts)
-    return fd
-
-
-def _overwrite(path: str, parts: list[bytes]) -> int:
-    """Write `parts` over the existing file at `path` (never through a symlink), cut it to
-    their length, and return the open descriptor."""
-    fd = os.open(path, OPEN_SPARE)
-    _write_all(fd, parts)
-    try:
-        os.ftruncate(fd, sum(len(part) for part in parts))
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
-
-
-def _write_all(fd: int, parts: list[bytes]) -> None:
-    """Write `parts` to `fd`; on failure, close it and raise."""
-    try:
-        view_parts = [memoryview(p) for p in parts if p]
-        while view_parts:
-            written = os.writev(fd, view_parts)
-            while view_parts and written >= len(view_parts[0]):
-                written -= len(view_parts[0])
-                view_parts.pop(0)
-            if view_parts:
-                view_parts[0] = view_parts[0][written:]
-    except BaseException:
-        os.close(fd)
-        raise
-
-
-def _set_mtime(fd: int, when: float) -> None:
-    try:
-        os.utime(fd, (when, when))
-    except BaseException:
-        os.close(fd)
-        raise
-
-
-def _fsync_once(fd: int) -> None:
-    # An fsync error means the data may be gone: the caller discards the file and never
-    # retries fsync on this descriptor (PostgreSQL's "fsyncgate" lesson).
-    os.fsync(fd)
-
-
-@contextlib.contextmanager
-def _failed_write_removes(tmp: str | Path) -> Iterator[None]:
-    """A failed write of `tmp` leaves nothing behind and raises SpoolFull (no space) or
-    SpoolError; a bug's exception passes through."""
-    try:
-        yield
-    except BaseException as exc:
-        _unlink_quietly(tmp)
-        if not isinstance(exc, OSError):
-            raise
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise SpoolFull(f"spool write failed: {exc.strerror}") from None
-        raise SpoolError(f"spool write failed: {exc.strerror}") from None
-
-
-def _unlink_quietly(path: str | Path) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
 
 
 def _read_header(fd: int, where: str) -> tuple[dict[str, Any], int]:
