@@ -36,7 +36,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
-import re
 import secrets
 import time
 from collections.abc import Callable, Iterator
@@ -49,17 +48,14 @@ from ..errors import (
     CorruptEntry,
     EntryBusy,
     EntryNotFound,
-    ForeignFile,
     SpoolError,
     SpoolFull,
-    SpoolLocked,
 )
 from ..faults import fault_point
 from .files import (
     OPEN_NEW,
     OPEN_READ,
     OPEN_SPARE,
-    GroupSync,
     create,
     failed_write_removes,
     fsync_once,
@@ -93,6 +89,15 @@ from .formats import (
     size_field,
     size_field_at,
 )
+from .layout import (
+    ALL_DIRS,
+    QUEUE_DIRS,
+    RETRY,
+    TMP_PATTERN,
+    UPSTREAMS_FILE,
+    WAITING,
+    Layout,
+)
 
 __all__ = [
     "ALL_DIRS", "HEADER_READ", "ID_PATTERN", "MAGIC", "MAX_HEADER_BYTES", "OPEN_NEW",
@@ -101,16 +106,9 @@ __all__ = [
     "is_valid_id", "new_id",
 ]
 
-# What the relay itself writes in tmp/: an entry, a kept spare, a state record in the making.
-_TMP_PATTERN = re.compile(r"^[0-9A-F]{21}(\.spare|\.state\.[0-9a-f]{8})?$")
-QUEUE_DIRS = tuple(q.value for q in Queue)
-ALL_DIRS = ("tmp", *QUEUE_DIRS, "corrupt", "state", "wake", "history")
-_WAITING = (Queue.INCOMING, Queue.ACTIVE, Queue.DEFERRED)
 # A delivered entry's file is kept in tmp/ for a new entry, up to this many, rather than
 # unlinked: see Spool.remove.
 SPARES = 64
-RETRY = "RETRY"  # in wake/: an operator asked for mail to be tried again (ask_retry)
-UPSTREAMS_FILE = "upstreams.json"  # the daemon's view of its upstreams (publish_upstreams)
 
 
 class Draft:
@@ -155,68 +153,16 @@ class Draft:
         unlink_quietly(self.path)
 
 
-class Spool:
+class Spool(Layout):
     def __init__(self, path: Path, min_free: int = 0) -> None:
-        self.path = Path(path)
-        self._root = str(self.path)
-        self.min_free = min_free
-        self._lock_fd: int | None = None
-        self._syncs = {name: GroupSync(self.path / name) for name in ALL_DIRS}
+        super().__init__(path, min_free)
         # Delivered entries' files in tmp/, each to become a new entry's file (remove,
         # _write_tmp). Whichever thread stores and removes uses them; list.pop and append
         # are atomic.
         self._spares: list[str] = []
         self.spares_hold_mail = False  # whether any may still hold a delivered message
-        # Told once per file of a file in the spool that is not ours (it is skipped).
-        self.on_foreign: Callable[[ForeignFile], None] = lambda problem: None
-        self._reported: set[str] = set()
-
-    # --- set-up -------------------------------------------------------------------------
-
-    def open(self) -> None:
-        """Create the directories (0700) or check them; refuse symlinks anywhere in the layout."""
-        for directory in (self.path, *(self.path / name for name in ALL_DIRS)):
-            if directory.is_symlink():
-                raise SpoolError(f"{directory} is a symbolic link; refusing to use it as spool")
-            try:
-                directory.mkdir(mode=0o700, exist_ok=True)
-                if directory.stat().st_mode & 0o077:
-                    directory.chmod(0o700)
-            except OSError as exc:
-                raise SpoolError(f"cannot use spool directory {directory}: {exc.strerror}") from None
-            if not os.access(directory, os.R_OK | os.W_OK | os.X_OK):
-                raise SpoolError(f"spool directory {directory} is not writable")
-
-    def lock(self) -> None:
-        """Take the single-instance lock; the kernel releases it when the process dies."""
-        path = self.path / "lock"
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise SpoolLocked(f"another relay is serving the spool {self.path}") from None
-        self._lock_fd = fd
-
-    def unlock(self) -> None:
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)
-            self._lock_fd = None
 
     # --- ingest -------------------------------------------------------------------------
-
-    def check_room(self, size: int) -> None:
-        """Raise SpoolFull unless `size` more bytes leave at least min_free on the disk."""
-        if self.free_bytes() - size < self.min_free:
-            raise SpoolFull("insufficient free space in the spool")
-
-    def free_bytes(self) -> int:
-        """Bytes free on the spool's filesystem for an unprivileged writer."""
-        try:
-            stat = os.statvfs(self.path)
-        except OSError as exc:
-            raise SpoolError(f"cannot stat spool filesystem: {exc.strerror}") from None
-        return stat.f_bavail * stat.f_frsize
 
     def store(self, entry_id: str, sender: str, recipients: list[str], parts: list[bytes],
               arrived: float, smtputf8: bool) -> Entry:
@@ -367,7 +313,7 @@ class Spool:
         Deferred entries are due at their file's mtime; nothing is read but directories.
         """
         for name in os.listdir(self.path / "tmp"):
-            if _TMP_PATTERN.match(name):
+            if TMP_PATTERN.match(name):
                 unlink_quietly(self.path / "tmp" / name)
             else:
                 self._foreign(f"{self._root}/tmp/{name}", "not a file the relay writes; kept")
@@ -422,30 +368,12 @@ class Spool:
         for queue in Queue:
             names = os.listdir(self.path / queue.value)
             counts[queue.state] = len(names)
-            if names and queue in _WAITING:
+            if names and queue in WAITING:
                 first = min(names)
                 if not is_valid_id(first):  # a stray file: look past it (rare, so slower)
                     first = min((n for n in names if is_valid_id(n)), default=first)
                 oldest = first if oldest is None else min(oldest, first)
         return counts, None if oldest is None else arrival_of(oldest)
-
-    def write_problem(self) -> str | None:
-        """Why a new message could not be stored now, or None: free space and inodes
-        above spool.min_free, the queue directories writable (a read-only remount fails
-        access() too). Two system calls per directory, cheap enough for every probe."""
-        try:
-            stat = os.statvfs(self.path)
-        except OSError as exc:
-            return f"cannot stat the spool filesystem: {exc.strerror}"
-        free = stat.f_bavail * stat.f_frsize
-        if free <= self.min_free:
-            return f"{free} bytes free, spool.min_free is {self.min_free}"
-        if stat.f_files and not stat.f_favail:
-            return "no free inodes"
-        for name in ("tmp", Queue.INCOMING.value, "state"):
-            if not os.access(self.path / name, os.W_OK | os.X_OK):
-                return f"{self.path / name} is not writable"
-        return None
 
     # --- delivery -----------------------------------------------------------------------
 
@@ -737,30 +665,6 @@ class Spool:
     def corrupt_ids(self) -> list[str]:
         return sorted(self._ids("corrupt"))
 
-    def _ids(self, directory: str) -> list[str]:
-        """The queue IDs in one spool directory; any other name is reported and skipped."""
-        names = os.listdir(f"{self._root}/{directory}")
-        ids = [name for name in names if ID_PATTERN.match(name)]
-        if len(ids) != len(names):
-            for name in set(names).difference(ids):
-                self._foreign(f"{self._root}/{directory}/{name}", "not a queue ID; skipped")
-        return ids
-
-    def _twice(self, entry_id: str, first: Queue, second: Queue) -> bool:
-        """Whether the ID is in both queues now (reported, the second copy to be skipped),
-        rather than an entry that moved between two listings."""
-        if os.path.exists(self._file(first, entry_id)) and \
-                os.path.exists(self._file(second, entry_id)):
-            self._foreign(self._file(second, entry_id),
-                          f"the same queue ID is in {first.value}/ too; skipped")
-            return True
-        return False
-
-    def _foreign(self, path: str, reason: str) -> None:
-        if path not in self._reported:
-            self._reported.add(path)
-            self.on_foreign(ForeignFile(path, reason))
-
     def publish_upstreams(self, states: dict[str, Any]) -> None:
         """Replace the running daemon's view of its upstreams (UPSTREAMS_FILE), for
         `relay queue` and `relay check`. Written and renamed, not fsynced: after a crash
@@ -884,17 +788,6 @@ class Spool:
 
     # --- internals ----------------------------------------------------------------------
 
-    def _file(self, queue: Queue, entry_id: str) -> str:
-        # A string, not a Path: every message passes through several of these joins, on
-        # the event loop or ahead of its fsync, and pathlib's cost more than the syscalls.
-        return f"{self._root}/{queue.value}/{entry_id}"
-
-    def _tmp_file(self, entry_id: str) -> str:
-        return f"{self._root}/tmp/{entry_id}"
-
-    def _state_file(self, entry_id: str) -> str:
-        return f"{self._root}/state/{entry_id}"
-
     def _move(self, entry: Entry, queue: Queue) -> Entry:
         os.rename(self._file(entry.queue, entry.id), self._file(queue, entry.id))
         return entry.with_queue(queue)
@@ -916,9 +809,6 @@ class Spool:
         except OSError as exc:
             unlink_quietly(tmp)
             raise SpoolError(f"cannot write state of {entry.id}: {exc.strerror}") from None
-
-    def _sync_dir(self, name: str) -> None:
-        self._syncs[name].sync()
 
 
 def _read_header(fd: int, where: str) -> tuple[dict[str, Any], int]:
