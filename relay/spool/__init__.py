@@ -34,14 +34,12 @@ listing skips it and tells `on_foreign` once, and nothing moves or deletes it.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 import secrets
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 from ..entry import Entry, NewEntry, Queue, Recipient, Status
 from ..errors import (
@@ -59,7 +57,6 @@ from .files import (
     create,
     failed_write_removes,
     fsync_once,
-    open_read,
     overwrite,
     set_mtime,
     touch,
@@ -68,20 +65,13 @@ from .files import (
     write_durably,
 )
 from .formats import (
-    ENVELOPE_LIMIT,
     HEADER_READ,
     ID_PATTERN,
     MAGIC,
     MAX_HEADER_BYTES,
     SIZE_FIELD,
     arrival_of,
-    decode_envelope,
-    decode_state,
-    decode_upstreams,
     encode_state,
-    encode_upstreams,
-    entry_from_envelope,
-    envelope_end,
     envelope_head,
     is_unsafe_address,
     is_valid_id,
@@ -95,9 +85,8 @@ from .layout import (
     RETRY,
     TMP_PATTERN,
     UPSTREAMS_FILE,
-    WAITING,
-    Layout,
 )
+from .reading import Reading
 
 __all__ = [
     "ALL_DIRS", "HEADER_READ", "ID_PATTERN", "MAGIC", "MAX_HEADER_BYTES", "OPEN_NEW",
@@ -153,7 +142,7 @@ class Draft:
         unlink_quietly(self.path)
 
 
-class Spool(Layout):
+class Spool(Reading):
     def __init__(self, path: Path, min_free: int = 0) -> None:
         super().__init__(path, min_free)
         # Delivered entries' files in tmp/, each to become a new entry's file (remove,
@@ -339,42 +328,6 @@ class Spool(Layout):
                     moved += 1
         return moved
 
-    def due_times(self) -> list[tuple[str, float]]:
-        """(id, due time) of every entry that may be attempted: incoming now, deferred and
-        scheduled at their mtimes. Reads directories only, never an entry."""
-        due: list[tuple[str, float]] = []
-        incoming = set(self._ids(Queue.INCOMING.value))
-        due.extend((name, 0.0) for name in incoming)
-        for queue in (Queue.DEFERRED, Queue.SCHEDULED):
-            with os.scandir(self.path / queue.value) as it:
-                for e in it:
-                    if not is_valid_id(e.name):
-                        self._foreign(e.path, "not a queue ID; skipped")
-                    elif e.name not in incoming or not self._twice(e.name, Queue.INCOMING,
-                                                                      queue):
-                        due.append((e.name, e.stat().st_mtime))
-        return due
-
-    def counts(self) -> dict[str, int]:
-        """How many entries each queue holds, by the state an operator sees."""
-        return {queue.state: len(self._ids(queue.value)) for queue in Queue}
-
-    def census(self) -> tuple[dict[str, int], float | None]:
-        """counts(), and the arrival time of the oldest entry still to be delivered
-        (queued, active or deferred), None if there is none. Directory listings only: a
-        queue ID starts with its arrival time, so no entry is opened."""
-        counts: dict[str, int] = {}
-        oldest: str | None = None
-        for queue in Queue:
-            names = os.listdir(self.path / queue.value)
-            counts[queue.state] = len(names)
-            if names and queue in WAITING:
-                first = min(names)
-                if not is_valid_id(first):  # a stray file: look past it (rare, so slower)
-                    first = min((n for n in names if is_valid_id(n)), default=first)
-                oldest = first if oldest is None else min(oldest, first)
-        return counts, None if oldest is None else arrival_of(oldest)
-
     # --- delivery -----------------------------------------------------------------------
 
     def claim(self, entry_id: str, now: float) -> Entry | None:
@@ -415,26 +368,6 @@ class Spool(Layout):
         except OSError as exc:
             raise SpoolError(f"cannot claim {entry.id}: {exc.strerror}") from None
         return entry.with_queue(Queue.ACTIVE)
-
-    def waiting_until(self, entry_id: str) -> float | None:
-        """When a deferred or scheduled entry is due (its mtime); None if it is in neither."""
-        for queue in (Queue.DEFERRED, Queue.SCHEDULED):
-            try:
-                return os.stat(self._file(queue, entry_id)).st_mtime
-            except FileNotFoundError:
-                continue
-        return None
-
-    def content(self, entry: Entry) -> bytes:
-        """The message bytes (with our Received: header) of an entry."""
-        path = self._file(entry.queue, entry.id)
-        try:
-            with open(path, "rb", buffering=0, opener=open_read) as f:
-                _, offset = _read_header(f.fileno(), str(path))
-                f.seek(offset)
-                return f.readall()
-        except OSError as exc:
-            raise SpoolError(f"cannot read {path}: {exc.strerror}") from None
 
     def defer(self, entry: Entry) -> Entry:
         """Record the attempt, then move active/ -> deferred/ due at entry.next_attempt."""
@@ -506,9 +439,6 @@ class Spool(Layout):
         except FileNotFoundError:
             return False
         return True
-
-    def active_ids(self) -> list[str]:
-        return self._ids(Queue.ACTIVE.value)
 
     def set_aside(self, entry: Entry, reason: str) -> Entry:
         """active/ -> failed/, for an attempt whose outcome could not be recorded: a retry
@@ -659,53 +589,6 @@ class Spool(Layout):
         unlink_quietly(self.path / "state" / entry_id)
         return None
 
-    def queue_ids(self, queue: Queue) -> list[str]:
-        return sorted(self._ids(queue.value))
-
-    def corrupt_ids(self) -> list[str]:
-        return sorted(self._ids("corrupt"))
-
-    def publish_upstreams(self, states: dict[str, Any]) -> None:
-        """Replace the running daemon's view of its upstreams (UPSTREAMS_FILE), for
-        `relay queue` and `relay check`. Written and renamed, not fsynced: after a crash
-        it is stale, and a new daemon writes its own."""
-        tmp = f"{self._root}/tmp/{UPSTREAMS_FILE}.{secrets.token_hex(4)}"
-        try:
-            fd = create(tmp, [encode_upstreams(states)])
-            os.close(fd)
-            os.replace(tmp, f"{self._root}/{UPSTREAMS_FILE}")
-        except OSError:
-            unlink_quietly(tmp)  # a view for operators: delivery goes on without it
-
-    def upstream_states(self) -> dict[str, Any] | None:
-        """The daemon's view of its upstreams, if one was published and a daemon holds the
-        spool now; None otherwise."""
-        if not self._served():
-            return None
-        try:
-            with open(f"{self._root}/{UPSTREAMS_FILE}", "rb", opener=open_read) as f:
-                return decode_upstreams(f.read())
-        except (OSError, ValueError):
-            return None
-
-    def _served(self) -> bool:
-        """Whether a `relay serve` holds the spool's lock now."""
-        try:
-            fd = os.open(self.path / "lock", os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except OSError:
-            return False
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        finally:
-            os.close(fd)
-        return False
-
-    def incoming_version(self) -> int:
-        """Changes whenever an entry is added to or leaves incoming/ (directory mtime)."""
-        return os.stat(self.path / Queue.INCOMING.value).st_mtime_ns
-
     def _locate(self, entry_id: str) -> Queue:
         """Where the entry is; EntryBusy if in active/, EntryNotFound if nowhere."""
         for queue in Queue:
@@ -714,77 +597,6 @@ class Spool(Layout):
                     raise EntryBusy(entry_id)
                 return queue
         raise EntryNotFound(entry_id)
-
-    # --- reading ------------------------------------------------------------------------
-
-    def entries(self, queues: tuple[Queue, ...] = tuple(Queue)) -> Iterator[Entry | CorruptEntry]:
-        """Every entry in the given queues, oldest first; unparsable ones as CorruptEntry."""
-        seen: dict[str, Queue] = {}
-        for queue in queues:
-            for name in self._ids(queue.value):
-                if name not in seen or not self._twice(name, seen[name], queue):
-                    seen[name] = queue
-        # A second look: an entry that the daemon moved on (deferred/ to active/, say) just
-        # as the listing passed from one directory to the next was in neither listing.
-        for queue in queues:
-            missed = [n for n in os.listdir(f"{self._root}/{queue.value}") if n not in seen]
-            for name in missed:
-                if ID_PATTERN.match(name):
-                    seen[name] = queue
-        names = sorted(seen.items())
-        # Listed after the queues: a state record is written before its entry moves, so
-        # an entry listed above whose record is missing here had none when it was listed
-        # (or is being attempted right now). Most entries have none, and a failed open
-        # per entry was the largest cost of listing a big queue.
-        with_state = set(os.listdir(self.path / "state"))
-        for name, queue in names:
-            try:
-                yield self.load(queue, name, name in with_state)
-            except FileNotFoundError:
-                try:  # moved on by the daemon since it was listed
-                    yield self._find_in(queues, name)
-                except EntryNotFound:
-                    continue  # delivered or deleted meanwhile
-                except CorruptEntry as exc:
-                    yield exc
-            except CorruptEntry as exc:
-                yield exc
-
-    def find(self, entry_id: str) -> Entry:
-        """The entry with this ID, wherever it is; EntryNotFound if none."""
-        return self._find_in(tuple(Queue), entry_id)
-
-    def _find_in(self, queues: tuple[Queue, ...], entry_id: str) -> Entry:
-        for queue in queues:
-            try:
-                return self.load(queue, entry_id)
-            except FileNotFoundError:
-                continue
-        raise EntryNotFound(entry_id)
-
-    def load(self, queue: Queue, entry_id: str, has_state: bool = True) -> Entry:
-        """The entry and its state record; `has_state=False` (known from a listing of
-        state/) skips looking for the record."""
-        # Plain string paths: `relay queue` loads every entry, and pathlib's joins cost
-        # more than the two small reads.
-        path = f"{self._root}/{queue.value}/{entry_id}"
-        fd = open_read(path)
-        try:
-            header, _ = _read_header(fd, path)
-        finally:
-            os.close(fd)
-        entry = entry_from_envelope(header, queue, path)
-        if not has_state:
-            return entry
-        state_path = self._state_file(entry_id)
-        try:
-            with open(state_path, "rb", opener=open_read) as f:
-                data = f.read()
-        except FileNotFoundError:
-            return entry
-        except OSError as exc:
-            raise CorruptEntry(state_path, f"unreadable state record: {exc}") from None
-        return decode_state(data, entry, state_path)
 
     # --- internals ----------------------------------------------------------------------
 
@@ -809,21 +621,3 @@ class Spool(Layout):
         except OSError as exc:
             unlink_quietly(tmp)
             raise SpoolError(f"cannot write state of {entry.id}: {exc.strerror}") from None
-
-
-def _read_header(fd: int, where: str) -> tuple[dict[str, Any], int]:
-    """The envelope of the entry open at `fd`, and the offset where its content begins.
-    One read of a few KiB holds the envelope of almost every entry: `relay queue` reads
-    one per entry, so buffered line reads (and their syscalls) would dominate it."""
-    head = os.read(fd, HEADER_READ)
-    # A read of a regular file comes back short only at its end, so a small entry's size
-    # is known without the fstat that `relay queue` would otherwise make for each one.
-    size = len(head) if len(head) < HEADER_READ else os.fstat(fd).st_size
-    end = envelope_end(head, where)
-    while end < 0 and len(head) < min(size, ENVELOPE_LIMIT):
-        more = os.read(fd, min(len(head), ENVELOPE_LIMIT - len(head)))
-        if not more:
-            break
-        head += more
-        end = envelope_end(head, where, len(head) - len(more))
-    return decode_envelope(head, end, size, where), end + 1
