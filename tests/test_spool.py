@@ -15,9 +15,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import relay.spool.ingest
 from relay.entry import Entry, NewEntry, Queue, Status
 from relay.errors import CorruptEntry, SpoolError, SpoolFull, SpoolLocked
-import relay.spool
 from relay.spool import HEADER_READ, Spool, new_id
 
 CONTENT = b"Subject: test\r\n\r\nbody\r\n"
@@ -351,7 +351,7 @@ def test_emptying_the_spares_leaves_no_delivered_mail(spool: Spool) -> None:
 def test_only_so_many_emptied_files_are_kept(spool: Spool,
                                             monkeypatch: pytest.MonkeyPatch) -> None:
     """Past SPARES, a delivered entry's file is unlinked."""
-    monkeypatch.setattr(relay.spool, "SPARES", 2)
+    monkeypatch.setattr(relay.spool.ingest, "SPARES", 2)
     claimed = [spool.claim(store(spool), time.time()) for _ in range(3)]
     for entry in claimed:
         assert entry is not None
