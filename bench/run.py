@@ -587,6 +587,17 @@ def plot(plan: Plan, figures: Figures, latency_samples: dict[str, list[float]],
     return True
 
 
+def kept_sections(output: Path) -> list[str]:
+    """The hand-written sections (from the first `## ` heading on) of the report a run
+    replaces: notes that its new figures do not supersede."""
+    try:
+        text = output.read_text()
+    except FileNotFoundError:
+        return []
+    at = text.find("\n## ")
+    return [] if at < 0 else [*text[at + 1:].rstrip("\n").split("\n"), ""]
+
+
 def report(plan: Plan, figures: Figures, latency_samples: dict[str, list[float]],
            output: Path, quick: bool) -> None:
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -631,7 +642,7 @@ def report(plan: Plan, figures: Figures, latency_samples: dict[str, list[float]]
         "of one record per message spread over 30 days.",
         "",
     ]
-    output.write_text("\n".join(lines))
+    output.write_text("\n".join(lines + kept_sections(output)))
     print("\n".join(table(plan, figures)))
     print(f"\nwritten: {output}" + (f", {picture}" if plotted else " (no plot: matplotlib missing)"))
 

@@ -2,13 +2,13 @@
 delivery sent, for the event loop.
 
 Why one thread, and not one per message (asyncio.to_thread): every thread coming back
-from a system call takes the GIL back from the event loop, so with 16 sessions storing
-at once the loop queued behind 16 threads at each of its own sends and receives (the
-GIL's convoy effect). A hop between the loop and a thread took 1.5-3 ms at 16 sessions,
-and the relay spent more CPU switching threads than running Python. Here the one
+from a system call takes the GIL back from the event loop, so with many sessions storing
+at once the loop queued behind their threads at each of its own sends and receives (the
+GIL's convoy effect; docs/BENCHMARKS.md, "Notes on the spool's design"). Here the one
 thread takes whatever is waiting: the new entries are published together with one
 directory fsync (Spool.store_many), the delivered entries are removed (and no unlink
-waits behind another thread's fsync), and the loop is woken once for all of them.
+waits behind another thread's fsync), and the loop is woken once for all of them. What
+the thread does to the spool is relay.spool.ingest's.
 
 A store's future resolves only once its entry is durable: the 250 still waits for the
 disk. State records (deferrals, failures) keep the default executor: each is an fsync
