@@ -23,13 +23,15 @@ Layout (Postfix's queue names, Maildir's publishing rule)::
       history/    the delivery journal (relay.history), one file per day
 
 A message file is immutable once published. Whoever renames a file into active/ owns the
-entry until it renames it out; every other writer finds the file gone and backs off. The
+entry until it renames it out; every other writer finds the file gone and backs off. A
+file whose name is not a queue ID is not ours: listings skip it and report it once. The
 spool knows nothing of SMTP, asyncio or policy.
 
 Which calls may run on the event loop: each public method is marked `@loop_safe` (no
 fsync, a handful of system calls: the loop makes them, as delivery does its claims and
 small reads) or `@blocking` (an fsync, or work that grows with the queue: from a thread,
-or from a command that has no loop). relay.spool.marks defines the two.
+or from a command that has no loop). relay.spool.marks defines the two, and
+tests/test_spool_marks.py keeps every public method marked.
 
 The parts, one module each:
 

@@ -8,9 +8,9 @@ A store is crash-safe by its order: each complete file is written and fsynced un
 then renamed into incoming/ (or, with a send_at, into scheduled/ with that time as its
 mtime, set before the fsync), then the directory itself is fsynced so that the new names
 survive a power cut. A crash before a rename leaves only tmp/ debris, which recover()
-sweeps; after the directory fsync the entry exists for good. The steps go batch by batch
-(write all, fsync all, rename all, one directory fsync) so that the renames do not join
-the journal commits of the fsyncs.
+sweeps; after the directory fsync the entry exists for good. Each step is taken for the
+whole batch (write all, fsync all, rename all, one directory fsync per queue) so that the
+renames do not join the journal commits of the fsyncs.
 
 A delivered entry's file is renamed into tmp/ as a spare and the next new entry is
 written over it: its inode and blocks are allocated already, which spares ext4 its search
@@ -92,6 +92,8 @@ class Draft:
 
 
 class Ingest(Layout):
+    """New entries in, delivered entries out: the spool writer's calls."""
+
     def __init__(self, path: Path, min_free: int = 0) -> None:
         super().__init__(path, min_free)
         # Delivered entries' files in tmp/, each to become a new entry's file. Whichever

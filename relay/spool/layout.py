@@ -30,6 +30,8 @@ UPSTREAMS_FILE = "upstreams.json"  # the daemon's view of its upstreams (publish
 
 
 class Layout:
+    """One spool directory's layout; Spool adds the reads, the transitions and ingest."""
+
     def __init__(self, path: Path, min_free: int = 0) -> None:
         self.path = Path(path)
         self._root = str(self.path)

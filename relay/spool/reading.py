@@ -35,6 +35,7 @@ from .marks import blocking, loop_safe
 
 
 class Reading(Layout):
+    """The spool's reads: one entry, listings, and the upstream states."""
 
     # --- one entry ----------------------------------------------------------------------
 

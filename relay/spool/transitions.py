@@ -27,6 +27,7 @@ from .reading import Reading
 
 
 class Transitions(Reading):
+    """The moves between queues, by delivery, by operators and at start-up."""
 
     # --- delivery -----------------------------------------------------------------------
 
