@@ -445,6 +445,28 @@ def test_a_truncated_entry_is_corrupt_whether_its_first_read_holds_it_all(
         spool.load(Queue.INCOMING, entry_id)
 
 
+def test_an_envelope_longer_than_the_first_read_is_read_on(spool: Spool) -> None:
+    """Enough recipients to fill several first reads: load and content read on to the
+    envelope's end and find every recipient and the content after it."""
+    recipients = [f"recipient-{n:05}@example.com" for n in range(2000)]
+    entry_id = new_id(time.time())
+    spool.store(entry_id, "s@example.com", recipients, [CONTENT], time.time(), False)
+    entry = spool.load(Queue.INCOMING, entry_id)
+    assert [r.address for r in entry.recipients] == recipients
+    assert spool.content(entry) == CONTENT
+
+
+def test_a_long_envelope_cut_short_is_truncated(spool: Spool) -> None:
+    """A file that ends inside an envelope longer than the first read is corrupt."""
+    recipients = [f"recipient-{n:05}@example.com" for n in range(2000)]
+    entry_id = new_id(time.time())
+    spool.store(entry_id, "s@example.com", recipients, [CONTENT], time.time(), False)
+    path = spool.path / "incoming" / entry_id
+    path.write_bytes(path.read_bytes()[:HEADER_READ * 3])
+    with pytest.raises(CorruptEntry, match="truncated envelope"):
+        spool.load(Queue.INCOMING, entry_id)
+
+
 @pytest.mark.plan(41)
 @settings(max_examples=200, deadline=None)
 @given(st.binary(max_size=300))

@@ -15,17 +15,16 @@ from relay.spool.formats import (
     MAGIC,
     SIZE_FIELD,
     arrival_of,
-    decode_envelope,
     decode_state,
     decode_upstreams,
     encode_state,
     encode_upstreams,
     entry_from_envelope,
-    envelope_end,
     envelope_head,
     is_unsafe_address,
     is_valid_id,
     new_id,
+    parse_envelope,
     size_field,
     size_field_at,
 )
@@ -39,9 +38,10 @@ NEW = NewEntry(ENTRY_ID, "s@example.com", ("a@example.com", "b@example.net"), ()
 
 def parse(data: bytes, queue: Queue = Queue.INCOMING) -> tuple[Entry, bytes]:
     """The entry and content of a whole message file, as a read of it would find them."""
-    end = envelope_end(data, WHERE)
-    header = decode_envelope(data, end, len(data), WHERE)
-    return entry_from_envelope(header, queue, WHERE), data[end + 1:]
+    parsed = parse_envelope(data, len(data), WHERE)
+    assert parsed is not None
+    header, offset = parsed
+    return entry_from_envelope(header, queue, WHERE), data[offset:]
 
 
 def test_a_message_file_reads_back_as_written() -> None:
@@ -78,33 +78,40 @@ def test_the_size_field_is_filled_in_place() -> None:
 
 
 def test_a_file_without_the_magic_line_is_corrupt() -> None:
-    """envelope_end refuses bytes that do not begin with the magic line."""
+    """Bytes that do not begin with the magic line are not an entry."""
+    data = b"From: x\r\n\r\nbody"
     with pytest.raises(CorruptEntry, match="magic line"):
-        envelope_end(b"From: x\r\n\r\nbody", WHERE)
+        parse_envelope(data, len(data), WHERE)
+
+
+def test_an_envelope_past_the_bytes_read_asks_for_more() -> None:
+    """No newline yet, and the file is longer: None, to read on; with all of it, parsed."""
+    data = envelope_head(NEW, 3) + b"abc"
+    assert parse_envelope(data[:20], len(data), WHERE) is None
+    assert parse_envelope(data, len(data), WHERE) is not None
 
 
 def test_an_envelope_without_its_end_is_truncated() -> None:
-    """No newline after the envelope: envelope_end says -1, decode_envelope refuses it."""
+    """No newline after the envelope and nothing more in the file: truncated."""
     head = MAGIC + b'{"id":"x"'
-    end = envelope_end(head, WHERE)
-    assert end == -1
     with pytest.raises(CorruptEntry, match="truncated envelope"):
-        decode_envelope(head, end, len(head), WHERE)
+        parse_envelope(head, len(head), WHERE)
 
 
 def test_a_content_of_another_size_than_the_envelope_says_is_corrupt() -> None:
     """One byte short: the size check names both sizes."""
     data = envelope_head(NEW, 10) + b"x" * 9
     with pytest.raises(CorruptEntry, match="content is 9 bytes, envelope says 10"):
-        decode_envelope(data, envelope_end(data, WHERE), len(data), WHERE)
+        parse_envelope(data, len(data), WHERE)
 
 
 def test_an_envelope_naming_another_id_is_corrupt() -> None:
     """The envelope's ID must be the file's name."""
     data = envelope_head(NEW, 0)
-    header = decode_envelope(data, envelope_end(data, WHERE), len(data), WHERE)
+    parsed = parse_envelope(data, len(data), WHERE)
+    assert parsed is not None
     with pytest.raises(CorruptEntry, match="does not match the file name"):
-        entry_from_envelope(header, Queue.INCOMING, f"/spool/incoming/{new_id(2.0)}")
+        entry_from_envelope(parsed[0], Queue.INCOMING, f"/spool/incoming/{new_id(2.0)}")
 
 
 def test_an_envelope_address_with_a_line_break_is_corrupt() -> None:

@@ -96,20 +96,17 @@ def size_field_at(head_size: int) -> int:
     return head_size - len(_ENVELOPE_END) - SIZE_FIELD
 
 
-def envelope_end(head: bytes, where: str, searched: int = 0) -> int:
-    """Where the envelope's line ends in `head`, the first bytes of an entry's file (the
-    first `searched` of them known to hold no end); -1 if not within them. Raises
-    CorruptEntry if `head` does not begin with the magic line."""
+def parse_envelope(head: bytes, size: int, where: str) -> tuple[dict[str, Any], int] | None:
+    """The envelope of a file of `size` bytes that begins with `head`, and the offset where
+    its content begins; None if the envelope runs past `head` and the file has more to
+    read (read more, and ask again with all of it). Raises CorruptEntry for a file that
+    is not an entry, an envelope that is truncated or unreadable, or one wrong about the
+    content's size; entry_from_envelope checks its fields."""
     if not head.startswith(MAGIC):
         raise CorruptEntry(where, "not a relay spool entry (bad or missing magic line)")
-    return head.find(b"\n", max(searched, len(MAGIC)))
-
-
-def decode_envelope(head: bytes, end: int, size: int, where: str) -> dict[str, Any]:
-    """The envelope of a file of `size` bytes that begins with `head`, its line ending at
-    `end` (envelope_end's answer, -1 for none). The content begins at end + 1.
-    Raises CorruptEntry for an envelope that is missing, unreadable, or wrong about the
-    content's size; entry_from_envelope checks its fields."""
+    end = head.find(b"\n", len(MAGIC))
+    if end < 0 and len(head) < min(size, ENVELOPE_LIMIT):
+        return None
     if end < 0 or end >= ENVELOPE_LIMIT:
         raise CorruptEntry(where, "truncated envelope")
     try:
@@ -123,7 +120,7 @@ def decode_envelope(head: bytes, end: int, size: int, where: str) -> dict[str, A
     body_bytes = size - (end + 1)
     if header.get("size") != body_bytes:
         raise CorruptEntry(where, f"content is {body_bytes} bytes, envelope says {header.get('size')}")
-    return header
+    return header, end + 1
 
 
 def entry_from_envelope(header: dict[str, Any], queue: Queue, where: str) -> Entry:

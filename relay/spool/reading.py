@@ -22,13 +22,12 @@ from .formats import (
     HEADER_READ,
     ID_PATTERN,
     arrival_of,
-    decode_envelope,
     decode_state,
     decode_upstreams,
     encode_upstreams,
     entry_from_envelope,
-    envelope_end,
     is_valid_id,
+    parse_envelope,
 )
 from .layout import UPSTREAMS_FILE, WAITING, Layout
 from .marks import blocking, loop_safe
@@ -247,11 +246,10 @@ def read_envelope(fd: int, where: str) -> tuple[dict[str, Any], int]:
     # A read of a regular file comes back short only at its end, so a small entry's size
     # is known without the fstat that `relay queue` would otherwise make for each one.
     size = len(head) if len(head) < HEADER_READ else os.fstat(fd).st_size
-    end = envelope_end(head, where)
-    while end < 0 and len(head) < min(size, ENVELOPE_LIMIT):
+    parsed = parse_envelope(head, size, where)
+    while parsed is None:  # a long envelope (many recipients): read on, doubling
         more = os.read(fd, min(len(head), ENVELOPE_LIMIT - len(head)))
-        if not more:
-            break
         head += more
-        end = envelope_end(head, where, len(head) - len(more))
-    return decode_envelope(head, end, size, where), end + 1
+        # A file cut short meanwhile has no more than was read.
+        parsed = parse_envelope(head, size if more else len(head), where)
+    return parsed
