@@ -142,10 +142,8 @@ class SpoolWriter:
             fault_point("in-spool-writer")
             results: list[Any] = self._store_all([new for new, _ in stores]) if stores else []
             # Removals are taken once the stores are done, so that those handed over
-            # meanwhile (a delivery in the disk's wait, relay.delivery) go in this pass and
-            # are settled with the batch, in one wakeup of the loop. In a pass of their
-            # own, their unlinks and their worker's next steps fell among the next
-            # message's commands.
+            # meanwhile (a delivery in the disk's wait) are settled with the batch in one
+            # wakeup of the loop, not among the next message's commands.
             with self._work:
                 removals, self._removals = self._removals, []
                 self._taken += removals

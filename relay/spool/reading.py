@@ -105,10 +105,9 @@ class Reading(Layout):
     def entries(self, queues: tuple[Queue, ...] = tuple(Queue)) -> Iterator[Entry | CorruptEntry]:
         """Every entry in the given queues, oldest first; unparsable ones as CorruptEntry."""
         names = sorted(self._listed(queues).items())
-        # Listed after the queues: a state record is written before its entry moves, so
-        # an entry listed above whose record is missing here had none when it was listed
-        # (or is being attempted right now). Most entries have none, and a failed open
-        # per entry is the largest cost of listing a big queue.
+        # After the queues: a record is written before its entry moves, so one missing
+        # here was missing when its entry was listed. Most entries have none, and a
+        # failed open per entry would be the largest cost of listing a big queue.
         with_state = set(os.listdir(self.path / "state"))
         for name, queue in names:
             try:
