@@ -1,5 +1,5 @@
 """The spool's two on-disk formats, and its queue IDs, as pure functions: bytes in, values
-out, and back. No I/O here; relay.spool.reading and relay.spool.ingest read and write.
+out, and back. No I/O here: the other parts of relay.spool read and write the files.
 
 A message file is a magic line, one line of JSON envelope, then the content, byte for
 byte as it will be sent. The envelope's last field is the content's size, right-aligned in
