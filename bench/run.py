@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from servers import (  # noqa: E402
+from servers import (
     Postfix,
     Relay,
     Sink,
@@ -193,12 +193,6 @@ def _no_fsync() -> Iterator[None]:
         yield
     finally:
         os.fsync = real_fsync
-
-
-def cpu_seconds(pid: int) -> float:
-    """User and system CPU time a process has used so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 # --- the run ------------------------------------------------------------------------------
@@ -493,7 +487,8 @@ def rows(plan: Plan, figures: Figures) -> list[Row]:
     out.append(Row(f"peak memory (PSS), {clients}", m("relay memory peak"),
                    m("postfix memory peak"), "MiB", "lower", "(reported)"))
     out.append(Row(f"relay's peak RSS over its idle RSS, {clients}", m("relay memory over idle"),
-                   None, "MiB", "lower", "<= 64 MiB", previous=previous("baseline memory over idle")))
+                   None, "MiB", "lower", "<= 64 MiB",
+                   previous=previous("baseline memory over idle")))
     entries = f"{plan.scale_entries:,} entries"
     out.append(Row(f"scale: start-up with {entries}", m("scale start-up"), None, "s", "lower",
                    "< 10 s"))
@@ -656,7 +651,7 @@ def report(plan: Plan, figures: Figures, latency_samples: dict[str, list[float]]
         lines += [f"![throughput by concurrency and size; latency distribution]({picture.name})",
                   ""]
     lines += [
-        "How each figure is taken: acceptance is Postfix's `smtp-source` (one message per "
+        ("How each figure is taken: acceptance is Postfix's `smtp-source` (one message per "
         "connection, as a web request sends) from the first connection to the last reply; end "
         "to end runs until the sink has every message. Latency is a Python `smtplib` client "
         "timing connect, EHLO, MAIL, RCPT, DATA and QUIT for each 10 KiB message. Peak memory "
@@ -672,12 +667,13 @@ def report(plan: Plan, figures: Figures, latency_samples: dict[str, list[float]]
         "CPU time (from /proc) over a window in which its scheduled entries all wait, and "
         "the time from a batch's send time until the sink has the last of it; the history "
         "figures time the whole `relay history` command, start-up included, over a journal "
-        "of one record per message spread over 30 days.",
+        "of one record per message spread over 30 days."),
         "",
     ]
     output.write_text("\n".join(lines) + _kept_section(output))
     print("\n".join(table(plan, figures)))
-    print(f"\nwritten: {output}" + (f", {picture}" if plotted else " (no plot: matplotlib missing)"))
+    drawn = f", {picture}" if plotted else " (no plot: matplotlib missing)"
+    print(f"\nwritten: {output}{drawn}")
 
 
 def install_build(ref: str, workdir: Path) -> str:

@@ -216,7 +216,7 @@ class Delivery:
                 await self._process(entry_id)
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - a bug must not kill the worker
                 # A bug must not kill the worker; the entry stays on disk, scheduled again
                 # (if it was never claimed, nothing else would schedule it).
                 log_failure(logging.ERROR, entry_id, exc, status="error",
@@ -306,7 +306,7 @@ class Delivery:
                 self.spool.unclaim(entry, due)
             self.schedule(entry.id, due)
             raise
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - set aside, never retried blind
             # A bug: whether the upstream has the message cannot be known.
             await self._set_aside(entry, "the attempt failed", exc)
         finally:
@@ -384,7 +384,7 @@ class Delivery:
                 after = await self.bounces.fail(after)
             else:
                 after = await asyncio.to_thread(self.spool.fail, after)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - the entry is logged and kept, never lost
             outcome = settled.entry if settled is not None else entry
             if settled is not None:
                 self._log_recipients(entry, outcome)

@@ -387,7 +387,7 @@ class RelaySMTP(SMTP):
                 self._storing = True
                 try:
                     reply = await self.policy.end_message(self.session, envelope, sink)
-                except Exception as exc:
+                except Exception as exc:  # noqa: BLE001 - answered 451, never as text
                     reply = await self.handle_exception(exc)
                 finally:
                     self._storing = False

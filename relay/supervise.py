@@ -35,7 +35,7 @@ async def supervised(name: str, run: Callable[[], Awaitable[None]],
             return
         except asyncio.CancelledError:
             raise
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - any crash is restarted, within limits
             now = clock()
             crashes = [t for t in crashes if now - t < window] + [now]
             if len(crashes) > restarts:

@@ -2,13 +2,13 @@
 delivery sent, for the event loop.
 
 Why one thread, and not one per message (asyncio.to_thread): every thread coming back
-from a system call takes the GIL back from the event loop, so with 16 sessions storing
-at once the loop queued behind 16 threads at each of its own sends and receives (the
-GIL's convoy effect). A hop between the loop and a thread took 1.5-3 ms at 16 sessions,
-and the relay spent more CPU switching threads than running Python. Here the one
+from a system call takes the GIL back from the event loop, so with many sessions storing
+at once the loop queued behind their threads at each of its own sends and receives (the
+GIL's convoy effect; docs/BENCHMARKS.md, "Notes on the spool's design"). Here the one
 thread takes whatever is waiting: the new entries are published together with one
 directory fsync (Spool.store_many), the delivered entries are removed (and no unlink
-waits behind another thread's fsync), and the loop is woken once for all of them.
+waits behind another thread's fsync), and the loop is woken once for all of them. What
+the thread does to the spool is relay.spool.ingest's.
 
 A store's future resolves only once its entry is durable: the 250 still waits for the
 disk. State records (deferrals, failures) keep the default executor: each is an fsync
@@ -31,6 +31,7 @@ default executor: a delivered entry must not be sent again for want of its remov
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -123,7 +124,7 @@ class SpoolWriter:
     def _run(self) -> None:
         try:
             self._serve()
-        except BaseException as exc:  # noqa: BLE001
+        except BaseException as exc:  # noqa: BLE001 - every waiting store hears of the death
             self._die(exc)
 
     def _serve(self) -> None:
@@ -142,10 +143,8 @@ class SpoolWriter:
             fault_point("in-spool-writer")
             results: list[Any] = self._store_all([new for new, _ in stores]) if stores else []
             # Removals are taken once the stores are done, so that those handed over
-            # meanwhile (a delivery in the disk's wait, relay.delivery) go in this pass and
-            # are settled with the batch, in one wakeup of the loop. In a pass of their
-            # own, their unlinks and their worker's next steps fell among the next
-            # message's commands.
+            # meanwhile (a delivery in the disk's wait) are settled with the batch in one
+            # wakeup of the loop, not among the next message's commands.
             with self._work:
                 removals, self._removals = self._removals, []
                 self._taken += removals
@@ -183,10 +182,10 @@ class SpoolWriter:
         while self._disk_waiters:
             _wake(self._disk_waiters.pop())
 
-    def _remove(self, entry: Entry) -> None | Exception:
+    def _remove(self, entry: Entry) -> Exception | None:
         try:
             self._spool.remove(entry)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:  # noqa: BLE001 - returned to the one removal it belongs to
             return exc
         return None
 
@@ -197,10 +196,9 @@ class SpoolWriter:
 
     def _call_soon(self, callback: Callable[..., None], *args: Any) -> None:
         assert self._loop is not None
-        try:
+        # RuntimeError: the loop has closed, nobody is waiting any more (the entries are on disk).
+        with contextlib.suppress(RuntimeError):
             self._loop.call_soon_threadsafe(callback, *args)
-        except RuntimeError:
-            pass  # the loop has closed: nobody is waiting any more (the entries are on disk)
 
     def _resolve(self, waiting: list[tuple[Any, asyncio.Future[Any]]], results: list[Any],
                  synced: bool) -> None:

@@ -3,6 +3,7 @@ mtime, due then and not before, found again after a restart, moved by operators.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import stat
@@ -15,6 +16,7 @@ import pytest
 from relay import admin
 from relay.admin import Action
 from relay.entry import Entry, NewEntry, Queue, Status
+from relay.errors import SpoolError
 from relay.spool import Spool, new_id
 
 CONTENT = b"Subject: later\r\n\r\nbody\r\n"
@@ -45,6 +47,24 @@ def test_an_entry_with_a_send_time_is_published_into_scheduled_with_it_as_mtime(
     assert (loaded.queue, loaded.send_at, loaded.message_id) == (
         Queue.SCHEDULED, send_at, "<m@ex.example>")
     assert os.listdir(spool.path / "incoming") == []
+
+
+def test_a_send_time_that_cannot_be_set_fails_the_store_alone_and_closes_its_file_once(
+        spool: Spool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """utime fails: SpoolError with its own reason (not a second close's EBADF), nothing
+    left in tmp/, and the next store is published."""
+    real_utime = os.utime
+
+    def failing_utime(path: object, times: object = None) -> None:
+        if isinstance(path, int):
+            raise OSError(errno.EIO, "Input/output error")
+        real_utime(path, times)  # type: ignore[arg-type]
+    monkeypatch.setattr(os, "utime", failing_utime)
+    [result] = spool.store_many([new(time.time() + 3600)])
+    assert isinstance(result, SpoolError) and "Input/output error" in str(result)
+    assert os.listdir(spool.path / "tmp") == []
+    monkeypatch.setattr(os, "utime", real_utime)
+    assert put(spool, None).queue is Queue.INCOMING
 
 
 def test_a_scheduled_store_sets_the_time_before_the_fsync_and_fsyncs_its_directory(
