@@ -215,8 +215,11 @@ class UpstreamSession:
             raise
         return smtp
 
-    async def _transaction(self, link: Link, sender: str, recipients: list[str],
-                           content: bytes, smtputf8: bool) -> AttemptResult:
+    def _envelope(self, link: Link, sender: str, recipients: list[str], content: bytes,
+                  smtputf8: bool) -> AttemptResult | tuple[bytes, list[tuple[str, bytes]],
+                                                           dict[str, Reply]]:
+        """The MAIL command, the RCPT command of each recipient that can be sent, and the
+        replies of those that cannot; or the result when nothing can be sent."""
         relay = self.config.name
         options: list[str] = []
         encoding = "ascii"
@@ -241,6 +244,15 @@ class UpstreamSession:
                 replies[recipient] = _unsendable(exc)
         if not sendable:
             return AttemptResult(relay=relay, recipients=replies)
+        return mail, sendable, replies
+
+    async def _transaction(self, link: Link, sender: str, recipients: list[str],
+                           content: bytes, smtputf8: bool) -> AttemptResult:
+        relay = self.config.name
+        envelope = self._envelope(link, sender, recipients, content, smtputf8)
+        if isinstance(envelope, AttemptResult):
+            return envelope
+        mail, sendable, replies = envelope
         pipelining = "pipelining" in link.extensions
         link.send(b"".join([mail, *(c for _, c in sendable), b"DATA\r\n"]) if pipelining
                   else mail, Stage.MAIL)
@@ -284,6 +296,13 @@ class UpstreamSession:
             link.send(b".\r\n", Stage.DATA)
             await link.reply(Stage.DATA)
             return AttemptResult(relay=relay, recipients=replies)
+        return await self._content(link, content, accepted, replies)
+
+    async def _content(self, link: Link, content: bytes, accepted: list[str],
+                       replies: dict[str, Reply]) -> AttemptResult:
+        """After 354: the message and its final dot, and the one reply for every accepted
+        recipient."""
+        relay = self.config.name
         link.send(wire_form(content), Stage.DATA)
         try:
             reply = await link.reply(Stage.DATA)
