@@ -1,5 +1,5 @@
 """The cases of docs/RELIABILITY-PLAN.md, as the report lists them: what is injected and
-what is expected, and after them (rows 107-117) the findings of outside reviews (issue
+what is expected, and after them (rows 107-119) the findings of outside reviews (issue
 19). The numbers are the plan's and never change; where this relay injects differently
 (no second network namespace, no packet capture) or docs/CONTRACT.md sets another
 reply, the injection and the expectation say so. Rows with no test say why in
@@ -369,6 +369,13 @@ CASES: dict[int, Case] = {
     117: Case("Finding 11: a silent minute",
               "`tls: starttls` against a port that never greets (as 465 does to a client that waits), upstream.timeout 60 s, greeting_timeout 1 s",
               "Fails after greeting_timeout (default 15 s, not the command timeout) with a hint at implicit TLS, in `relay check` (exit 69) and in the deferral's reply"),
+    # Rows 118-119: a review as a hostile local process (issue 19), each reproduced first.
+    118: Case("A hostile local client of the listener",
+              "From: nested 600 comments deep; the rest of a message refused mid-DATA; a refusal at the final dot; a header field folded over 349,000 lines; a half-close after QUIT; a scheduled message stored as its client left; a message past the 1 MiB spill point with the disk at min_free; 1 MB of `a.` lines in 4 sessions; SIZE= twice; From: after 1 MiB of header",
+              "Each answered by the contract: queued, or refused with an enhanced code; no byte of DATA read as a command; no recipient left from a refused message; other sessions served meanwhile; every reply heard; spool.min_free kept; memory bounded; the address rules still applied"),
+    119: Case("A hostile local user against the spool",
+              "The spool directory created first by another user; a delivered entry's kept file in tmp/ replaced by a symlink to another file",
+              "`relay serve` refuses the spool, naming its owner; the symlink's target is never truncated or written"),
 }
 
 # Cases with no test, and why.

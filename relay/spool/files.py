@@ -61,6 +61,16 @@ def overwrite(path: str, parts: list[bytes]) -> int:
     return fd
 
 
+def empty(path: str) -> None:
+    """Truncate a kept file to 0 bytes through a descriptor that never follows a symlink,
+    whoever put one at its name."""
+    fd = os.open(path, OPEN_SPARE)
+    try:
+        os.ftruncate(fd, 0)
+    finally:
+        os.close(fd)
+
+
 def write_all(fd: int, parts: list[bytes]) -> None:
     """Write `parts` to `fd`; on failure, close it and raise."""
     try:

@@ -31,6 +31,7 @@ from ..errors import SpoolError, SpoolFull
 from ..faults import fault_point
 from .files import (
     create,
+    empty,
     failed_write_removes,
     fsync_once,
     overwrite,
@@ -278,7 +279,7 @@ class Ingest(Layout):
         self.spares_hold_mail = False
         for spare in list(self._spares):
             try:
-                os.truncate(spare, 0)
+                empty(spare)
             except FileNotFoundError:
                 pass  # taken for a new entry meanwhile, or swept
             except OSError:

@@ -44,13 +44,20 @@ class Layout:
 
     @blocking
     def open(self) -> None:
-        """Create the directories (0700) or check them; refuse symlinks anywhere in the layout."""
+        """Create the directories (0700) or check them; refuse symlinks anywhere in the
+        layout, and directories of another user, who could rename anything in them or
+        plant a symlink for the relay to follow."""
         for directory in (self.path, *(self.path / name for name in ALL_DIRS)):
             if directory.is_symlink():
                 raise SpoolError(f"{directory} is a symbolic link; refusing to use it as spool")
             try:
                 directory.mkdir(mode=0o700, exist_ok=True)
-                if directory.stat().st_mode & 0o077:
+                found = os.lstat(directory)
+                if found.st_uid != os.geteuid():
+                    raise SpoolError(f"spool directory {directory} belongs to uid "
+                                     f"{found.st_uid}, not to the relay's user "
+                                     f"(uid {os.geteuid()}); refusing to use it")
+                if found.st_mode & 0o077:
                     directory.chmod(0o700)
             except OSError as exc:
                 raise SpoolError(f"cannot use spool directory {directory}: {exc.strerror}") from None
