@@ -285,6 +285,7 @@ def test_recover_sweeps_tmp_and_returns_active_to_incoming(spool: Spool) -> None
     assert spool.claim(entry_id, time.time()) is not None
     (spool.path / "tmp" / new_id(time.time())).write_bytes(b"half a message")
     (spool.path / "tmp" / f"{entry_id}.state.0badf00d").write_text("{")
+    (spool.path / "tmp" / "upstreams.json.0badf00d").write_text("{")
     (spool.path / "state" / "0000000000000DEADBEEF").write_text("{}")
     due = spool.recover()
     assert due == [(entry_id, 0.0)]

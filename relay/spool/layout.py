@@ -21,12 +21,14 @@ from .marks import blocking, loop_safe
 
 QUEUE_DIRS = tuple(q.value for q in Queue)
 ALL_DIRS = ("tmp", *QUEUE_DIRS, "corrupt", "state", "wake", "history")
-# What the relay itself writes in tmp/: an entry, a kept spare, a state record in the making.
-TMP_PATTERN = re.compile(r"^[0-9A-F]{21}(\.spare|\.state\.[0-9a-f]{8})?$")
+UPSTREAMS_FILE = "upstreams.json"  # the daemon's view of its upstreams (publish_upstreams)
+# What the relay itself writes in tmp/: an entry, a kept spare, a state record or the
+# upstreams' view in the making.
+TMP_PATTERN = re.compile(r"^(?:[0-9A-F]{21}(\.spare|\.state\.[0-9a-f]{8})?"
+                         rf"|{re.escape(UPSTREAMS_FILE)}\.[0-9a-f]{{8}})$")
 # The queues of entries still to be delivered.
 WAITING = (Queue.INCOMING, Queue.ACTIVE, Queue.DEFERRED)
 RETRY = "RETRY"  # in wake/: an operator asked for mail to be tried again (ask_retry)
-UPSTREAMS_FILE = "upstreams.json"  # the daemon's view of its upstreams (publish_upstreams)
 
 
 class Layout:
@@ -60,7 +62,8 @@ class Layout:
                 if found.st_mode & 0o077:
                     directory.chmod(0o700)
             except OSError as exc:
-                raise SpoolError(f"cannot use spool directory {directory}: {exc.strerror}") from None
+                raise SpoolError(
+                    f"cannot use spool directory {directory}: {exc.strerror}") from None
             if not os.access(directory, os.R_OK | os.W_OK | os.X_OK):
                 raise SpoolError(f"spool directory {directory} is not writable")
 
