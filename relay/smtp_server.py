@@ -9,8 +9,11 @@ tests/test_smtp_server.py, which fails if aiosmtpd changes what it relies on:
 - `push`: replies get RFC 3463 enhanced status codes where aiosmtpd's have none, and
   never echo more than a bounded part of what the client sent (RFC 5321 4.5.3.1.5). The
   replies to the commands of one read go out in one write (RFC 2920 lets a server buffer
-  them; aiosmtpd writes and drains each). A reply that ends the session ends it at once:
-  nothing the client sent after it in the same read is acted on.
+  them; aiosmtpd writes and drains each), held while aiosmtpd's reader still has a whole
+  line. A reply that ends the session ends it at once: nothing the client sent after it
+  in the same read is acted on.
+- The session is also an asyncio BufferedProtocol, reading into one buffer of its own
+  rather than a new 256 KiB one per read (docs/BENCHMARKS.md has the profile).
 - Limits per session, as Postfix's smtpd_junk_command_limit and smtpd_hard_error_limit:
   commands that carry no mail (NOOP, RSET, VRFY, EXPN, HELP, EHLO, HELO) and error
   replies are counted, both counts start again with each message queued, and past the
@@ -50,6 +53,8 @@ REPLY_LINE_LIMIT = 510  # RFC 5321 4.5.3.1.5: 512 octets with the CRLF
 JUNK_LIMIT = 20  # commands without mail per message
 ERROR_LIMIT = 20  # error replies per message
 OVERSHOOT_LIMIT = 1000  # recipients past max_recipients (452) before each counts as an error
+RECEIVE_BUFFER = 64 * 1024  # per session, what one read can take
+HELD_REPLIES = 16 * 1024  # replies to pipelined commands written at once, up to this much
 PATH_CACHE = 4096
 STORING_RECHECK = 0.1  # seconds: how often a timeout that fell due while storing looks again
 
@@ -119,8 +124,11 @@ class Policy(Protocol[Sink]):
     async def end_message(self, session: Session, envelope: RelayEnvelope, sink: Sink) -> str: ...
 
 
-class RelaySMTP(SMTP):
-    """One client connection: aiosmtpd's protocol with the relay's overrides."""
+class RelaySMTP(SMTP, asyncio.BufferedProtocol):
+    """One client connection: aiosmtpd's protocol with the relay's overrides. It is also a
+    BufferedProtocol, so that the transport reads into the session's own buffer: for a
+    plain Protocol asyncio allocates 256 KiB per read, which glibc maps, shrinks and
+    unmaps each time (three system calls and page faults per read)."""
 
     def __init__(self, handler: Policy[Any], config: ListenConfig, hostname: str) -> None:
         super().__init__(handler, data_size_limit=config.max_message_size or None,
@@ -133,7 +141,8 @@ class RelaySMTP(SMTP):
         # MAIL's at each EHLO: each session gets its own, fixed.
         self.command_size_limits = collections.defaultdict(lambda: COMMAND_LINE_LIMIT)
         self._admitted = False
-        self._held: list[bytes] = []  # an EHLO reply's lines, written whole at its last
+        self._received: memoryview | None = None  # what the transport reads into
+        self._held: list[bytes] = []  # replies not yet written (see push)
         self._plain_replies = False  # answering HELO or EHLO: no enhanced codes
         self._junk = 0
         self._errors = 0
@@ -151,7 +160,17 @@ class RelaySMTP(SMTP):
             transport.close()
             return
         self._admitted = True
+        self._received = memoryview(bytearray(RECEIVE_BUFFER))
         super().connection_made(transport)
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        assert self._received is not None
+        return self._received
+
+    def buffer_updated(self, nbytes: int) -> None:
+        assert self._received is not None
+        # The reader copies it into its own buffer at once, so the view can be reused.
+        self.data_received(self._received[:nbytes])  # type: ignore[arg-type]
 
     def connection_lost(self, error: Exception | None) -> None:
         if not self._admitted:
@@ -213,9 +232,18 @@ class RelaySMTP(SMTP):
             self.policy.replied(TOO_MANY_ERRORS)
             self._end_session()
             return
-        if not reply.startswith("250-"):  # an EHLO reply is written whole, at its last line
+        if not self._more_to_answer():
             self._flush()
             await self._writer.drain()
+
+    def _more_to_answer(self) -> bool:
+        """Whether this reply waits for the next ones: an EHLO reply is written whole, at
+        its last line, and the replies to pipelined commands already read go out in one
+        write (RFC 2920 lets a server buffer them) unless they pile up."""
+        return bool(self._held) and (
+            self._held[-1].startswith(b"250-")
+            or (b"\n" in self._reader._buffer  # type: ignore[attr-defined]
+                and sum(map(len, self._held)) < HELD_REPLIES))
 
     def _hold(self, line: bytes) -> None:
         self._held.append(line)

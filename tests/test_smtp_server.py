@@ -197,6 +197,62 @@ def test_the_idle_timeout_aborts_a_client_that_does_not_read() -> None:
     assert written.endswith(b"421 4.4.2 Error: timeout exceeded\r\n")
 
 
+def test_asyncio_reads_into_the_sessions_own_buffer() -> None:
+    """A real loopback connection: asyncio's transport hands a BufferedProtocol its reads
+    through get_buffer/buffer_updated, and the session parses what arrived that way."""
+    class Counting(RelaySMTP):
+        buffers = 0
+
+        def get_buffer(self, sizehint: int) -> memoryview:
+            Counting.buffers += 1
+            return super().get_buffer(sizehint)
+
+    async def run() -> bytes:
+        loop = asyncio.get_running_loop()
+        policy = Policy()
+        server = await loop.create_server(
+            lambda: Counting(policy, ListenConfig(), "relay.example"),  # type: ignore[arg-type]
+            "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        await reader.readline()
+        writer.write(b"NOOP\r\nQUIT\r\n")
+        said = await asyncio.wait_for(reader.read(), 10)
+        writer.close()
+        server.close()
+        await server.wait_closed()
+        return said
+    said = asyncio.run(run())
+    assert said == b"250 2.0.0 OK\r\n221 2.0.0 Bye\r\n"
+    assert Counting.buffers >= 1
+
+
+def test_the_replies_to_one_read_go_out_in_one_write() -> None:
+    """aiosmtpd writes each reply as it is made; the session holds them while the reader
+    still has whole lines (its StreamReader's `_buffer`), and writes an EHLO reply whole."""
+    class Writes(Transport):
+        def __init__(self) -> None:
+            super().__init__()
+            self.writes: list[bytes] = []
+
+        def write(self, data: Any) -> None:
+            super().write(data)
+            self.writes.append(bytes(data))
+
+    async def run() -> list[bytes]:
+        session = Session()
+        session.transport = Writes()
+        await session.start()
+        assert isinstance(session.smtp._reader._buffer, bytearray)
+        await session.send(b"EHLO c.example\r\n")
+        await session.send(b"NOOP\r\nNOOP\r\nNOOP\r\n")
+        return session.transport.writes
+    greeting, ehlo, noops = asyncio.run(run())
+    assert greeting.startswith(b"220 ")
+    assert ehlo.startswith(b"250-relay.example\r\n") and ehlo.count(b"\r\n250 ") == 1
+    assert noops == b"250 2.0.0 OK\r\n" * 3
+
+
 # --- the listener review's findings, each with its exact bytes -------------------------
 
 @pytest.mark.parametrize("preamble", [
