@@ -55,7 +55,9 @@ def test_an_entry_left_in_active_goes_back_within_seconds(
     wait_for(lambda: relay.files("deferred") == [entry_id], what="the deferral")
     os.rename(relay.spool / "deferred" / entry_id, relay.spool / "active" / entry_id)
     wait_for(lambda: relay.files("deferred") == [entry_id], what="the sweep")
-    assert f"{entry_id}: event=sweep, status=deferred" in relay.log()
+    # The sweep logs after its rename: wait for the line rather than read the log at once.
+    wait_for(lambda: f"{entry_id}: event=sweep, status=deferred" in relay.log(),
+             what="the sweep's log line")
     held = relay.cli("queue", "hold", entry_id)
     assert held.returncode == 0, held.stderr
     assert relay.files("hold") == [entry_id]
