@@ -328,26 +328,60 @@ class Handler:
                 return NO_ROOM if isinstance(exc, SpoolFull) else WRITE_ERROR
         # The store and its hand-over to delivery go on if the session ends meanwhile
         # (the client hangs up): the entry is durable, so it must be scheduled too.
-        stored = asyncio.ensure_future(self._store(new, _client_name(session), started))
-        return await asyncio.shield(stored)
+        loop = asyncio.get_running_loop()
+        outcome: asyncio.Future[tuple[str, Callable[[], None] | None]] = loop.create_future()
+        client = _client_name(session)
 
-    async def _store(self, new: NewEntry, client: str, started: float) -> str:
+        def stored(result: Entry | Exception) -> None:
+            try:
+                reply, hand_over = self._stored_reply(new, result, client, started)
+            except Exception as exc:  # noqa: BLE001 - the session answers it (handle_exception)
+                if not outcome.cancelled():
+                    outcome.set_exception(exc)
+                return
+            if outcome.cancelled():
+                if hand_over is not None:
+                    hand_over()
+            else:
+                outcome.set_result((reply, hand_over))
+
         try:
-            entry = await self.writer.store(new)
+            self.writer.store_then(new, stored)
         except WriterStopped:
             return WRITER_STOPPED
-        except SpoolFull:
-            return NO_ROOM
-        except SpoolError as exc:
-            log_event(logging.ERROR, new.id, status="refused", reason=str(exc))
-            return WRITE_ERROR
+        try:
+            reply, hand_over = await outcome
+        except asyncio.CancelledError:
+            # Ended after the store did but before hearing of it: hand over all the same.
+            if outcome.done() and not outcome.cancelled() and outcome.exception() is None:
+                _, hand_over = outcome.result()
+                if hand_over is not None:
+                    hand_over()
+            raise
+        if hand_over is not None:
+            # Logged and handed to delivery in the loop's next step: this one writes the
+            # 250, so the client waits for neither (nor for the delivery they start).
+            loop.call_soon(hand_over)
+        return reply
+
+    def _stored_reply(self, new: NewEntry, result: Entry | Exception, client: str,
+                      started: float) -> tuple[str, Callable[[], None] | None]:
+        """The reply to the final dot once the store is done, and what hands the entry
+        over to delivery (None if it was not stored). Raises what the store raised that
+        is not the spool's (a bug's), for the session to answer."""
+        if isinstance(result, WriterStopped):
+            return WRITER_STOPPED, None
+        if isinstance(result, SpoolFull):
+            return NO_ROOM, None
+        if isinstance(result, SpoolError):
+            log_event(logging.ERROR, new.id, status="refused", reason=str(result))
+            return WRITE_ERROR, None
+        if isinstance(result, Exception):
+            raise result
         fault_point("after-rename-before-250")
         self.metrics.accepted(time.monotonic() - started)
-        # Logged and handed to delivery just after the 250 is written, not before: the
-        # client waits for neither.
-        asyncio.get_running_loop().call_soon(self._stored, entry, new.parts, client,
-                                             new.message_id)
-        return f"250 2.0.0 Ok: queued as {entry.id}"
+        hand_over = functools.partial(self._stored, result, new.parts, client, new.message_id)
+        return f"250 2.0.0 Ok: queued as {result.id}", hand_over
 
     def _stored(self, entry: Entry, parts: tuple[bytes, ...], client: str,
                 message_id: str | None) -> None:

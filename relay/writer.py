@@ -11,7 +11,8 @@ waits behind another thread's fsync), and the loop is woken once for all of them
 the thread does to the spool is relay.spool.ingest's.
 
 A store's future resolves only once its entry is durable: the 250 still waits for the
-disk. State records (deferrals, failures) keep the default executor: each is an fsync
+disk. The listener takes the result by a callback (store_then) rather than a future, so
+that its session hears in the wakeup that brings it, not hops of the loop later. State records (deferrals, failures) keep the default executor: each is an fsync
 of its own, and a burst of them while the upstream is down must not hold new mail up.
 
 While a batch waits for its fsyncs, its sessions wait too, and the loop has nothing of
@@ -34,7 +35,7 @@ import asyncio
 import contextlib
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from .entry import Entry, NewEntry
 from .errors import WriterStopped
@@ -44,16 +45,41 @@ from .spool import Spool
 SPARES_LINGER = 1.0
 
 
+class _Waiter(Protocol):
+    """Who hears a store's or a removal's result: a future, or a _Callback."""
+
+    def done(self) -> bool: ...
+    def set_result(self, result: Any, /) -> None: ...
+    def set_exception(self, exception: BaseException, /) -> None: ...
+
+
+class _Callback:
+    """A waiter that is a function called on the loop with the result, in the wakeup
+    that brings it, rather than a future whose task runs only in the loop's next step."""
+
+    def __init__(self, callback: Callable[[Any], None]) -> None:
+        self._callback = callback
+
+    def done(self) -> bool:
+        return False
+
+    def set_result(self, result: Any, /) -> None:
+        self._callback(result)
+
+    def set_exception(self, exception: BaseException, /) -> None:
+        self._callback(exception)
+
+
 class SpoolWriter:
     def __init__(self, spool: Spool,
                  on_failure: Callable[[BaseException], None] = lambda exc: None) -> None:
         self._spool = spool
         self._on_failure = on_failure  # called on the loop if the thread dies
         self._work = threading.Condition()
-        self._stores: list[tuple[NewEntry, asyncio.Future[Entry]]] = []
-        self._removals: list[tuple[Entry, asyncio.Future[None]]] = []
+        self._stores: list[tuple[NewEntry, _Waiter]] = []
+        self._removals: list[tuple[Entry, _Waiter]] = []
         # The pass in progress, so that a thread that dies midway fails its waiters too.
-        self._taken: list[tuple[Any, asyncio.Future[Any]]] = []
+        self._taken: list[tuple[Any, _Waiter]] = []
         self._failure: BaseException | None = None
         self._closing = False
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -74,6 +100,14 @@ class SpoolWriter:
         WriterStopped (at once) if the thread is not running."""
         entry: Entry = await self._submit(new, removal=False)
         return entry
+
+    def store_then(self, new: NewEntry, stored: Callable[[Entry | Exception], None]) -> None:
+        """Publish `new` durably, then call `stored` on the loop with its Entry, or with
+        what store() would raise. It is called in the wakeup that brings the batch's
+        results, one step before a task awaiting store() would resume, and whatever has
+        become of the caller meanwhile. Raises WriterStopped at once if the thread is not
+        running."""
+        self._enqueue(new, _Callback(stored), removal=False)
 
     async def remove(self, entry: Entry) -> None:
         """Delete a delivered entry and its state record (Spool.remove)."""
@@ -108,6 +142,10 @@ class SpoolWriter:
 
     async def _submit(self, item: Any, removal: bool) -> Any:
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._enqueue(item, future, removal)
+        return await future
+
+    def _enqueue(self, item: Any, waiter: _Waiter, removal: bool) -> None:
         with self._work:
             if self._failure is not None:
                 raise WriterStopped(f"the spool writer failed: {_describe(self._failure)}")
@@ -115,9 +153,8 @@ class SpoolWriter:
                 raise WriterStopped("the spool writer is not running")
             # The list is looked up under the lock: the thread swaps in a new one as it
             # takes a batch, and an item added to the one it took would never be answered.
-            (self._removals if removal else self._stores).append((item, future))
+            (self._removals if removal else self._stores).append((item, waiter))
             self._work.notify()
-        return await future
 
     # --- the thread ---------------------------------------------------------------------
 
@@ -189,7 +226,7 @@ class SpoolWriter:
             return exc
         return None
 
-    def _settle(self, waiting: list[tuple[Any, asyncio.Future[Any]]],
+    def _settle(self, waiting: list[tuple[Any, _Waiter]],
                 results: list[Any], synced: bool) -> None:
         """Hand the results to the loop in one wakeup."""
         self._call_soon(self._resolve, waiting, results, synced)
@@ -200,7 +237,7 @@ class SpoolWriter:
         with contextlib.suppress(RuntimeError):
             self._loop.call_soon_threadsafe(callback, *args)
 
-    def _resolve(self, waiting: list[tuple[Any, asyncio.Future[Any]]], results: list[Any],
+    def _resolve(self, waiting: list[tuple[Any, _Waiter]], results: list[Any],
                  synced: bool) -> None:
         if synced:
             self._syncing = False
@@ -216,7 +253,7 @@ def _wake(waiter: asyncio.Future[None]) -> None:
         waiter.set_result(None)
 
 
-def _resolve(waiting: list[tuple[Any, asyncio.Future[Any]]], results: list[Any]) -> None:
+def _resolve(waiting: list[tuple[Any, _Waiter]], results: list[Any]) -> None:
     for (_, future), result in zip(waiting, results, strict=True):
         if future.done():  # its session was cancelled; the entry is on disk all the same
             continue

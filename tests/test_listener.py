@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -10,9 +11,22 @@ import smtplib
 import socket
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
+from aiosmtpd.smtp import Session
 from conftest import RelayProcess, in_data, relay_config, wait_for
+from test_writer import slow_directory_fsyncs
+
+from relay.addresses import rules_for
+from relay.config import AddressesConfig, Config
+from relay.entry import Queue
+from relay.hostname import system_name
+from relay.listener import Admission, Handler
+from relay.metrics import Recorder
+from relay.smtp_server import RelayEnvelope
+from relay.spool import Spool
+from relay.writer import SpoolWriter
 
 BODY = b"Subject: t\r\n\r\nbody\r\n"
 
@@ -414,3 +428,48 @@ def test_a_large_message_goes_to_its_spool_file_as_it_arrives(holding_relay: Rel
     received, message = content.split(b"\r\nSubject: big", 1)
     assert received.startswith(b"Received: from c.example")
     assert b"Subject: big" + message == body.replace(b"\r\n..dotted", b"\r\n.dotted")
+
+
+@pytest.mark.parametrize("when", ["while storing", "once stored"])
+def test_a_session_ended_around_its_store_still_hands_the_entry_over_once(
+        spool: Spool, monkeypatch: pytest.MonkeyPatch, when: str) -> None:
+    """The client hangs up after its final dot: its session is cancelled while the store
+    waits for the disk, or in the step after the store's result came. Either way the
+    entry, durable, is handed to delivery once (else it would wait for a restart)."""
+    syncs = slow_directory_fsyncs(monkeypatch)
+    handed: list[str] = []
+
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+        writer = SpoolWriter(spool)
+        writer.start()
+        rules = rules_for(AddressesConfig(hostname="relay.example"), system_name())
+        handler = Handler(spool, writer, Config(), Admission((), 1),
+                          lambda entry, parts: handed.append(entry.id), rules, Recorder())
+        session = Session(loop)
+        session.peer, session.host_name = ("127.0.0.1", 25000), "client.example"
+        envelope = RelayEnvelope()
+        envelope.mail_from, envelope.rcpt_tos = "a@example.com", ["u@example.com"]
+        sink = handler.begin_message(session, envelope)
+        sink.write(b"Subject: x\r\n\r\nbody\r\n")
+        task = asyncio.create_task(handler.end_message(session, envelope, sink))
+        if when == "once stored":
+            answer = handler._stored_reply
+
+            def cancel_before_the_session_resumes(*args: Any) -> Any:
+                loop.call_soon(task.cancel)
+                return answer(*args)
+            monkeypatch.setattr(handler, "_stored_reply", cancel_before_the_session_resumes)
+        else:
+            while not syncs:
+                await asyncio.sleep(0.005)
+            task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        deadline = loop.time() + 10
+        while not handed and loop.time() < deadline:
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.1)  # a second hand-over would come in this time
+        await writer.close()
+    asyncio.run(asyncio.wait_for(run(), 30))
+    assert handed == spool.queue_ids(Queue.INCOMING) and len(handed) == 1

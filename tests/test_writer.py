@@ -370,3 +370,27 @@ def test_a_dead_writer_fails_every_waiting_and_later_store_at_once(
     assert [type(f) for f in failures] == [RuntimeError]
     assert os.listdir(spool.path / "incoming") == []
     assert os.listdir(spool.path / "active") == []
+
+
+def test_store_then_calls_back_with_the_entry_or_what_kept_it_out(spool: Spool) -> None:
+    """store_then's callback is called on the loop with the Entry, or, for a store that
+    failed, with the exception store() would raise."""
+    async def scenario(writer: SpoolWriter) -> list[Any]:
+        loop = asyncio.get_running_loop()
+        heard: asyncio.Future[list[Any]] = loop.create_future()
+        results: list[Any] = []
+
+        def stored(result: Entry | Exception) -> None:
+            results.append(result)
+            if len(results) == 2:
+                heard.set_result(results)
+        writer.store_then(new_entry(), stored)
+        writer.store_then(new_entry(size=2_000_000), stored)
+        return await heard
+    free = os.statvfs(spool.path)
+    spool.min_free = free.f_bavail * free.f_frsize - 1_000_000  # room for the small one
+    stored_entry, failure = sorted(with_writer(spool, scenario),
+                                   key=lambda r: isinstance(r, Exception))
+    assert isinstance(stored_entry, Entry)
+    assert spool.queue_ids(Queue.INCOMING) == [stored_entry.id]
+    assert isinstance(failure, SpoolFull)
