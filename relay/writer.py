@@ -12,8 +12,9 @@ the thread does to the spool is relay.spool.ingest's.
 
 A store's future resolves only once its entry is durable: the 250 still waits for the
 disk. The listener takes the result by a callback (store_then) rather than a future, so
-that its session hears in the wakeup that brings it, not hops of the loop later. State records (deferrals, failures) keep the default executor: each is an fsync
-of its own, and a burst of them while the upstream is down must not hold new mail up.
+that its session hears in the wakeup that brings it, not hops of the loop later. State
+records (deferrals, failures) keep the default executor: each is an fsync of its own,
+and a burst of them while the upstream is down must not hold new mail up.
 
 While a batch waits for its fsyncs, its sessions wait too, and the loop has nothing of
 theirs to do: `disk_wait` lets delivery do its work in that moment (relay.delivery says
