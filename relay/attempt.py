@@ -20,6 +20,7 @@ from . import policy, routing
 from .config import AnyUpstream, DeliveryConfig
 from .entry import Entry
 from .log import log_event
+from .metrics import Recorder
 from .outcome import AttemptOutcome, Disposition, Limited, Reaction, Tried, Waiting
 from .ratelimit import rate_limited
 from .upstreamconfig import TIMEOUT
@@ -36,10 +37,11 @@ PROBE_TIMEOUTS = 4
 class Attempter:
     """Makes attempts over the upstreams' shared state (relay.upstreams)."""
 
-    def __init__(self, upstreams: Upstreams, config: DeliveryConfig,
+    def __init__(self, upstreams: Upstreams, config: DeliveryConfig, metrics: Recorder,
                  clock: Callable[[], float], rand: Callable[[], float]) -> None:
         self.upstreams = upstreams
         self.config = config
+        self.metrics = metrics
         self._clock = clock
         self._rand = rand
         # Messages put back with a turn of an upstream's rate taken: name and when.
@@ -105,6 +107,7 @@ class Attempter:
         async with self.upstreams.transport(upstream) as transport:
             result = await transport.deliver(entry.sender, pending, content, entry.smtputf8)
         result = replace(result, relay=display(upstream))
+        self.metrics.answered(upstream.name, result)
         gate, reaction = routing.react(self.upstreams.gates[upstream.name], result,
                                        self._clock(), self.config, self._rand())
         self.upstreams.set_gate(upstream.name, gate)

@@ -81,7 +81,7 @@ class Delivery:
         self._clock = clock
         self._rand = rand
         self.upstreams = Upstreams(prepare(config), hostname, self._gates_changed)
-        self.attempter = Attempter(self.upstreams, config.delivery, clock, rand)
+        self.attempter = Attempter(self.upstreams, config.delivery, self.metrics, clock, rand)
         self._workers: dict[int, asyncio.Task[None]] = {}
         self._circuits: dict[str, tuple[Circuit, bool]] = {}  # as last published
         self._release: asyncio.TimerHandle | None = None  # of a held scheduler
@@ -185,8 +185,8 @@ class Delivery:
             # The operator has fixed what was wrong, here or at the provider: every
             # upstream starts up again.
             self.upstreams = Upstreams(prepared, self.hostname, self._gates_changed)
-            self.attempter = Attempter(self.upstreams, config.delivery, self._clock,
-                                       self._rand)
+            self.attempter = Attempter(self.upstreams, config.delivery, self.metrics,
+                                       self._clock, self._rand)
             asyncio.get_running_loop().create_task(old.close())
             self._gates_changed(self.upstreams.gates)
             for entry_id, when in due:
@@ -392,7 +392,7 @@ class Delivery:
                                            "recorded", exc)
             return
         self._log_outcome(entry, after, settled.disposition)
-        self.metrics.attempted(upstream, entry, after, result, self._clock())
+        self.metrics.attempted(upstream, entry, after, self._clock())
         if self.history is not None:
             self.history.attempt(entry, after, self._clock())
 

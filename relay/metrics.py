@@ -83,8 +83,11 @@ class Recorder:
 
     # --- delivery side -----------------------------------------------------------------
 
-    def attempted(self, upstream: str, before: Entry, after: Entry, result: AttemptResult,
-                  now: float) -> None:
+    def answered(self, upstream: str, result: AttemptResult) -> None:
+        """`upstream` was tried (its session and the transaction): whether it is up, and
+        its errors. Also for an attempt it failed, which the next upstream then took."""
+
+    def attempted(self, upstream: str, before: Entry, after: Entry, now: float) -> None:
         """One delivery attempt at `upstream` settled: `before` and `after` are the entry
         around it."""
 
@@ -145,13 +148,20 @@ class Metrics(Recorder):
     def refused(self, reason: Refusal) -> None:
         self._refused[reason]()
 
-    def attempted(self, upstream: str, before: Entry, after: Entry, result: AttemptResult,
-                  now: float) -> None:
-        bound = self._bound.get(upstream)
-        if bound is None:
-            bound = self._bound[upstream] = _Bound(
-                {outcome: self._deliveries.labels(upstream, outcome).inc for outcome in OUTCOMES},
-                self._up.labels(upstream).set)  # the up gauge exists from the first attempt
+    def answered(self, upstream: str, result: AttemptResult) -> None:
+        for reply in result.recipients.values():
+            if not ((reply.code is not None and 200 <= reply.code < 300)
+                    or policy.is_recipient_limit(reply)):
+                self._errors.labels(upstream, Stage.RCPT.value).inc()
+        error = result.error
+        if error is not None:
+            self._errors.labels(upstream, result.stage.value).inc()
+        unreachable = (error is not None and error.code is None and not result.recipients
+                       and result.stage in SET_UP)
+        self._bind(upstream).set_up(0 if unreachable else 1)
+
+    def attempted(self, upstream: str, before: Entry, after: Entry, now: float) -> None:
+        bound = self._bind(upstream)
         for old, new in zip(before.recipients, after.recipients, strict=True):
             if old.status is not Status.PENDING:
                 continue
@@ -164,16 +174,14 @@ class Metrics(Recorder):
                 bound.counted["expired"]()
             else:
                 bound.counted["failed"]()
-        for reply in result.recipients.values():
-            if not ((reply.code is not None and 200 <= reply.code < 300)
-                    or policy.is_recipient_limit(reply)):
-                self._errors.labels(upstream, Stage.RCPT.value).inc()
-        error = result.error
-        if error is not None:
-            self._errors.labels(upstream, result.stage.value).inc()
-        unreachable = (error is not None and error.code is None and not result.recipients
-                       and result.stage in SET_UP)
-        bound.set_up(0 if unreachable else 1)
+
+    def _bind(self, upstream: str) -> _Bound:
+        bound = self._bound.get(upstream)
+        if bound is None:
+            bound = self._bound[upstream] = _Bound(
+                {outcome: self._deliveries.labels(upstream, outcome).inc for outcome in OUTCOMES},
+                self._up.labels(upstream).set)  # the up gauge exists from the first attempt
+        return bound
 
     def upstreams(self, names: list[str]) -> None:
         """Forget the gauges of upstreams no longer configured (an old provider must not

@@ -190,7 +190,8 @@ def test_a_new_upstream_drops_the_old_ones_gauges(spool: Spool) -> None:
     entry = Entry(id="0000000000001DEADBEEF", queue=Queue.ACTIVE, sender="a@example.com",
                   recipients=(Recipient("b@example.com"),), arrived=999.0, size=1)
     result = AttemptResult(relay="old.example:587", error=Reply(None, "connection refused"))
-    metrics.attempted("old.example:587", entry, entry, result, 1000.0)
+    metrics.answered("old.example:587", result)
+    metrics.attempted("old.example:587", entry, entry, 1000.0)
     assert value(exported(metrics), "relay_upstream_up", upstream="old.example:587") == 0
     metrics.upstreams(["new.example:587"])
     found = exported(metrics)
@@ -237,7 +238,8 @@ def test_recipient_refused_at_rcpt_and_sent_one_count_apart(spool: Spool) -> Non
     result = AttemptResult(relay="up:25", recipients={"ok@example.com": Reply(250, "ok"),
                                                       "no@example.com": Reply(550, "no")},
                            stage=Stage.SESSION)
-    metrics.attempted("up:25", before, after, result, 1000.0)
+    metrics.answered("up:25", result)
+    metrics.attempted("up:25", before, after, 1000.0)
     found = exported(metrics)
     assert value(found, "relay_deliveries_total", upstream="up:25", outcome="sent") == 1
     assert value(found, "relay_deliveries_total", upstream="up:25", outcome="failed") == 1

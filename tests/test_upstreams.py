@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from conftest import RelayProcess, holds_for, relay_config, wait_for
 from mailgun import DOMAIN, MailgunStandIn
+from metrics_text import samples, value
 from upstream import Upstream
 
 BODY = b"Subject: several\r\nMessage-ID: <several@example.com>\r\n\r\nhello\r\n"
@@ -64,6 +65,35 @@ def test_a_down_upstream_fails_over_to_the_next_and_is_used_again_once_back(
             break
     assert first.messages(), "the first upstream was never used again"
     assert "-- upstream up0: up" in relay.cli("queue").stdout
+
+
+def test_a_failed_over_upstream_shows_in_the_metrics_the_queue_and_the_history(
+        tmp_path: Path, make_relay: Any, make_upstream: Any, ca_file: Path) -> None:
+    """The first upstream stopped, the second takes the messages: /metrics says the first
+    is down with a connect error (so the upstream-down alert can fire) and the second up,
+    `relay queue show` names each upstream an attempt went to, and the history the one
+    that delivered."""
+    first, second = make_upstream(), make_upstream()
+    first.stop()
+    relay = make_relay(config_with(tmp_path, ca_file, [first, second], metrics={"port": 0},
+                                   delivery={"retry_min": "1h", "retry_max": "2h"}))
+    deferred = relay.send("app@example.com", ["tempfail@example.com"], BODY)
+    tried = wait_for(lambda: len(shown := attempts(relay, deferred)) == 2 and shown,
+                     what="the failover and the deferral")
+    assert [a["relay"] for a in tried] == [f"up0[127.0.0.1]:{first.port}",
+                                           f"up1[127.0.0.1]:{second.port}"]
+    sent = relay.send("app@example.com", ["one@example.com"], BODY)
+    found = wait_for(lambda: (s := samples(relay.get("/metrics")[1])) and value(
+        s, "relay_deliveries_total", upstream="up1", outcome="sent") == 1 and s,
+        what="the delivery counted")
+    assert value(found, "relay_upstream_up", upstream="up0") == 0
+    assert value(found, "relay_upstream_errors_total", upstream="up0", stage="connect") == 1
+    assert value(found, "relay_upstream_up", upstream="up1") == 1
+    assert value(found, "relay_deliveries_total", upstream="up1", outcome="deferred") == 1
+    history = wait_for(lambda: json.loads(relay.cli("history", "--json").stdout or "[]"),
+                       what="the history record")
+    assert [(r["id"], r["relay"]) for r in history] == [
+        (sent, f"up1[127.0.0.1]:{second.port}")]
 
 
 def test_each_sender_domain_goes_to_its_own_upstream_with_its_own_login(
