@@ -242,6 +242,13 @@ def parse_config(text: str, environ: Mapping[str, str], source: Path | None = No
         addresses=parse_addresses(section.child("addresses")),
         source=source,
     )
+    if config.bounces.notify != "none" and config.upstreams and all(
+            u.sender_domains for u in config.upstreams):
+        # A notice goes from the null sender, which has no domain to match: it would wait
+        # in the queue for good, never attempted, never expired.
+        raise ConfigError("bounces.notify", "notices are sent from the null sender <>, "
+                          "which only an upstream without sender_domains carries; add one, "
+                          "or set bounces.notify: none")
     return config
 
 

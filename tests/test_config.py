@@ -98,6 +98,8 @@ def test_sizes(text: object, size: int) -> None:
     ("bounces: {notify: 'ops@'}", "bounces.notify", "not a valid address"),
     ("bounces: {from: '<x@example.com>'}", "bounces.from", "bare address"),
     ("bounces: {max_per_hour: 0}", "bounces.max_per_hour", "expected an integer 1-"),
+    ("bounces: {notify: sender}\nupstreams: [{name: a, host: h.example, "
+     "sender_domains: [mg.example.com]}]", "bounces.notify", "without sender_domains"),
 ])
 def test_bad_values_name_the_key(text: str, key: str, fragment: str) -> None:
     """Every bad key or value is reported with its dotted key and a hint."""
@@ -112,6 +114,15 @@ def test_metrics_and_bounces_are_off_by_default() -> None:
     assert Config().metrics.port is None and Config().bounces.notify == "none"
     assert (config.metrics.address, config.metrics.port) == ("127.0.0.1", 9465)
     assert config.metrics.allow == Config().listen.allow
+
+
+def test_bounces_need_an_upstream_that_carries_the_null_sender() -> None:
+    """Notices (from <>) with every upstream limited to sender domains are refused above;
+    one upstream without sender_domains carries them, and without bounces none is needed."""
+    routed = "{name: a, host: h.example, sender_domains: [mg.example.com]}"
+    assert parse_config(f"bounces: {{notify: sender}}\nupstreams: [{routed}, "
+                        "{name: b, host: h2.example}]", {}).bounces.notify == "sender"
+    assert len(parse_config(f"upstreams: [{routed}]", {}).upstreams) == 1
 
 
 def test_bounces_notify_takes_sender_or_an_address() -> None:
