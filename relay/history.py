@@ -36,6 +36,7 @@ logger = logging.getLogger("relay.history")
 
 STATUSES = ("sent", "failed", "expired", "deleted")
 SYNC_EVERY = 1.0  # seconds: at most this much history is lost on a power cut
+PRUNE_CHECK = 3600.0  # seconds: the longest an idle writer sleeps before it looks at the day
 DAY = 86400
 FILE_NAME = re.compile(r"^(\d{4}-\d\d-\d\d)\.jsonl$")
 OPEN_APPEND = os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -248,7 +249,9 @@ class HistoryWriter:
         unsynced_since: float | None = None
         while True:
             with self._cond:
-                timeout = None if unsynced_since is None else \
+                # Idle, it still wakes at the day's end: old day files go then, not at the
+                # next delivery.
+                timeout = self._until_next_day() if unsynced_since is None else \
                     max(0.0, unsynced_since + SYNC_EVERY - time.monotonic())
                 self._cond.wait_for(lambda: bool(self._pending or self._closing), timeout)
                 batch, self._pending = self._pending, []
@@ -266,6 +269,11 @@ class HistoryWriter:
                 return
             if day_of(self._clock()) != self._pruned_day:
                 self._prune()
+
+    def _until_next_day(self) -> float:
+        """Seconds until the next UTC day begins, a second late, and at most an hour (the
+        clock may be set meanwhile)."""
+        return min(DAY - self._clock() % DAY + 1.0, PRUNE_CHECK)
 
     def _write(self, records: list[Record]) -> None:
         if records:

@@ -229,6 +229,30 @@ def test_the_writer_prunes_old_days_when_it_starts(tmp_path: Path) -> None:
     assert os.listdir(directory) == []
 
 
+def test_an_idle_writer_prunes_when_the_day_changes(tmp_path: Path) -> None:
+    """No delivery at all: the day file that falls out of keep at midnight is deleted
+    then, not left until the next record comes."""
+    directory = tmp_path / "history"
+    midnight = 100 * DAY
+    j = Journal(directory)
+    j.append([record(0, at=midnight - 31 * DAY)])  # kept until this midnight, then old
+    j.close()
+    now = [midnight - 0.5]
+    writer = HistoryWriter(directory, keep=30 * DAY, clock=lambda: now[0])
+    writer.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not writer._pruned_day and time.monotonic() < deadline:
+            time.sleep(0.01)  # the start-up prune, before midnight, keeps the file
+        assert len(os.listdir(directory)) == 1
+        now[0] = midnight + 1
+        while os.listdir(directory) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert os.listdir(directory) == []
+    finally:
+        writer.close()
+
+
 def test_a_failing_disk_costs_the_history_not_the_writer(tmp_path: Path,
                                                          caplog: pytest.LogCaptureFixture) -> None:
     """The journal cannot be written: one error logged, and the thread goes on."""
