@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .addresses import WILDCARD, address_problem, alias_problem
-from .configvalues import Section, describe, nonempty_text
+from .configvalues import NO_DOMAINS, Section, describe, nonempty_text
 from .errors import ConfigError
 
 _HOSTNAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9])?$")
@@ -31,7 +31,7 @@ class AddressesConfig:
 def parse_addresses(s: Section) -> AddressesConfig:
     s.only("hostname", "aliases", "sender_domains", "default_sender", "redirect_to")
     hostname = s.get("hostname", mail_domain, None)
-    domains = s.get("sender_domains", _domain_list, ())
+    domains = s.get("sender_domains", _domain_list, NO_DOMAINS)
     default_sender = s.get("default_sender", mailbox, None)
     if default_sender is not None:
         if not domains:

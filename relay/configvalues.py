@@ -12,11 +12,14 @@ import ipaddress
 import re
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, TypeVar, overload
 
 from .errors import ConfigError
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+T = TypeVar("T")
+Number = TypeVar("Number", int, float)
+NO_DOMAINS: tuple[str, ...] = ()  # a sender_domains default, typed for Section.get
 
 # --- the section walker ---------------------------------------------------------------
 
@@ -34,7 +37,9 @@ class Section:
     def key(self, name: str) -> str:
         return f"{self.prefix}.{name}" if self.prefix else name
 
-    def get(self, name: str, convert: Callable[[Any], Any], default: Any) -> Any:
+    def get(self, name: str, convert: Callable[[Any], T], default: T) -> T:
+        """The key's value as `convert` makes it (typed: a config field gets what its
+        converter returns), or `default` when absent."""
         self.known.append(name)
         if name not in self.data or (self.data[name] is None and default is None):
             return default
@@ -43,7 +48,12 @@ class Section:
         except ValueError as exc:
             raise ConfigError(self.key(name), str(exc)) from None
 
-    def child(self, name: str, optional: bool = False) -> Any:
+    @overload
+    def child(self, name: str, optional: Literal[False] = False) -> Section: ...
+    @overload
+    def child(self, name: str, optional: Literal[True]) -> Section | None: ...
+
+    def child(self, name: str, optional: bool = False) -> Section | None:
         self.known.append(name)
         value = self.data.get(name)
         if value is None:
@@ -117,8 +127,9 @@ def parse_size(value: Any) -> int:
     return size
 
 
-def at_least(parse: Callable[[Any], Any], minimum: float, unit: str) -> Callable[[Any], Any]:
-    def convert(value: Any) -> Any:
+def at_least(parse: Callable[[Any], Number], minimum: float,
+             unit: str) -> Callable[[Any], Number]:
+    def convert(value: Any) -> Number:
         parsed = parse(value)
         if parsed < minimum:
             raise ValueError(f"must be at least {minimum:g}{unit}, got {value}")
@@ -142,7 +153,7 @@ def int_range(low: int, high: int) -> Callable[[Any], int]:
     return convert
 
 
-def optional(convert: Callable[[Any], Any]) -> Callable[[Any], Any]:
+def optional(convert: Callable[[Any], T]) -> Callable[[Any], T | None]:
     return lambda value: None if value is None else convert(value)
 
 

@@ -19,6 +19,7 @@ from typing import Any, ClassVar
 from urllib.parse import urlsplit
 
 from .configvalues import (
+    NO_DOMAINS,
     Section,
     boolean,
     canonical_domain,
@@ -159,7 +160,7 @@ def _upstream(s: Section, environ: Mapping[str, str], secrets: bool) -> AnyUpstr
         "ca_file": s.get("ca_file", existing_file, None),
         "connections": s.get("connections", int_range(1, 100), CONNECTIONS),
         "timeout": s.get("timeout", duration_at_least(minimum=1), TIMEOUT),
-        "sender_domains": s.get("sender_domains", _domains, ()),
+        "sender_domains": s.get("sender_domains", _domains, NO_DOMAINS),
         "rate": s.get("rate", parse_rate, None),
     }
     config = (_smtp(s, environ, secrets, common) if transport == "smtp"

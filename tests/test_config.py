@@ -98,8 +98,8 @@ def test_sizes(text: object, size: int) -> None:
     ("bounces: {notify: 'ops@'}", "bounces.notify", "not a valid address"),
     ("bounces: {from: '<x@example.com>'}", "bounces.from", "bare address"),
     ("bounces: {max_per_hour: 0}", "bounces.max_per_hour", "expected an integer 1-"),
-    ("bounces: {notify: sender}\nupstreams: [{name: a, host: h.example, "
-     "sender_domains: [mg.example.com]}]", "bounces.notify", "without sender_domains"),
+    (("bounces: {notify: sender}\nupstreams: [{name: a, host: h.example, "
+      "sender_domains: [mg.example.com]}]"), "bounces.notify", "without sender_domains"),
 ])
 def test_bad_values_name_the_key(text: str, key: str, fragment: str) -> None:
     """Every bad key or value is reported with its dotted key and a hint."""

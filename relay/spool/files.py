@@ -121,10 +121,8 @@ def fsync_directory(path: str | Path) -> None:
 
 def unlink_quietly(path: str | Path) -> None:
     """Unlink `path`, if it is still there."""
-    try:
+    with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
-    except FileNotFoundError:
-        pass
 
 
 @contextlib.contextmanager

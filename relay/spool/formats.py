@@ -119,7 +119,8 @@ def parse_envelope(head: bytes, size: int, where: str) -> tuple[dict[str, Any], 
         raise CorruptEntry(where, "envelope is not a JSON object")
     body_bytes = size - (end + 1)
     if header.get("size") != body_bytes:
-        raise CorruptEntry(where, f"content is {body_bytes} bytes, envelope says {header.get('size')}")
+        raise CorruptEntry(where, f"content is {body_bytes} bytes, envelope says "
+                                  f"{header.get('size')}")
     return header, end + 1
 
 
