@@ -63,6 +63,22 @@ def test_a_running_relay_records_every_outcome(make_relay: Any, upstream: Upstre
         assert record["delay"] >= 0 and record["at"] >= record["arrived"]
 
 
+def test_with_history_disabled_nothing_is_journaled(make_relay: Any, upstream: Upstream,
+                                                    ca_file: Path, tmp_path: Path) -> None:
+    """history.enabled: false: a message sent and one deleted by the operator leave no
+    journal, and `relay history` finds nothing."""
+    relay = make_relay(relay_config(tmp_path, upstream, ca_file, history={"enabled": False},
+                                    delivery={"retry_min": "1h", "retry_max": "2h"}))
+    relay.send("app@example.com", ["user@example.com"], BODY)
+    deleted = relay.send("app@example.com", ["tempfail@example.com"], BODY)
+    wait_for(lambda: relay.files("deferred") == [deleted], what="the deferral")
+    wait_for(lambda: upstream.delivered_to("user@example.com"), what="the delivery")
+    assert relay.cli("queue", "delete", deleted).returncode == 0
+    wait_for(lambda: "status=removed" in relay.log(), what="the sent message removed")
+    assert list((relay.spool / "history").glob("*")) == []  # the directory is the layout's
+    assert history(relay) == []
+
+
 def test_a_delivered_message_keeps_its_message_id_in_the_history(
         tmp_path: Path, upstream: Upstream, ca_file: Path) -> None:
     """The Message-ID the listener put in the envelope reaches the record, with no read

@@ -104,6 +104,26 @@ def test_the_send_at_header_schedules_and_is_removed(relay: RelayProcess,
     assert b"X-Relay-Send-At" not in delivered.data and b"Subject: later" in delivered.data
 
 
+@pytest.mark.parametrize("way", ["HOLDFOR", "HOLDUNTIL", "sendmail --send-at",
+                                 "sendmail --send-in"])
+def test_each_way_in_holds_until_its_time_then_sends(relay: RelayProcess, upstream: Upstream,
+                                                     way: str) -> None:
+    """Two or three seconds ahead, by each way in: nothing reaches the upstream before the
+    time, and the message does after it."""
+    send_at = float(int(time.time()) + 3)  # a whole second: RFC 3339 times are written so
+    if way.startswith("sendmail"):
+        option = ["--send-at", rfc3339(send_at)] if way.endswith("at") else ["--send-in", "3s"]
+        result = relay.cli("sendmail", *option, "user@example.com", stdin=BODY)
+        assert result.returncode == 0, result.stderr
+    else:
+        parameter = ("HOLDFOR=3" if way == "HOLDFOR" else f"HOLDUNTIL={rfc3339(send_at)}")
+        code, reply = send(relay, [parameter])
+        assert code == 250, reply
+    holds_for(lambda: not upstream.delivered_to("user@example.com"),
+              send_at - time.time() - 0.5, what="nothing before the send time")
+    wait_for(lambda: upstream.delivered_to("user@example.com"), what="the delivery")
+
+
 def test_an_unreadable_send_at_header_gets_554_naming_it(holding_relay: RelayProcess) -> None:
     code, reply = send(holding_relay, [], b"X-Relay-Send-At: next tuesday\r\n\r\nx\r\n")
     assert (code, reply[:5]) == (554, b"5.6.0") and b"X-Relay-Send-At" in reply
