@@ -67,6 +67,26 @@ def test_a_down_upstream_fails_over_to_the_next_and_is_used_again_once_back(
     assert "-- upstream up0: up" in relay.cli("queue").stdout
 
 
+@pytest.mark.parametrize(("fault", "reply"), [
+    ("auth_reply", "535 5.7.8 Error: authentication failed"),
+    ("starttls_reply", "454 4.7.0 TLS not available due to local problem"),
+])
+def test_rejected_credentials_or_a_failed_tls_fail_over_to_the_next_upstream(
+        tmp_path: Path, make_relay: Any, make_upstream: Any, ca_file: Path, fault: str,
+        reply: str) -> None:
+    """The first upstream answers but will not take mail (AUTH refused, or no TLS where
+    TLS is configured): the second delivers at once, and the first got no transaction."""
+    first, second = make_upstream(), make_upstream()
+    setattr(first, fault, reply)
+    relay = make_relay(config_with(tmp_path, ca_file, [first, second]))
+    relay.send("app@example.com", ["one@example.com"], BODY)
+    [got] = wait_for(lambda: second.delivered_to("one@example.com"), what="failover")
+    assert got.authenticated and got.tls
+    assert first.messages() == [] and first.mail_commands == 0
+    wait_for(lambda: "status=failover" in relay.log(), what="the failover logged")
+    assert reply in relay.log()
+
+
 def test_a_failed_over_upstream_shows_in_the_metrics_the_queue_and_the_history(
         tmp_path: Path, make_relay: Any, make_upstream: Any, ca_file: Path) -> None:
     """The first upstream stopped, the second takes the messages: /metrics says the first
