@@ -245,13 +245,15 @@ class HistoryWriter:
                 self._cond.notify()
 
     def _run(self) -> None:
-        self._prune()
         unsynced_since: float | None = None
         while True:
+            now = self._clock()
+            if day_of(now) != self._pruned_day:
+                self._prune(now)  # at start, and once a day
             with self._cond:
                 # Idle, it still wakes at the day's end: old day files go then, not at the
                 # next delivery.
-                timeout = self._until_next_day() if unsynced_since is None else \
+                timeout = self._until_next_day(now) if unsynced_since is None else \
                     max(0.0, unsynced_since + SYNC_EVERY - time.monotonic())
                 self._cond.wait_for(lambda: bool(self._pending or self._closing), timeout)
                 batch, self._pending = self._pending, []
@@ -267,21 +269,19 @@ class HistoryWriter:
             if closing and not batch:
                 self._guard(self._journal.close)
                 return
-            if day_of(self._clock()) != self._pruned_day:
-                self._prune()
 
-    def _until_next_day(self) -> float:
-        """Seconds until the next UTC day begins, a second late, and at most an hour (the
-        clock may be set meanwhile)."""
-        return min(DAY - self._clock() % DAY + 1.0, PRUNE_CHECK)
+    def _until_next_day(self, now: float) -> float:
+        """Seconds from `now` until the next UTC day begins, a second late, and at most an
+        hour (the clock may be set meanwhile)."""
+        return min(DAY - now % DAY + 1.0, PRUNE_CHECK)
 
     def _write(self, records: list[Record]) -> None:
         if records:
             self._guard(lambda: self._journal.append(records))
 
-    def _prune(self) -> None:
-        self._pruned_day = day_of(self._clock())
-        self._guard(lambda: self._journal.prune(self.keep, self._clock()))
+    def _prune(self, now: float) -> None:
+        self._pruned_day = day_of(now)
+        self._guard(lambda: self._journal.prune(self.keep, now))
 
     def _guard(self, step: Callable[[], object]) -> None:
         """History is worth less than going on: a failure is logged once until it clears."""
