@@ -19,9 +19,9 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from . import __version__, addresses, admin, history, report, stats, views
 from .admin import Action
@@ -246,13 +246,22 @@ def _become_spool_owner(path: Path) -> None:
 
 
 def _serve(config: Config) -> int:
-    import asyncio
-
     from . import daemon
     setup_logging(config.log)
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(daemon.serve(config))
+        _event_loop_runner()(daemon.serve(config))
     return EX_OK
+
+
+def _event_loop_runner() -> Callable[[Coroutine[Any, Any, None]], None]:
+    """uvloop's event loop where it is installed (a dependency on Linux and macOS: its
+    loop runs the listener's per-command steps in C, docs/BENCHMARKS.md), else asyncio's."""
+    try:
+        import uvloop
+    except ImportError:
+        import asyncio
+        return asyncio.run
+    return uvloop.run
 
 
 def _list(spool: Spool, args: argparse.Namespace) -> int:

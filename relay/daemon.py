@@ -121,7 +121,8 @@ class Daemon:
                             (self.monitor.addresses if self.monitor is not None else []))
         log_event(logging.INFO, None, event="start", listening=where,
                   spool=str(self.spool.path), queued=len(due), upstream=self._upstream_text(),
-                  metrics=metrics or "off")
+                  metrics=metrics or "off",
+                  loop=type(asyncio.get_running_loop()).__module__.partition(".")[0])
         notify("READY=1")
 
     def _stored(self, entry: Entry, parts: tuple[bytes, ...]) -> None:

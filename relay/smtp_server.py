@@ -36,7 +36,7 @@ import collections
 import logging
 import re
 from collections.abc import AsyncIterator
-from typing import Any, AnyStr, Protocol, TypeVar
+from typing import Any, AnyStr, Protocol, TypeVar, cast
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
@@ -155,9 +155,10 @@ class RelaySMTP(SMTP, asyncio.BufferedProtocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         refusal = self.policy.admit(transport.get_extra_info("peername"))
         if refusal is not None:
-            assert isinstance(transport, asyncio.WriteTransport)
-            transport.write(refusal.encode() + b"\r\n")
-            transport.close()
+            # A stream transport (uvloop's is not a subclass of asyncio's, so no isinstance).
+            stream = cast(asyncio.Transport, transport)
+            stream.write(refusal.encode() + b"\r\n")
+            stream.close()
             return
         self._admitted = True
         self._received = memoryview(bytearray(RECEIVE_BUFFER))

@@ -207,6 +207,15 @@ def test_under_journald_lines_carry_no_timestamp(tmp_path: Path, make_relay) -> 
     assert start.startswith("info: event=start, listening=")
 
 
+def test_the_service_runs_on_uvloop_where_it_is_installed(tmp_path: Path, make_relay) -> None:
+    """uvloop is a dependency on this platform: `relay serve` runs on it, so every test
+    through a running relay exercises it (the in-process tests use asyncio's loop)."""
+    pytest.importorskip("uvloop")
+    relay = make_relay(relay_config(tmp_path, None, None, log={"level": "info"}))
+    start = next(line for line in relay.lines if "event=start" in line)
+    assert start.endswith(", loop=uvloop")
+
+
 @pytest.mark.plan(111)
 def test_a_reload_with_an_unusable_ca_file_is_refused_whole(
         tmp_path: Path, make_relay, upstream: Upstream, ca_file: Path,
