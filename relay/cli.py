@@ -405,8 +405,9 @@ async def _check(config: Config) -> int:
     single SMTP upstream prints its steps alone, as before there could be several."""
     print(f"{'config':<9} ok      {config.source or 'built-in defaults'}")
     if not config.upstreams:
-        print(f"{'upstream':<9} FAILED  no upstream section in the config; nothing to check")
-        return EX_CONFIG
+        missing = ConfigError("upstream", "no upstream section in the config; nothing to check")
+        print(f"{'upstream':<9} FAILED  {missing.message}")
+        return exit_status(missing)
     headed = config.upstreams != (config.upstream,)
     hostname = addresses.rules_for(config.addresses, system_name()).hostname
     # What a running relay makes of each upstream now (down after failures, paused).

@@ -14,7 +14,8 @@ claim's rename until the rename that ends the attempt. One that has none (an err
 between the two) goes back to the queue at the next sweep, within SWEEP_SECONDS. An
 attempt's outcome is recorded before the entry is scheduled again; one that cannot be
 recorded is set aside in failed/ with the reason, never retried blindly, since a retry
-could send the message again to recipients that have it.
+could send the message again to recipients that have it. If even that move fails, the
+entry stays in active/, never sent again, and each sweep tries the move once more.
 """
 
 from __future__ import annotations
@@ -89,9 +90,10 @@ class Delivery:
         self._fresh: dict[str, tuple[Entry, tuple[bytes, ...]]] = {}
         self._fresh_bytes = 0
         # Entries in active/ that a worker owns; and those left there because even setting
-        # them aside failed, which the sweep must not send again.
+        # them aside failed, with the reason: the sweep must not send them again, and
+        # tries to set them aside once more.
         self._owned: set[str] = set()
-        self._stuck: set[str] = set()
+        self._stuck: dict[str, tuple[Entry, str]] = {}
 
     def schedule(self, entry_id: str, due: float = 0.0) -> None:
         self.scheduler.schedule(entry_id, due)
@@ -135,10 +137,22 @@ class Delivery:
                 self.scheduler.schedule(entry_id, 0.0)
 
     async def sweep(self, interval: float = SWEEP_SECONDS) -> None:
-        """Every `interval`, return what sits in active/ with no owner (sweep_once)."""
+        """Every `interval`, return what sits in active/ with no owner (sweep_once), and
+        try again to set aside what could not be (a disk that has come back)."""
         while True:
             await asyncio.sleep(interval)
             self.sweep_once()
+            await self._set_aside_stuck()
+
+    async def _set_aside_stuck(self) -> None:
+        for entry_id, (entry, reason) in list(self._stuck.items()):
+            try:
+                await asyncio.to_thread(self.spool.set_aside, entry, reason)
+            except SpoolError:
+                continue  # logged when it first failed; tried again at the next sweep
+            del self._stuck[entry_id]
+            log_event(logging.WARNING, entry_id, status="failed", reason=reason,
+                      moved_to="failed/")
 
     def sweep_once(self) -> list[str]:
         """Move every entry in active/ that no worker owns back to deferred/, due after
@@ -404,9 +418,9 @@ class Delivery:
         try:
             await asyncio.to_thread(self.spool.set_aside, entry, reason)
         except SpoolError as again:
-            self._stuck.add(entry.id)
+            self._stuck[entry.id] = (entry, reason)
             log_failure(logging.ERROR, entry.id, exc, status="stuck", reason=reason,
-                        error=str(again), kept="in active/ until a restart")
+                        error=str(again), kept="in active/, set aside again at each sweep")
             return
         log_failure(logging.ERROR, entry.id, exc, status="failed", reason=reason,
                     moved_to="failed/")

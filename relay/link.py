@@ -168,10 +168,12 @@ def _expire(waiter: asyncio.Future[None]) -> None:
 
 
 def printable(text: str) -> str:
-    """Reply text as the relay keeps it: one line; bytes that were not UTF-8 (which
-    aiosmtplib decodes to surrogate escapes) shown as \\xNN; other control characters
-    escaped; at most MAX_REPLY_TEXT characters. Lossless for anything shorter, and always
-    encodable, so a state record holding it can be written."""
+    """Reply text as the relay keeps it: one line (a reply's lines and runs of white
+    space joined by one space); bytes that were not UTF-8 (which aiosmtplib decodes to
+    surrogate escapes) shown as \\xNN; other control characters escaped; at most
+    MAX_REPLY_TEXT characters. Every byte of a shorter reply shows, and the result is
+    always encodable, so a state record holding it can be written. A backslash is kept
+    as it is: a reply that spells "\\xee" reads as one with that byte."""
     text = " ".join(text.split())
     if not text.isprintable():  # surrogates and control characters are not
         try:

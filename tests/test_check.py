@@ -191,6 +191,17 @@ def test_a_silent_port_fails_check_at_the_greeting_timeout_with_a_tls_hint(
     assert "tls: implicit" in result.stdout
 
 
+def test_implicit_tls_against_a_plain_text_port_fails_check_with_the_starttls_hint(
+        tmp_path: Path, upstream: Upstream, ca_file: Path) -> None:
+    """tls: implicit against a port that greets in plain text (as 587 does): the
+    handshake fails at once, and the hint says to use tls: starttls."""
+    config = relay_config(tmp_path, upstream, ca_file)
+    config["upstream"]["tls"] = "implicit"
+    result = run_cli(write_config(tmp_path, config), "check")
+    assert result.returncode == 69, result.stdout + result.stderr
+    assert "does not speak TLS from the start: use tls: starttls" in result.stdout
+
+
 @pytest.mark.plan(117)
 def test_a_silent_port_defers_delivery_with_the_hint(
         tmp_path: Path, make_relay, silent_server: BabblingServer) -> None:

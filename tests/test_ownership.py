@@ -63,6 +63,28 @@ def test_an_entry_left_in_active_goes_back_within_seconds(
     assert relay.files("hold") == [entry_id]
 
 
+@pytest.mark.plan(110)
+def test_an_entry_that_cannot_even_be_set_aside_is_set_aside_once_the_disk_allows(
+        tmp_path: Path, make_relay, upstream: Upstream, ca_file: Path) -> None:
+    """Neither state/ nor failed/ can be written: the entry stays in active/, is never
+    sent again, and once failed/ is back a sweep moves it there, without a restart."""
+    relay = make_relay(relay_config(tmp_path, upstream, ca_file,
+                                    delivery={"retry_min": "100ms"}))
+    for name in ("state", "failed"):
+        (relay.spool / name).rename(relay.spool / f"{name}.moved")
+        (relay.spool / name).write_text("not a directory")
+    entry_id = relay.send("app@example.com", ["ok@example.com", "tempfail@example.com"], BODY)
+    wait_for(lambda: f"{entry_id}: status=stuck" in relay.log(), what="the entry stuck")
+    holds_for(lambda: relay.files("active") == [entry_id]
+              and len(upstream.delivered_to("ok@example.com")) == 1, 2.5,
+              what="stuck in active/, through a sweep, not sent again")
+    (relay.spool / "failed").unlink()
+    (relay.spool / "failed.moved").rename(relay.spool / "failed")
+    wait_for(lambda: relay.files("failed") == [entry_id], what="the entry set aside")
+    assert f"{entry_id}: status=failed, reason=set aside:" in relay.log()
+    assert len(upstream.delivered_to("ok@example.com")) == 1
+
+
 @pytest.mark.plan(107, 110)
 def test_an_attempt_whose_outcome_cannot_be_saved_is_set_aside_not_retried(
         tmp_path: Path, make_relay, upstream: Upstream, ca_file: Path) -> None:
