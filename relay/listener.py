@@ -341,7 +341,7 @@ class Handler:
                 return
             if outcome.cancelled():
                 if hand_over is not None:
-                    hand_over()
+                    loop.call_soon(hand_over)  # a step of its own, out of the writer's batch
             else:
                 outcome.set_result((reply, hand_over))
 

@@ -13,7 +13,8 @@ tests/test_smtp_server.py, which fails if aiosmtpd changes what it relies on:
   line. A reply that ends the session ends it at once: nothing the client sent after it
   in the same read is acted on.
 - The session is also an asyncio BufferedProtocol, reading into one buffer of its own
-  rather than a new 256 KiB one per read (docs/BENCHMARKS.md has the profile).
+  rather than a new 256 KiB one per read, on asyncio's loop (uvloop does without it;
+  docs/BENCHMARKS.md has the profile).
 - Limits per session, as Postfix's smtpd_junk_command_limit and smtpd_hard_error_limit:
   commands that carry no mail (NOOP, RSET, VRFY, EXPN, HELP, EHLO, HELO) and error
   replies are counted, both counts start again with each message queued, and past the
@@ -126,9 +127,11 @@ class Policy(Protocol[Sink]):
 
 class RelaySMTP(SMTP, asyncio.BufferedProtocol):
     """One client connection: aiosmtpd's protocol with the relay's overrides. It is also a
-    BufferedProtocol, so that the transport reads into the session's own buffer: for a
-    plain Protocol asyncio allocates 256 KiB per read, which glibc maps, shrinks and
-    unmaps each time (three system calls and page faults per read)."""
+    BufferedProtocol, so that asyncio's transport reads into the session's own buffer: for
+    a plain Protocol asyncio allocates 256 KiB per read, which glibc maps, shrinks and
+    unmaps each time (three system calls and page faults per read). uvloop, which
+    `relay serve` runs on where installed, reads into its own buffer and calls
+    data_received for any asyncio.Protocol, as this one is: there the override is idle."""
 
     def __init__(self, handler: Policy[Any], config: ListenConfig, hostname: str) -> None:
         super().__init__(handler, data_size_limit=config.max_message_size or None,
@@ -241,10 +244,11 @@ class RelaySMTP(SMTP, asyncio.BufferedProtocol):
         """Whether this reply waits for the next ones: an EHLO reply is written whole, at
         its last line, and the replies to pipelined commands already read go out in one
         write (RFC 2920 lets a server buffer them) unless they pile up."""
-        return bool(self._held) and (
-            self._held[-1].startswith(b"250-")
-            or (b"\n" in self._reader._buffer  # type: ignore[attr-defined]
-                and sum(map(len, self._held)) < HELD_REPLIES))
+        if not self._held or self._held[-1].startswith(b"354"):
+            return False  # after 354 what the reader holds is content, not commands
+        return self._held[-1].startswith(b"250-") or (
+            b"\n" in self._reader._buffer  # type: ignore[attr-defined]
+            and sum(map(len, self._held)) < HELD_REPLIES)
 
     def _hold(self, line: bytes) -> None:
         self._held.append(line)

@@ -60,14 +60,17 @@ class _Callback:
 
     def __init__(self, callback: Callable[[Any], None]) -> None:
         self._callback = callback
+        self._called = False
 
     def done(self) -> bool:
-        return False
+        return self._called
 
     def set_result(self, result: Any, /) -> None:
+        self._called = True
         self._callback(result)
 
     def set_exception(self, exception: BaseException, /) -> None:
+        self._called = True
         self._callback(exception)
 
 
@@ -258,8 +261,12 @@ def _resolve(waiting: list[tuple[Any, _Waiter]], results: list[Any]) -> None:
     for (_, future), result in zip(waiting, results, strict=True):
         if future.done():  # its session was cancelled; the entry is on disk all the same
             continue
-        if isinstance(result, Exception):
-            future.set_exception(result)
-        else:
-            future.set_result(result)
+        try:
+            if isinstance(result, Exception):
+                future.set_exception(result)
+            else:
+                future.set_result(result)
+        except Exception as exc:  # noqa: BLE001 - a callback's bug must not starve the batch
+            asyncio.get_running_loop().call_exception_handler(
+                {"message": "a spool writer callback failed", "exception": exc})
 

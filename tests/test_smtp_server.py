@@ -253,6 +253,18 @@ def test_the_replies_to_one_read_go_out_in_one_write() -> None:
     assert noops == b"250 2.0.0 OK\r\n" * 3
 
 
+def test_354_is_written_at_once_when_content_follows_data_in_the_same_read() -> None:
+    """DATA and the first content line in one write: what the reader then holds is
+    content, not commands, so the 354 goes out without waiting for the end of data."""
+    async def run() -> list[bytes]:
+        session = Session()
+        await session.start()
+        return await session.send(b"EHLO c\r\nMAIL FROM:<a@example.com>\r\n"
+                                  b"RCPT TO:<u@example.com>\r\nDATA\r\nSubject: x\r\n")
+    replies = asyncio.run(run())
+    assert replies[-1].startswith(b"354 ")
+
+
 # --- the listener review's findings, each with its exact bytes -------------------------
 
 @pytest.mark.parametrize("preamble", [

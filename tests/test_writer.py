@@ -394,3 +394,29 @@ def test_store_then_calls_back_with_the_entry_or_what_kept_it_out(spool: Spool) 
     assert isinstance(stored_entry, Entry)
     assert spool.queue_ids(Queue.INCOMING) == [stored_entry.id]
     assert isinstance(failure, SpoolFull)
+
+
+def test_a_callback_that_raises_does_not_starve_the_rest_of_its_batch(
+        spool: Spool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two stores resolved in one wakeup, the first one's callback raising (a bug): the
+    second still hears its entry, and the error goes to the loop's exception handler."""
+    syncs = slow_directory_fsyncs(monkeypatch)
+
+    async def scenario(writer: SpoolWriter) -> tuple[list[Any], list[dict[str, Any]]]:
+        loop = asyncio.get_running_loop()
+        reported: list[dict[str, Any]] = []
+        loop.set_exception_handler(lambda _, context: reported.append(context))
+        heard: asyncio.Future[Any] = loop.create_future()
+
+        def broken(result: Entry | Exception) -> None:
+            raise RuntimeError("a bug in the first callback")
+        first = asyncio.ensure_future(writer.store(new_entry()))
+        while not syncs:  # the writer is in the first store's fsyncs: the next two wait
+            await asyncio.sleep(0.005)
+        writer.store_then(new_entry(), broken)
+        writer.store_then(new_entry(), heard.set_result)
+        await first
+        return [await heard], reported
+    [entry], reported = with_writer(spool, scenario)
+    assert isinstance(entry, Entry)
+    assert [str(c["exception"]) for c in reported] == ["a bug in the first callback"]
