@@ -236,6 +236,24 @@ def test_api_rate_limiting_and_server_errors_are_retried(api_relay: RelayProcess
     wait_for(lambda: mailgun.received, what="sent on the next try")
 
 
+@pytest.mark.parametrize("status", [401, 503])
+def test_an_api_that_refuses_the_key_or_fails_fails_over_to_the_next_upstream(
+        tmp_path: Path, make_relay: Any, mailgun: MailgunStandIn, upstream: Upstream,
+        ca_file: Path, status: int) -> None:
+    """The API first in the route answers 401 (key refused) or 503: the SMTP upstream
+    after it delivers the message at once, and the API got one request."""
+    config = relay_config(tmp_path, upstream, ca_file)
+    config["upstreams"] = [mailgun.upstream_entry(ca_file),
+                           smtp_entry(config, upstream, "smtp-after")]
+    del config["upstream"]
+    relay = make_relay(config)
+    mailgun.script((status, {"message": "no"}))
+    relay.send("app@example.com", ["a@example.com"], BODY)
+    wait_for(lambda: upstream.delivered_to("a@example.com"), what="failover to SMTP")
+    assert len(mailgun.requests) == 1 and mailgun.received == []
+    wait_for(lambda: "status=failover" in relay.log(), what="the failover logged")
+
+
 def test_a_slow_api_times_out_and_is_retried(tmp_path: Path, make_relay: Any,
                                              mailgun: MailgunStandIn, ca_file: Path) -> None:
     """No answer within the upstream's timeout: deferred (it may have arrived: the retry
