@@ -356,7 +356,7 @@ class Handler:
             if outcome.done() and not outcome.cancelled() and outcome.exception() is None:
                 _, hand_over = outcome.result()
                 if hand_over is not None:
-                    hand_over()
+                    loop.call_soon(hand_over)  # as below: never raised into the cancellation
             raise
         if hand_over is not None:
             # Logged and handed to delivery in the loop's next step: this one writes the
